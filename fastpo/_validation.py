@@ -1,0 +1,93 @@
+"""Argument checks shared by the public functions.
+
+Every check runs before any kernel and never modifies its inputs. Shape and dtype checks are static
+(they trace under ``torch.compile``); the data-dependent label range check runs inside the custom
+op, which ``torch.compile`` treats as opaque.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def shape_of(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def check_tensor(x, name: str, *, dtypes, kind: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must be a {kind} tensor, got dtype {x.dtype} with shape {shape_of(x)}")
+    return x
+
+
+def check_float_tensor(x, name: str) -> torch.Tensor:
+    return check_tensor(x, name, dtypes=FLOAT_DTYPES, kind="floating-point (float16/bfloat16/float32/float64)")
+
+
+def check_int_tensor(x, name: str) -> torch.Tensor:
+    return check_tensor(x, name, dtypes=INT_DTYPES, kind="integer")
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        seen = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device, got {seen}")
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return temperature
+
+
+def check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_logits_labels(logits, labels, *, logits_name: str = "logits") -> None:
+    """``logits [..., V]`` floating with V >= 1; ``labels [...]`` integer with the leading shape."""
+    check_float_tensor(logits, logits_name)
+    check_int_tensor(labels, "labels")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{logits_name} must have a last (vocabulary) dimension of size >= 1, got shape {shape_of(logits)}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have shape {logits_name}.shape[:-1] = {tuple(logits.shape[:-1])}, "
+            f"got labels {shape_of(labels)} and {logits_name} {shape_of(logits)}"
+        )
+    check_same_device(**{logits_name: logits, "labels": labels})
+
+
+def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Every label lies in [0, vocab_size) or equals ignore_index (data-dependent: syncs on CUDA)."""
+    if labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"found {int(bad.sum())} out of range (first: {first}) in labels of shape {shape_of(labels)}"
+        )

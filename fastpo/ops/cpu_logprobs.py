@@ -1,0 +1,59 @@
+"""CPU path of the log-prob row kernels: the C++ kernels of ``fastpo._C`` on CPU tensors.
+
+Same contract as the Triton launchers in ``fastpo.kernels.logprobs``. Tensors reach C++ zero-copy
+through NumPy views (``tensor.numpy()`` shares memory); bfloat16/float16 travel as their 16-bit
+patterns. The kernels stream each row once (no ``[N, V]`` temporaries) and run rows in parallel.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastpo import _C
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+
+
+def _as_numpy(t: Optional[torch.Tensor]):
+    """A NumPy view sharing ``t``'s memory (16-bit floats as int16 bit patterns)."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+                    with_entropy: bool):
+    n_rows = logits.shape[0]
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.empty(n_rows, dtype=out_dtype)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
+    if n_rows:
+        _C.logprob_forward(
+            _as_numpy(logits), _as_numpy(labels), _as_numpy(logp), _as_numpy(lse),
+            _as_numpy(entropy) if with_entropy else None,
+            1.0 / temperature, ignore_index, _DTYPE_NAMES[logits.dtype],
+        )
+    return logp, entropy, lse
+
+
+def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                     grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                     temperature: float, ignore_index: int, out: torch.Tensor) -> None:
+    if logits.shape[0] == 0:
+        return
+    _C.logprob_backward(
+        _as_numpy(logits), _as_numpy(labels), _as_numpy(lse), _as_numpy(entropy),
+        _as_numpy(grad_logp), _as_numpy(grad_entropy), _as_numpy(out),
+        1.0 / temperature, ignore_index, _DTYPE_NAMES[logits.dtype],
+    )

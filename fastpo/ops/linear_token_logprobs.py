@@ -1,0 +1,192 @@
+"""``fastpo.linear_token_logprobs``: log-probs from the last hidden state and the lm_head weight,
+without ever building the ``[N, V]`` logits.
+
+Tokens are processed in chunks: the chunk's logits ``h_c·Wᵀ + b`` are formed, reduced by the row
+kernels to (logp, entropy, lse), and dropped. The backward recomputes each chunk's logits, turns
+them into ∂L/∂logits in place (the row kernel's in-place backward), then
+    ∂L/∂h_c = G_c·W,   ∂L/∂W += G_cᵀ·h_c,   ∂L/∂b += Σ_rows G_c
+with ∂L/∂W and ∂L/∂b accumulated in float32. Peak extra memory is one chunk of logits (plus its
+float32 copy for 16-bit inputs) and the float32 weight-gradient accumulator.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from fastpo import _validation as check
+from fastpo import reference
+from fastpo._backend import select_backend
+from fastpo.ops.row_kernels import row_kernels
+
+__all__ = ["linear_token_logprobs", "default_chunk_size"]
+
+# A chunk holds at most 1/64 of the N x V logits (so extra memory stays near 1.6% of them), but at
+# least 32 rows so the matmuls stay efficient, and at most 2^27 logits (512 MiB in float32).
+_MIN_CHUNK_ROWS = 32
+_MAX_CHUNK_ELEMENTS = 1 << 27
+
+
+def default_chunk_size(n_tokens: int, vocab_size: int) -> int:
+    """Rows per chunk used when ``chunk_size=None``."""
+    rows = max(_MIN_CHUNK_ROWS, math.ceil(n_tokens / 64))
+    rows = min(rows, max(_MIN_CHUNK_ROWS, _MAX_CHUNK_ELEMENTS // max(vocab_size, 1)))
+    rows = ((rows + 15) // 16) * 16
+    return max(1, min(rows, n_tokens))
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+@torch.library.custom_op("fastpo::linear_token_logprobs_fwd", mutates_args=())
+def _linear_fwd(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    temperature: float, ignore_index: int, with_entropy: bool, chunk_size: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, lse) for ``hidden [N, D]``, ``weight [V, D]``, one chunk of rows at a time."""
+    check.check_label_range(labels, weight.shape[0], ignore_index)
+    kernels = row_kernels(backend)
+    n_tokens = hidden.shape[0]
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logp = hidden.new_empty(n_tokens, dtype=dtype)
+    entropy = hidden.new_zeros(n_tokens, dtype=dtype)
+    lse = hidden.new_empty(n_tokens, dtype=dtype)
+    for start in range(0, n_tokens, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_tokens))
+        logits = _chunk_logits(hidden[rows], weight, bias)
+        logp[rows], entropy[rows], lse[rows] = kernels.logprob_forward(
+            logits, labels[rows], temperature, ignore_index, with_entropy)
+        del logits
+    return logp, entropy, lse
+
+
+@_linear_fwd.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_size, backend):
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out = hidden.new_empty(hidden.shape[0], dtype=dtype)
+    return out, torch.empty_like(out), torch.empty_like(out)
+
+
+@torch.library.custom_op("fastpo::linear_token_logprobs_bwd", mutates_args=())
+def _linear_bwd(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    lse: torch.Tensor, entropy: torch.Tensor, grad_logp: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int, chunk_size: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∂L/∂hidden, ∂L/∂weight, ∂L/∂bias); the bias gradient is empty when there is no bias."""
+    kernels = row_kernels(backend)
+    n_tokens = hidden.shape[0]
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64,
+                              device=weight.device)
+    grad_bias = torch.zeros_like(grad_weight[:, 0]) if bias is not None else weight.new_empty(0)
+    for start in range(0, n_tokens, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_tokens))
+        grad_logits = _chunk_logits(hidden[rows], weight, bias)
+        kernels.logprob_backward(
+            grad_logits, labels[rows], lse[rows], entropy[rows],
+            None if grad_logp is None else grad_logp[rows],
+            None if grad_entropy is None else grad_entropy[rows],
+            temperature, ignore_index, grad_logits)
+        torch.mm(grad_logits, weight, out=grad_hidden[rows])
+        grad_logits_acc = grad_logits.to(grad_weight.dtype)
+        grad_weight.addmm_(grad_logits_acc.t(), hidden[rows].to(grad_weight.dtype))
+        if bias is not None:
+            grad_bias += grad_logits_acc.sum(dim=0)
+        del grad_logits, grad_logits_acc
+    grad_bias = grad_bias.to(bias.dtype) if bias is not None else grad_bias
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias
+
+
+@_linear_bwd.register_fake
+def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+      chunk_size, backend):
+    grad_bias = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
+    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_size, backend = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    ctx.temperature, ctx.ignore_index, ctx.with_entropy = temperature, ignore_index, with_entropy
+    ctx.chunk_size, ctx.backend = chunk_size, backend
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+    grad_logp = grad_logp.contiguous() if grad_logp is not None else None
+    grad_entropy = grad_entropy.contiguous() if (ctx.with_entropy and grad_entropy is not None) else None
+    grad_hidden, grad_weight, grad_bias = _linear_bwd(
+        hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy,
+        ctx.temperature, ctx.ignore_index, ctx.chunk_size, ctx.backend)
+    return grad_hidden, grad_weight, (grad_bias if bias is not None else None), None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastpo::linear_token_logprobs_fwd", _backward, setup_context=_setup_context)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """``token_logprobs(hidden @ weight.T + bias, labels)`` without building ``[N, V]`` logits.
+
+    ``hidden [..., D]`` is the last hidden state, ``weight [V, D]`` the lm_head weight (same dtype),
+    ``labels [...]`` aligned with ``hidden``. Returns float32 log-probs shaped like ``labels`` (and
+    entropies when ``return_entropy``), differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+    Works on ``chunk_size`` tokens at a time (default: ``default_chunk_size(N, V)``, about N/64 rows,
+    at least 32): peak extra memory is O(chunk_size x V); the backward recomputes chunk logits.
+    """
+    check.check_float_tensor(hidden, "hidden")
+    check.check_float_tensor(weight, "weight")
+    check.check_int_tensor(labels, "labels")
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or weight.shape[0] < 1:
+        raise ValueError(
+            f"hidden [..., D] and weight [V, D] must share D (and V >= 1), got hidden {check.shape_of(hidden)} "
+            f"and weight {check.shape_of(weight)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+                         f"got labels {check.shape_of(labels)} and hidden {check.shape_of(hidden)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if bias is not None:
+        check.check_float_tensor(bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {check.shape_of(bias)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+    check.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    temperature = check.check_temperature(temperature)
+    ignore_index = check.check_int(ignore_index, "ignore_index")
+    check.check_bool(return_entropy, "return_entropy")
+    if chunk_size is not None:
+        check.check_int(chunk_size, "chunk_size")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+
+    backend = select_backend(hidden)
+    if backend == "reference":
+        check.check_label_range(labels, weight.shape[0], ignore_index)
+        return reference.linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index,
+                                               return_entropy)
+
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    n_tokens = rows.shape[0]
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(n_tokens, weight.shape[0])
+    logp, entropy, _ = _linear_fwd(
+        rows, weight, bias, labels.reshape(-1).to(torch.int64), temperature, ignore_index,
+        return_entropy, max(1, min(chunk, max(n_tokens, 1))), backend)
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp

@@ -1,0 +1,33 @@
+"""Test set-up: with no GPU, the Triton kernels run on CPU tensors under the Triton interpreter.
+
+``TRITON_INTERPRET`` must be set before triton is imported, so it is set here, at collection.
+The ``backend`` fixture runs a test once per implementation: the C++ CPU path, and the Triton
+kernels (compiled on CUDA when a GPU is present, interpreted on CPU otherwise).
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# (backend, device) pairs every op is tested on.
+BACKEND_DEVICES = [("cpu", "cpu"), ("triton", "cuda" if HAS_CUDA else "cpu")]
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
+def backend(request, monkeypatch):
+    """Forces FASTPO_BACKEND; yields the device the tensors of this backend live on."""
+    name, device = request.param
+    monkeypatch.setenv("FASTPO_BACKEND", name)
+    return device
+
+
+@pytest.fixture
+def cpu_backend(monkeypatch):
+    monkeypatch.setenv("FASTPO_BACKEND", "cpu")
+    return "cpu"
