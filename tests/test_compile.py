@@ -1,11 +1,13 @@
 """torch.compile(fullgraph=True) traces through the custom ops and matches eager."""
 
+import pytest
 import torch
 
 import fastpo
 
 
-def test_compiled_loss_matches_eager(cpu_backend):
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_compiled_loss_matches_eager(cpu_backend, inplace_backward):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 9, 16, generator=g)
     weight = torch.randn(300, 16, generator=g) / 4
@@ -14,7 +16,7 @@ def test_compiled_loss_matches_eager(cpu_backend):
 
     def loss_fn(h, w):
         logp, entropy = fastpo.linear_token_logprobs(h, w, labels, temperature=0.9, return_entropy=True, chunk_size=7)
-        direct = fastpo.token_logprobs(h @ w.t(), labels, return_entropy=True)
+        direct = fastpo.token_logprobs(h @ w.t(), labels, return_entropy=True, inplace_backward=inplace_backward)
         return -(logp.sum() + 0.1 * entropy.sum()) + direct[0].square().mean() + direct[1].mean()
 
     def run(fn):
