@@ -1,0 +1,43 @@
+"""fastpo's benchmark suite: speed and peak memory against reference PyTorch.
+
+``python -m benchmarks [--quick] [--device cpu|cuda] [--ops logprobs,linear,linear-memory] [--json PATH]``
+
+Each benchmarked operation is a :class:`benchmarks.harness.BenchOp` registered here under a name;
+``--ops`` selects them. New ops register themselves by adding an instance to :data:`OPS`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+from .harness import BenchOp
+from .logprobs import LinearLogprobsOp, LinearMemoryCheck, TokenLogprobsOp
+
+OPS: Dict[str, BenchOp] = {}
+
+
+def register(op: BenchOp) -> BenchOp:
+    if op.name in OPS:
+        raise ValueError(f"benchmark op {op.name!r} registered twice")
+    OPS[op.name] = op
+    return op
+
+
+def get_op(name: str) -> BenchOp:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise ValueError(f"unknown benchmark op {name!r}; known: {', '.join(OPS)}") from None
+
+
+def op_names() -> List[str]:
+    return list(OPS)
+
+
+register(TokenLogprobsOp())
+register(LinearLogprobsOp())
+register(LinearMemoryCheck())
+
+# What a plain run measures; the memory check joins in full mode.
+DEFAULT_OPS_QUICK = ["logprobs", "linear"]
+DEFAULT_OPS_FULL = ["logprobs", "linear", "linear-memory"]
