@@ -1,0 +1,301 @@
+// fastpo_C.cpp -- the pybind11 module fastpo._C: argument checking and dtype dispatch.
+//
+// Arrays arrive through the buffer protocol (callers pass tensor.numpy() views, which share memory;
+// bfloat16/float16 tensors as t.view(torch.int16).numpy(), i.e. raw 16-bit patterns), so the
+// extension links against nothing but pybind11. Every argument is checked -- shapes, strides,
+// dtypes, writability, label range, aliasing -- before any output is written; violations raise
+// ValueError (TypeError for an object that is not an array at all). The compute runs with the GIL
+// released, parallel over rows with OpenMP when available.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "logprobs.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using fastpo::RowVec;
+
+enum class DType { F32, F64, BF16, F16 };
+
+DType parse_dtype(const std::string& s) {
+  if (s == "float32") return DType::F32;
+  if (s == "float64") return DType::F64;
+  if (s == "bfloat16") return DType::BF16;
+  if (s == "float16") return DType::F16;
+  throw py::value_error("dtype: expected one of 'float32', 'float64', 'bfloat16', 'float16', got '" + s + "'");
+}
+
+std::string shape_str(const py::buffer_info& b) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t k = 0; k < b.shape.size(); ++k) os << (k ? ", " : "") << b.shape[k];
+  if (b.shape.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+// The format character of a buffer, without a byte-order / alignment prefix.
+char format_char(const py::buffer_info& b) {
+  std::string f = b.format;
+  size_t k = 0;
+  while (k < f.size() && (f[k] == '@' || f[k] == '=' || f[k] == '<' || f[k] == '|')) ++k;
+  return (k + 1 == f.size()) ? f[k] : '?';
+}
+
+bool is_f32(const py::buffer_info& b) { return b.itemsize == 4 && format_char(b) == 'f'; }
+bool is_f64(const py::buffer_info& b) { return b.itemsize == 8 && format_char(b) == 'd'; }
+bool is_i64(const py::buffer_info& b) {
+  const char c = format_char(b);
+  return b.itemsize == 8 && (c == 'l' || c == 'q');
+}
+bool is_raw16(const py::buffer_info& b) {
+  const char c = format_char(b);
+  return b.itemsize == 2 && (c == 'h' || c == 'H' || c == 'e');
+}
+
+const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::F32: return "float32";
+    case DType::F64: return "float64";
+    case DType::BF16: return "bfloat16";
+    case DType::F16: return "float16";
+  }
+  return "?";
+}
+
+// Request the buffer of `obj` (named `name` in messages); writable buffers must accept writes.
+py::buffer_info request(const py::object& obj, const char* name, bool writable) {
+  if (!PyObject_CheckBuffer(obj.ptr()))
+    throw py::type_error(std::string(name) + ": expected an array supporting the buffer protocol (e.g. tensor.numpy()), got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  try {
+    return py::reinterpret_borrow<py::buffer>(obj).request(writable);
+  } catch (py::error_already_set& e) {
+    throw py::value_error(std::string(name) + (writable ? ": must be a writable array (" : ": unreadable buffer (") +
+                          std::string(py::str(e.value())) + ")");
+  }
+}
+
+// A 2-D [N, V] logits-like array: last dim contiguous, rows at a non-negative stride >= V.
+struct Matrix {
+  void* ptr;
+  int64_t rows, cols, row_stride;  // row_stride in elements
+  int64_t itemsize;
+};
+
+Matrix check_matrix(const py::buffer_info& b, const char* name, DType dt) {
+  if (b.ndim != 2)
+    throw py::value_error(std::string(name) + ": expected a 2-D array [N, V], got ndim=" + std::to_string(b.ndim) +
+                          " with shape " + shape_str(b));
+  const bool ok_type = dt == DType::F32 ? is_f32(b) : dt == DType::F64 ? is_f64(b) : is_raw16(b);
+  if (!ok_type)
+    throw py::value_error(std::string(name) + ": dtype '" + dtype_name(dt) + "' needs " +
+                          (dt == DType::F32   ? "a float32 array"
+                           : dt == DType::F64 ? "a float64 array"
+                                              : "an int16/uint16 array of raw 16-bit patterns (t.view(torch.int16).numpy())") +
+                          ", got format '" + b.format + "' itemsize " + std::to_string(b.itemsize));
+  Matrix m;
+  m.ptr = b.ptr;
+  m.rows = b.shape[0];
+  m.cols = b.shape[1];
+  m.itemsize = b.itemsize;
+  if (m.cols < 1)
+    throw py::value_error(std::string(name) + ": the vocabulary dimension V must be >= 1, got shape " + shape_str(b));
+  if (m.cols > 1 && b.strides[1] != b.itemsize)
+    throw py::value_error(std::string(name) + ": the last dimension must be contiguous (stride " +
+                          std::to_string(b.itemsize) + " bytes), got strides (" + std::to_string(b.strides[0]) + ", " +
+                          std::to_string(b.strides[1]) + ") bytes for shape " + shape_str(b));
+  if (m.rows > 1) {
+    if (b.strides[0] % b.itemsize != 0 || b.strides[0] / b.itemsize < m.cols)
+      throw py::value_error(std::string(name) + ": rows must not overlap (row stride >= V elements), got strides (" +
+                            std::to_string(b.strides[0]) + ", " + std::to_string(b.strides[1]) + ") bytes for shape " +
+                            shape_str(b));
+    m.row_stride = b.strides[0] / b.itemsize;
+  } else {
+    m.row_stride = m.cols;
+  }
+  return m;
+}
+
+// A 1-D [N] per-row float vector (float32 or float64, any element stride), or absent (None).
+RowVec check_rowvec(const py::object& obj, const char* name, int64_t N, bool writable, bool allow_none,
+                    std::vector<py::buffer_info>& keep) {
+  RowVec v;
+  if (obj.is_none()) {
+    if (!allow_none) throw py::value_error(std::string(name) + ": must be an array of shape (" + std::to_string(N) + ",), got None");
+    return v;
+  }
+  keep.push_back(request(obj, name, writable));
+  const py::buffer_info& b = keep.back();
+  if (b.ndim != 1 || b.shape[0] != N)
+    throw py::value_error(std::string(name) + ": expected shape (" + std::to_string(N) + ",) to match logits rows, got " +
+                          shape_str(b));
+  if (!is_f32(b) && !is_f64(b))
+    throw py::value_error(std::string(name) + ": expected float32 or float64, got format '" + b.format + "' itemsize " +
+                          std::to_string(b.itemsize));
+  if (b.strides[0] % b.itemsize != 0)
+    throw py::value_error(std::string(name) + ": stride not a multiple of the item size");
+  v.ptr = b.ptr;
+  v.is_double = is_f64(b);
+  v.stride = N > 1 ? b.strides[0] / b.itemsize : 1;
+  if (writable && N > 1 && v.stride == 0)
+    throw py::value_error(std::string(name) + ": output has stride 0 (a broadcast view); pass a real array");
+  return v;
+}
+
+// labels [N] int64, contiguous; every value in [0, V) or == ignore_index. Returns the data pointer.
+const int64_t* check_labels(const py::buffer_info& b, int64_t N, int64_t V, int64_t ignore_index) {
+  if (b.ndim != 1 || b.shape[0] != N)
+    throw py::value_error("labels: expected shape (" + std::to_string(N) + ",) to match logits rows, got " + shape_str(b));
+  if (!is_i64(b))
+    throw py::value_error("labels: expected int64, got format '" + b.format + "' itemsize " + std::to_string(b.itemsize));
+  if (N > 1 && b.strides[0] != 8)
+    throw py::value_error("labels: must be contiguous, got stride " + std::to_string(b.strides[0]) + " bytes");
+  const int64_t* y = static_cast<const int64_t*>(b.ptr);
+  for (int64_t i = 0; i < N; ++i) {
+    if (y[i] != ignore_index && (y[i] < 0 || y[i] >= V))
+      throw py::value_error("labels: value " + std::to_string(y[i]) + " at index " + std::to_string(i) +
+                            " is outside [0, " + std::to_string(V) + ") and is not ignore_index (" +
+                            std::to_string(ignore_index) + ")");
+  }
+  return y;
+}
+
+void check_inv_temperature(double inv_t) {
+  if (!(inv_t > 0.0) || !std::isfinite(inv_t))
+    throw py::value_error("inv_temperature: must be a finite number > 0 (1 / temperature), got " + std::to_string(inv_t));
+}
+
+// Byte range [lo, hi) touched by a matrix.
+std::pair<uintptr_t, uintptr_t> extent(const Matrix& m) {
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(m.ptr);
+  const int64_t span = m.rows > 0 ? ((m.rows - 1) * m.row_stride + m.cols) * m.itemsize : 0;
+  return {lo, lo + static_cast<uintptr_t>(span)};
+}
+
+// ---------------------------------------------------------------------------------------------
+
+void logprob_forward(const py::object& logits_obj, const py::object& labels_obj, const py::object& logp_obj,
+                     const py::object& lse_obj, const py::object& entropy_obj, double inv_temperature,
+                     int64_t ignore_index, const std::string& dtype) {
+  const DType dt = parse_dtype(dtype);
+  check_inv_temperature(inv_temperature);
+  const py::buffer_info lb = request(logits_obj, "logits", false);
+  const Matrix x = check_matrix(lb, "logits", dt);
+  const int64_t N = x.rows, V = x.cols;
+  const py::buffer_info yb = request(labels_obj, "labels", false);
+  std::vector<py::buffer_info> keep;
+  keep.reserve(3);
+  const RowVec logp = check_rowvec(logp_obj, "logp", N, true, false, keep);
+  const RowVec lse = check_rowvec(lse_obj, "lse", N, true, false, keep);
+  const RowVec ent = check_rowvec(entropy_obj, "entropy", N, true, true, keep);
+  const int64_t* y = check_labels(yb, N, V, ignore_index);
+
+  py::gil_scoped_release nogil;
+  switch (dt) {
+    case DType::F32:
+      fastpo::forward_rows<float>(static_cast<const float*>(x.ptr), N, V, x.row_stride, y, logp, lse, ent,
+                                         inv_temperature, ignore_index);
+      break;
+    case DType::F64:
+      fastpo::forward_rows<double>(static_cast<const double*>(x.ptr), N, V, x.row_stride, y, logp, lse, ent,
+                                           inv_temperature, ignore_index);
+      break;
+    case DType::BF16:
+      fastpo::forward_rows<fastpo::bf16>(static_cast<const fastpo::bf16*>(x.ptr), N, V, x.row_stride, y, logp,
+                                                lse, ent, inv_temperature, ignore_index);
+      break;
+    case DType::F16:
+      fastpo::forward_rows<fastpo::f16>(static_cast<const fastpo::f16*>(x.ptr), N, V, x.row_stride, y, logp,
+                                               lse, ent, inv_temperature, ignore_index);
+      break;
+  }
+}
+
+void logprob_backward(const py::object& logits_obj, const py::object& labels_obj, const py::object& lse_obj,
+                      const py::object& entropy_obj, const py::object& grad_logp_obj, const py::object& grad_entropy_obj,
+                      const py::object& grad_logits_obj, double inv_temperature, int64_t ignore_index,
+                      const std::string& dtype) {
+  const DType dt = parse_dtype(dtype);
+  check_inv_temperature(inv_temperature);
+  const py::buffer_info lb = request(logits_obj, "logits", false);
+  const Matrix x = check_matrix(lb, "logits", dt);
+  const int64_t N = x.rows, V = x.cols;
+  const py::buffer_info gb = request(grad_logits_obj, "grad_logits", true);
+  const Matrix gx = check_matrix(gb, "grad_logits", dt);
+  if (gx.rows != N || gx.cols != V)
+    throw py::value_error("grad_logits: expected shape (" + std::to_string(N) + ", " + std::to_string(V) +
+                          ") to match logits, got " + shape_str(gb));
+  // grad_logits may be logits itself (in-place backward), but must not partially overlap it.
+  const bool same = gx.ptr == x.ptr && (gx.row_stride == x.row_stride || N <= 1);
+  if (!same) {
+    const auto a = extent(x), b = extent(gx);
+    if (a.first < b.second && b.first < a.second)
+      throw py::value_error(
+          "grad_logits: overlaps logits without being the same array (in-place backward needs grad_logits to be "
+          "exactly logits: same data pointer and row stride)");
+  }
+  const py::buffer_info yb = request(labels_obj, "labels", false);
+  std::vector<py::buffer_info> keep;
+  keep.reserve(4);
+  const RowVec lse = check_rowvec(lse_obj, "lse", N, false, false, keep);
+  const RowVec glp = check_rowvec(grad_logp_obj, "grad_logp", N, false, true, keep);
+  const RowVec gent = check_rowvec(grad_entropy_obj, "grad_entropy", N, false, true, keep);
+  const RowVec ent = check_rowvec(entropy_obj, "entropy", N, false, !gent.present(), keep);
+  const int64_t* y = check_labels(yb, N, V, ignore_index);
+
+  py::gil_scoped_release nogil;
+  switch (dt) {
+    case DType::F32:
+      fastpo::backward_rows<float>(static_cast<const float*>(x.ptr), static_cast<float*>(gx.ptr), N, V,
+                                          x.row_stride, gx.row_stride, y, lse, ent, glp, gent, inv_temperature,
+                                          ignore_index);
+      break;
+    case DType::F64:
+      fastpo::backward_rows<double>(static_cast<const double*>(x.ptr), static_cast<double*>(gx.ptr), N, V,
+                                            x.row_stride, gx.row_stride, y, lse, ent, glp, gent, inv_temperature,
+                                            ignore_index);
+      break;
+    case DType::BF16:
+      fastpo::backward_rows<fastpo::bf16>(static_cast<const fastpo::bf16*>(x.ptr),
+                                                 static_cast<fastpo::bf16*>(gx.ptr), N, V, x.row_stride, gx.row_stride,
+                                                 y, lse, ent, glp, gent, inv_temperature, ignore_index);
+      break;
+    case DType::F16:
+      fastpo::backward_rows<fastpo::f16>(static_cast<const fastpo::f16*>(x.ptr),
+                                                static_cast<fastpo::f16*>(gx.ptr), N, V, x.row_stride, gx.row_stride,
+                                                y, lse, ent, glp, gent, inv_temperature, ignore_index);
+      break;
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastpo C++ CPU kernels (pybind11; arrays through the buffer protocol)";
+
+  m.def("logprob_forward", &logprob_forward, py::arg("logits"), py::arg("labels"), py::arg("logp"), py::arg("lse"),
+        py::arg("entropy"), py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("dtype"),
+        R"doc(Per-row log-prob, logsumexp and entropy of logits / temperature.
+
+logits [N, V] (float32 | float64 | raw 16-bit patterns as int16/uint16 for bfloat16/float16; rows may be
+strided, last dim contiguous), labels [N] int64. Writes logp [N], lse [N] and entropy [N] (or skips the
+entropy when it is None); these are float32 or float64 (accumulation is float64 for dtype 'float64',
+float32 otherwise). Rows with label == ignore_index get 0 everywhere. Raises ValueError on bad input
+before writing anything.)doc");
+
+  m.def("logprob_backward", &logprob_backward, py::arg("logits"), py::arg("labels"), py::arg("lse"),
+        py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad_logits"),
+        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("dtype"),
+        R"doc(Gradient of the forward's (logp, entropy) with respect to the logits.
+
+grad_logits[i, j] = (1/tau) * (g_l (1[j == y] - p_j) - g_H p_j (log p_j + H)). grad_logits has the dtype and
+layout rules of logits and may be the very same array (in-place backward). grad_logp / grad_entropy may
+be None (zeros); entropy may be None only when grad_entropy is None. ignore_index rows get zeros.)doc");
+}

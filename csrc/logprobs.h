@@ -1,0 +1,425 @@
+// logprobs.h -- CPU row kernels of fastpo.token_logprobs (forward and backward).
+//
+// Per row i of the logits z [N, V], with s = z / tau and label y:
+//   lse = logsumexp(s),  logp = s_y - lse,  entropy H = lse - sum_j softmax(s)_j s_j.
+// Rows whose label is ignore_index give logp = lse = H = 0 and a zero gradient row.
+//
+// Layout: row i starts at logits + i * row_stride (in elements, int64), the row itself is
+// contiguous. Storage types In: float, double, bf16, f16 (numerics.h); the accumulation type is
+// float, except double for double input (Traits<In>::Acc). The forward works block by block on
+// Acc values (16-bit rows widened into a per-thread stack buffer of kBlock elements), with kLanes
+// independent partial accumulators so that gcc vectorises the reductions without -ffast-math (a
+// single scalar accumulator would force it to keep the order of the additions); the backward is
+// one elementwise pass. Arguments are validated by the caller (fastpo_C.cpp); nothing here
+// throws or allocates on the heap.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "numerics.h"
+
+namespace fastpo {
+
+// ---------------------------------------------------------------------------------------------
+// Storage <-> accumulation type
+// ---------------------------------------------------------------------------------------------
+template <class In>
+struct Traits {
+  using Acc = float;
+};
+template <>
+struct Traits<double> {
+  using Acc = double;
+};
+
+inline float widen(float v) { return v; }
+inline double widen(double v) { return v; }
+inline float widen(bf16 v) { return bf16_to_float(v.bits); }
+inline float widen(f16 v) { return f16_to_float(v.bits); }
+
+inline void narrow(float v, float* p) { *p = v; }
+inline void narrow(double v, double* p) { *p = v; }
+inline void narrow(float v, bf16* p) { p->bits = float_to_bf16(v); }  // round to nearest even
+inline void narrow(float v, f16* p) { p->bits = float_to_f16(v); }    // round to nearest even
+
+template <class Out>
+inline void zero_row(Out* dst, int64_t n) {
+  std::memset(static_cast<void*>(dst), 0, static_cast<size_t>(n) * sizeof(Out));  // +0.0 in every format
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tuning constants
+// ---------------------------------------------------------------------------------------------
+template <class Acc>
+struct Tune {
+  // Block of the row processed at a time: its max pass leaves it in L1 for the exp pass.
+  static constexpr int64_t kBlock = 2048;
+  // Independent partial accumulators: one 512-bit vector of Acc.
+  static constexpr int kLanes = 64 / static_cast<int>(sizeof(Acc));
+};
+
+// Work (logits) below which the OpenMP team is not woken.
+constexpr int64_t kParallelMinWork = 1 << 16;
+
+// ---------------------------------------------------------------------------------------------
+// Block maximum
+// ---------------------------------------------------------------------------------------------
+// gcc does not vectorise a floating-point max reduction (a > m ? a : m) unless it may assume no
+// NaNs and no signed zeros. Instead the maximum is taken over integer keys that order like the
+// floats: key(f) = bits(f) for f >= +0 and bits(f) ^ 0x7fff...f for f < 0 (sign bit set), which is
+// monotonic over -inf < ... < -0 < +0 < ... < +inf; an integer max reduction vectorises.
+// A NaN with the sign bit clear orders above +inf (so the block max becomes NaN and poisons the
+// row's sums); one with the sign bit set orders below -inf (ignored here, but its own exp poisons
+// the sums, or the all -inf/NaN scan of forward_row catches it).
+template <class Acc>
+struct OrderedKey;
+template <>
+struct OrderedKey<float> {
+  using I = int32_t;
+  static I key(float f) {
+    I i;
+    std::memcpy(&i, &f, sizeof i);
+    return i ^ ((i >> 31) & INT32_MAX);
+  }
+  static float value(I k) {
+    const I i = k ^ ((k >> 31) & INT32_MAX);
+    float f;
+    std::memcpy(&f, &i, sizeof f);
+    return f;
+  }
+};
+template <>
+struct OrderedKey<double> {
+  using I = int64_t;
+  static I key(double f) {
+    I i;
+    std::memcpy(&i, &f, sizeof i);
+    return i ^ ((i >> 63) & INT64_MAX);
+  }
+  static double value(I k) {
+    const I i = k ^ ((k >> 63) & INT64_MAX);
+    double f;
+    std::memcpy(&f, &i, sizeof f);
+    return f;
+  }
+};
+
+template <class Acc>
+inline Acc block_max(const Acc* x, int64_t n) {
+  using K = OrderedKey<Acc>;
+  using I = typename K::I;
+  constexpr int W = Tune<Acc>::kLanes;
+  const I lowest = K::key(-std::numeric_limits<Acc>::infinity());
+  I mx[W];
+  for (int l = 0; l < W; ++l) mx[l] = lowest;
+  int64_t j = 0;
+  for (; j + W <= n; j += W)
+    for (int l = 0; l < W; ++l) {
+      const I k = K::key(x[j + l]);
+      mx[l] = k > mx[l] ? k : mx[l];
+    }
+  for (; j < n; ++j) {
+    const I k = K::key(x[j]);
+    mx[0] = k > mx[0] ? k : mx[0];
+  }
+  I m = mx[0];
+  for (int l = 1; l < W; ++l) m = mx[l] > m ? mx[l] : m;
+  return K::value(m);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+// Blocked two-level logsumexp. For each block of the row (raw values x, widened to Acc):
+//   m_b = max_j x_j,  S_b = sum_j e^{d_j},  T_b = sum_j e^{d_j} d_j,  d_j = (x_j - m_b) / tau <= 0.
+// The block is read twice (max, then sums); the second read hits L1. The blocks are merged into
+// a running (M, S, T) in double: when the reference maximum moves from m to M' >= m, with
+// delta = (m - M') / tau <= 0 and c = e^delta,
+//   S' = c S,   T' = c (T + delta S)        (since e^{d + delta} (d + delta) = c e^d d + c delta e^d).
+// At the end lse = M / tau + log S and H = lse - sum p s = log S - T / S. Keeping d relative to
+// the maximum avoids the cancellation of lse - E[s] when the logits are large (e.g. 1e4), and
+// logp = (x_y - M) / tau - log S is formed without subtracting two large numbers.
+// Entries equal to -inf give e^d = 0 and contribute 0 to T (the 0 * -inf product is avoided); a
+// block that is entirely -inf is skipped. NaN anywhere in the row makes lse, logp and H NaN. A row
+// that is entirely -inf gives lse = -inf and logp = NaN, as log_softmax does.
+// `next` / `next_step`: the start of the row's next block in memory and the bytes of it per
+// kLanes elements here; it is prefetched while this (L1-resident) block is being computed on, so
+// the next max pass does not stall on DRAM (nullptr: nothing to prefetch).
+template <bool kEntropy, class Acc>
+inline void block_sums(const Acc* x, int64_t n, Acc mb, Acc inv_t, const char* next, int64_t next_step,
+                       double* S_out, double* T_out) {
+  constexpr int W = Tune<Acc>::kLanes;
+  // e^d d -> 0 as d -> -inf, but 0 * -inf is NaN: d = -inf is replaced by 0 in the product. (A
+  // select of the product itself, e == 0 ? 0 : e * d, would keep the loop scalar: gcc does not
+  // speculate a possibly-trapping multiply under -ftrapping-math.)
+  const Acc lowest = std::numeric_limits<Acc>::lowest();
+  Acc se[W], te[W];
+  for (int l = 0; l < W; ++l) se[l] = te[l] = Acc(0);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+#if defined(__GNUC__)
+    if (next) __builtin_prefetch(next + (j / W) * next_step, 0, 3);
+#endif
+    for (int l = 0; l < W; ++l) {
+      const Acc d = (x[j + l] - mb) * inv_t;
+      const Acc e = exp_fast(d);
+      se[l] += e;
+      if (kEntropy) te[l] += e * (d > lowest ? d : Acc(0));
+    }
+  }
+  for (; j < n; ++j) {
+    const Acc d = (x[j] - mb) * inv_t;
+    const Acc e = exp_fast(d);
+    se[0] += e;
+    if (kEntropy) te[0] += e * (d > lowest ? d : Acc(0));
+  }
+  double S = 0.0, T = 0.0;
+  for (int l = 0; l < W; ++l) {
+    S += static_cast<double>(se[l]);
+    T += static_cast<double>(te[l]);
+  }
+  *S_out = S;
+  *T_out = T;
+}
+
+struct RowForward {
+  double lse;
+  double logp;
+  double entropy;
+};
+
+// The block as Acc values: float / double rows are used in place; 16-bit rows are widened into the
+// thread's block buffer first (one vectorised conversion loop, so that the loops above see plain
+// floats -- widening inside them keeps gcc from vectorising).
+inline const float* block_as_acc(const float* x, int64_t, float*) { return x; }
+inline const double* block_as_acc(const double* x, int64_t, double*) { return x; }
+template <class In>
+inline const float* block_as_acc(const In* x, int64_t n, float* buf) {
+  for (int64_t j = 0; j < n; ++j) buf[j] = widen(x[j]);
+  return buf;
+}
+
+template <class In, bool kEntropy, class Acc = typename Traits<In>::Acc>
+inline RowForward forward_row(const In* x, int64_t V, int64_t label, Acc inv_t, Acc* buf) {
+  constexpr int64_t B = Tune<Acc>::kBlock;
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+
+  bool any = false, nan_seen = false;
+  Acc M = neg_inf;
+  double S = 0.0, T = 0.0;
+  for (int64_t b0 = 0; b0 < V; b0 += B) {
+    const int64_t n = std::min(B, V - b0);
+    const Acc* xb = block_as_acc(x + b0, n, buf);
+    const Acc mb = block_max(xb, n);
+    if (mb == neg_inf) {  // every entry is -inf or NaN: -inf contributes nothing, NaN poisons the row
+      for (int64_t j = 0; j < n; ++j) nan_seen = nan_seen || xb[j] != xb[j];
+      continue;
+    }
+    double Sb, Tb;
+    const char* next = b0 + B < V ? reinterpret_cast<const char*>(x + b0 + B) : nullptr;
+    block_sums<kEntropy>(xb, n, mb, inv_t, next, static_cast<int64_t>(Tune<Acc>::kLanes * sizeof(In)), &Sb, &Tb);
+
+    if (!any) {
+      M = mb;
+      S = Sb;
+      T = Tb;
+      any = true;
+    } else if (mb > M) {
+      const double delta = (static_cast<double>(M) - static_cast<double>(mb)) * static_cast<double>(inv_t);
+      const double c = std::exp(delta);
+      T = c * (T + delta * S) + Tb;
+      S = c * S + Sb;
+      M = mb;
+    } else {
+      const double delta = (static_cast<double>(mb) - static_cast<double>(M)) * static_cast<double>(inv_t);
+      const double c = std::exp(delta);
+      T += c * (Tb + delta * Sb);
+      S += c * Sb;
+    }
+  }
+
+  if (nan_seen) S = T = std::numeric_limits<double>::quiet_NaN();
+  RowForward r;
+  const double logS = std::log(S);  // S >= 1 whenever the row has a finite maximum
+  r.lse = static_cast<double>(M) * static_cast<double>(inv_t) + logS;
+  // (x_y - M) in Acc, as the kernel's d values are, then scaled.
+  r.logp = static_cast<double>((widen(x[label]) - M) * inv_t) - logS;
+  if (kEntropy) {
+    const double H = logS - T / S;
+    r.entropy = H > 0.0 ? H : (H == H ? 0.0 : H);  // H >= 0 mathematically; clip rounding noise
+  } else {
+    r.entropy = 0.0;
+  }
+  return r;
+}
+
+// One [N] vector of per-row scalars, float32 or float64, any element stride (validated by caller).
+struct RowVec {
+  void* ptr = nullptr;
+  bool is_double = false;
+  int64_t stride = 1;  // in elements
+
+  bool present() const { return ptr != nullptr; }
+  double get(int64_t i) const {
+    if (!ptr) return 0.0;
+    return is_double ? static_cast<const double*>(ptr)[i * stride]
+                     : static_cast<double>(static_cast<const float*>(ptr)[i * stride]);
+  }
+  void set(int64_t i, double v) const {
+    if (!ptr) return;
+    if (is_double)
+      static_cast<double*>(ptr)[i * stride] = v;
+    else
+      static_cast<float*>(ptr)[i * stride] = static_cast<float>(v);
+  }
+};
+
+template <class In, bool kEntropy>
+void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels,
+                       RowVec logp, RowVec lse, RowVec entropy, double inv_temperature, int64_t ignore_index) {
+  using Acc = typename Traits<In>::Acc;
+  const Acc inv_t = static_cast<Acc>(inv_temperature);
+#ifdef _OPENMP
+#pragma omp parallel if (N * V >= kParallelMinWork && N > 1)
+#endif
+  {
+    alignas(64) Acc buf[Tune<Acc>::kBlock];  // per-thread block buffer (used for 16-bit inputs)
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t y = labels[i];
+      if (y == ignore_index) {
+        logp.set(i, 0.0);
+        lse.set(i, 0.0);
+        entropy.set(i, 0.0);
+        continue;
+      }
+      const RowForward r = forward_row<In, kEntropy>(logits + i * row_stride, V, y, inv_t, buf);
+      logp.set(i, r.logp);
+      lse.set(i, r.lse);
+      entropy.set(i, r.entropy);
+    }
+  }
+}
+
+template <class In>
+void forward_rows(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels, RowVec logp,
+                  RowVec lse, RowVec entropy, double inv_temperature, int64_t ignore_index) {
+  if (entropy.present())
+    forward_rows_impl<In, true>(logits, N, V, row_stride, labels, logp, lse, entropy, inv_temperature, ignore_index);
+  else
+    forward_rows_impl<In, false>(logits, N, V, row_stride, labels, logp, lse, entropy, inv_temperature, ignore_index);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+// Gradient of L(logp, H) with respect to the logits, for one row. Write s_j = z_j / tau,
+// p_j = softmax(s)_j = e^{s_j - lse}, so log p_j = s_j - lse, and
+//   logp = s_y - lse                       =>  d logp / d s_j = 1[j == y] - p_j;
+//   H = -sum_k p_k log p_k                 (equal to lse - sum_k p_k s_k, as sum_k p_k = 1)
+//       with d p_k / d s_j = p_k (1[k == j] - p_j):
+//   d H / d s_j = -sum_k (d p_k / d s_j) (log p_k + 1)
+//               = -p_j (log p_j + 1) + p_j sum_k p_k (log p_k + 1)
+//               = -p_j (log p_j + 1) + p_j (1 - H)
+//               = -p_j (log p_j + H).
+// With g_l = dL/dlogp, g_H = dL/dH and ds_j/dz_j = 1/tau:
+//   dL/dz_j = (1/tau) [ g_l (1[j == y] - p_j) - g_H p_j (s_j - lse + H) ].
+// The kernel writes the off-label expression -(1/tau) p_j (g_l + g_H (d_j + H)), d_j = s_j - lse,
+// for every j in one vectorised pass, then overwrites j = y with the full expression, computed
+// from z_y read before the pass. Entries with p_j = 0 (in particular z_j = -inf, where d_j = -inf
+// would make p_j d_j NaN) get exactly 0.
+// In-place (grad_logits == logits) runs a loop over one pointer (read z_j, write its gradient), so
+// the vectoriser never sees two pointers that might alias; otherwise a two-pointer loop.
+//
+// d_j = z_j / tau - lse is formed as fma(z_j, 1/tau, -lse_hi) - lse_lo with lse = lse_hi + lse_lo
+// split into two Acc values: with one rounding for z_j / tau - lse_hi, d_j stays accurate when the
+// logits are large (|z| ~ 1e4, where z / tau and lse agree in most of their digits). lse_lo is 0
+// for a float32 lse; a caller that saves lse in float64 gets the full benefit. Targets without
+// FMA get the same accuracy from a float64 product and difference (slower, still vectorised).
+#if defined(__FMA__)
+inline float scaled_minus(float z, float inv_t, float hi, float lo) { return std::fma(z, inv_t, -hi) - lo; }
+inline double scaled_minus(double z, double inv_t, double hi, double lo) { return std::fma(z, inv_t, -hi) - lo; }
+#else
+inline float scaled_minus(float z, float inv_t, float hi, float lo) {
+  // the product of two floats is exact in double
+  return static_cast<float>(static_cast<double>(z) * static_cast<double>(inv_t) -
+                            (static_cast<double>(hi) + static_cast<double>(lo)));
+}
+inline double scaled_minus(double z, double inv_t, double hi, double lo) { return (z * inv_t - hi) - lo; }
+#endif
+
+template <class Acc, bool kEntropyGrad>
+struct GradOffLabel {
+  Acc inv_t, neg_inv_t, lse_hi, lse_lo, H, gl, gH;
+  Acc operator()(Acc z) const {
+    const Acc d = scaled_minus(z, inv_t, lse_hi, lse_lo);
+    const Acc p = exp_fast(d);
+    Acc coef = gl;
+    if (kEntropyGrad) coef += gH * ((d > std::numeric_limits<Acc>::lowest() ? d : Acc(0)) + H);
+    return neg_inv_t * p * coef;
+  }
+};
+
+template <class In, bool kEntropyGrad, class Acc = typename Traits<In>::Acc>
+inline void backward_row(const In* x, In* gx, int64_t V, int64_t label, double lse, Acc H, Acc gl, Acc gH,
+                         Acc inv_t) {
+  const Acc zy = widen(x[label]);  // before the row is (possibly) overwritten
+  const Acc lse_hi = static_cast<Acc>(lse);
+  const Acc lse_lo = static_cast<Acc>(lse - static_cast<double>(lse_hi));
+  const GradOffLabel<Acc, kEntropyGrad> f{inv_t, -inv_t, lse_hi, lse_lo, H, gl, gH};
+  if (static_cast<const void*>(x) == static_cast<const void*>(gx)) {
+    In* p = gx;
+    for (int64_t j = 0; j < V; ++j) narrow(f(widen(p[j])), &p[j]);
+  } else {
+    for (int64_t j = 0; j < V; ++j) narrow(f(widen(x[j])), &gx[j]);
+  }
+  // The label entry.
+  const Acc d = scaled_minus(zy, inv_t, lse_hi, lse_lo);
+  const Acc p = exp_fast(d);
+  Acc g = gl * (Acc(1) - p);
+  if (kEntropyGrad && p != Acc(0)) g -= gH * p * (d + H);
+  narrow(g * inv_t, &gx[label]);
+}
+
+template <class In, bool kEntropyGrad>
+void backward_rows_impl(const In* logits, In* grad_logits, int64_t N, int64_t V, int64_t row_stride,
+                        int64_t grad_row_stride, const int64_t* labels, RowVec lse, RowVec entropy, RowVec grad_logp,
+                        RowVec grad_entropy, double inv_temperature, int64_t ignore_index) {
+  using Acc = typename Traits<In>::Acc;
+  const Acc inv_t = static_cast<Acc>(inv_temperature);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (N * V >= kParallelMinWork && N > 1)
+#endif
+  for (int64_t i = 0; i < N; ++i) {
+    In* gx = grad_logits + i * grad_row_stride;
+    const int64_t y = labels[i];
+    if (y == ignore_index) {
+      zero_row(gx, V);
+      continue;
+    }
+    const Acc H = kEntropyGrad ? static_cast<Acc>(entropy.get(i)) : Acc(0);
+    const Acc gH = kEntropyGrad ? static_cast<Acc>(grad_entropy.get(i)) : Acc(0);
+    backward_row<In, kEntropyGrad>(logits + i * row_stride, gx, V, y, lse.get(i), H,
+                                   static_cast<Acc>(grad_logp.get(i)), gH, inv_t);
+  }
+}
+
+template <class In>
+void backward_rows(const In* logits, In* grad_logits, int64_t N, int64_t V, int64_t row_stride,
+                   int64_t grad_row_stride, const int64_t* labels, RowVec lse, RowVec entropy, RowVec grad_logp,
+                   RowVec grad_entropy, double inv_temperature, int64_t ignore_index) {
+  if (grad_entropy.present())
+    backward_rows_impl<In, true>(logits, grad_logits, N, V, row_stride, grad_row_stride, labels, lse, entropy,
+                                 grad_logp, grad_entropy, inv_temperature, ignore_index);
+  else
+    backward_rows_impl<In, false>(logits, grad_logits, N, V, row_stride, grad_row_stride, labels, lse, entropy,
+                                  grad_logp, grad_entropy, inv_temperature, ignore_index);
+}
+
+}  // namespace fastpo
