@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 
 from . import DEFAULT_OPS_FULL, DEFAULT_OPS_QUICK, get_op, op_names
-from .harness import REPO_ROOT, device_info, header_lines, markdown_table, run_op, write_json
+from .harness import REPO_ROOT, _loadavg, device_info, header_lines, markdown_table, run_op, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sections.append(("### " + op.description, markdown_table(records, info)))
         payload_ops[op.name] = [r.to_json() for r in records]
     elapsed = time.perf_counter() - t_start
+    info["loadavg_end"] = _loadavg()
 
     title = f"## fastpo benchmarks ({info['mode']}, {args.device})"
     out = [title, "", *header_lines(info), ""]

@@ -39,11 +39,11 @@ MIB = 1024.0 * 1024.0
 # Peak HBM bandwidth in GB/s (10^9 bytes/s), from the vendors' data sheets. Matched against
 # torch.cuda.get_device_name() in order: the first row whose substrings all occur wins.
 PEAK_BANDWIDTH_GBPS: List[Tuple[Tuple[str, ...], float]] = [
+    (("GH200",), 4000.0),  # before "H200", which it contains (96 GB HBM3 variant; HBM3e: 4900)
     (("H200",), 4800.0),
     (("H100", "NVL"), 3900.0),
     (("H100", "PCIE"), 2000.0),
     (("H100",), 3350.0),  # SXM5 ("NVIDIA H100 80GB HBM3")
-    (("GH200",), 4000.0),
     (("B200",), 8000.0),
     (("A100", "PCIE", "80GB"), 1935.0),
     (("A100", "80GB"), 2039.0),
@@ -154,7 +154,15 @@ def device_info(device: str) -> Dict[str, Any]:
         info["cpu_count"] = os.cpu_count()
         info["torch_threads"] = torch.get_num_threads()
         info["ram_gib"] = round(total_ram_bytes() / 1024**3, 1)
+    info["loadavg_start"] = _loadavg()
     return info
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def header_lines(info: Dict[str, Any]) -> List[str]:
@@ -172,7 +180,8 @@ def header_lines(info: Dict[str, Any]) -> List[str]:
         f"- torch {info['torch']}, triton {info['triton']}, python {info['python']}, "
         f"FASTPO_BACKEND={info['fastpo_backend_env']}",
         f"- commit {info['commit']}, {info['date']}",
-    ]
+    ] + ([f"- 1-min load average at start / end: {info['loadavg_start']} / {info.get('loadavg_end')} "
+          "(anything above 0 is other work sharing the machine)"] if info.get("loadavg_start") is not None else [])
 
 
 # --------------------------------------------------------------------------------------------
