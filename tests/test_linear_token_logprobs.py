@@ -86,6 +86,7 @@ def test_default_chunk_size():
     assert default_chunk_size(8192, 32768) == 128
     assert default_chunk_size(16384, 152064) == 256
     assert default_chunk_size(10, 1000) == 10
+    assert default_chunk_size(1024, 32000) == 128
     assert default_chunk_size(1_000_000, 152064) * 152064 <= (1 << 27) + 16 * 152064
     assert default_chunk_size(0, 5) == 1
 
