@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from fastpo import _C
+from fastpo.ops.row_kernels import result_dtype
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -34,8 +35,7 @@ def _as_numpy(t: Optional[torch.Tensor]):
 def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                     with_entropy: bool):
     n_rows = logits.shape[0]
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp = torch.empty(n_rows, dtype=out_dtype)
+    logp = torch.empty(n_rows, dtype=result_dtype(logits.dtype))
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
     if n_rows:

@@ -19,7 +19,7 @@ import torch
 from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
-from fastpo.ops.row_kernels import row_kernels
+from fastpo.ops.row_kernels import result_dtype, row_kernels
 
 __all__ = ["linear_token_logprobs", "default_chunk_size"]
 
@@ -51,7 +51,7 @@ def _linear_fwd(
     check.check_label_range(labels, weight.shape[0], ignore_index)
     kernels = row_kernels(backend)
     n_tokens = hidden.shape[0]
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    dtype = result_dtype(hidden.dtype)
     logp = hidden.new_empty(n_tokens, dtype=dtype)
     entropy = hidden.new_zeros(n_tokens, dtype=dtype)
     lse = hidden.new_empty(n_tokens, dtype=dtype)
@@ -66,7 +66,7 @@ def _linear_fwd(
 
 @_linear_fwd.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_size, backend):
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    dtype = result_dtype(hidden.dtype)
     out = hidden.new_empty(hidden.shape[0], dtype=dtype)
     return out, torch.empty_like(out), torch.empty_like(out)
 
@@ -82,8 +82,7 @@ def _linear_bwd(
     kernels = row_kernels(backend)
     n_tokens = hidden.shape[0]
     grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64,
-                              device=weight.device)
+    grad_weight = torch.zeros(weight.shape, dtype=result_dtype(weight.dtype), device=weight.device)
     grad_bias = torch.zeros_like(grad_weight[:, 0]) if bias is not None else weight.new_empty(0)
     for start in range(0, n_tokens, chunk_size):
         rows = slice(start, min(start + chunk_size, n_tokens))

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import torch
+
+
+def result_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """Log-probs, entropies and lse are float32, or float64 for float64 inputs (for gradcheck)."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
+
 
 def row_kernels(backend: str) -> ModuleType:
     if backend == "triton":

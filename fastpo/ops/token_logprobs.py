@@ -13,7 +13,7 @@ import torch
 from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
-from fastpo.ops.row_kernels import row_kernels
+from fastpo.ops.row_kernels import result_dtype, row_kernels
 
 __all__ = ["token_logprobs"]
 
@@ -30,8 +30,7 @@ def _token_logprobs_fwd(
 
 @_token_logprobs_fwd.register_fake
 def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend):
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    out = logits.new_empty(logits.shape[0], dtype=dtype)
+    out = logits.new_empty(logits.shape[0], dtype=result_dtype(logits.dtype))
     return out, torch.empty_like(out), torch.empty_like(out)
 
 
