@@ -30,3 +30,33 @@ def test_compiled_loss_matches_eager(cpu_backend, inplace_backward):
     compiled = torch.compile(loss_fn, fullgraph=True)
     for got, want in zip(run(compiled), run(loss_fn)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 40, generator=g)
+    labels = torch.tensor([0, 39, -100, 7, 3, 1])
+    lse = torch.logsumexp(logits, -1)
+    entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+    grad = torch.randn(6, generator=g)
+    hidden, weight, bias = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g), torch.randn(40, generator=g)
+    ops = torch.ops.fastpo
+    return [
+        ("token_fwd", ops.token_logprobs_fwd.default,
+         (logits.clone().requires_grad_(), labels, 0.9, -100, True, False, "cpu")),
+        ("token_bwd", ops.token_logprobs_bwd.default, (logits, labels, lse, entropy, grad, grad, 1.0, -100, "cpu")),
+        ("token_bwd_inplace", ops.token_logprobs_bwd_inplace.default,
+         (logits.clone(), labels, lse, entropy, grad, None, 1.0, -100, "cpu")),
+        ("linear_fwd", ops.linear_token_logprobs_fwd.default,
+         (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_(), labels,
+          1.0, -100, True, 4, "cpu")),
+        ("linear_bwd", ops.linear_token_logprobs_bwd.default,
+         (hidden, weight, None, labels, lse, entropy, grad, None, 1.0, -100, 4, "cpu")),
+    ]
+
+
+@pytest.mark.parametrize("case", _opcheck_cases(), ids=lambda c: c[0])
+def test_custom_op_registration(case):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of every op."""
+    _, op, args = case
+    torch.library.opcheck(op, args)
