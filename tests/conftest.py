@@ -6,8 +6,13 @@ kernels (compiled on CUDA when a GPU is present, interpreted on CPU otherwise).
 """
 
 import os
+import tempfile
 
 import torch
+
+# A fresh torch.compile cache per test session: compiled graphs cached on disk by an earlier run
+# can still call a custom op's previous schema after the op changed.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastpo-inductor-"))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

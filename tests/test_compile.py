@@ -51,7 +51,9 @@ def _opcheck_cases():
          (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_(), labels,
           1.0, -100, True, 4, "cpu")),
         ("linear_bwd", ops.linear_token_logprobs_bwd.default,
-         (hidden, weight, None, labels, lse, entropy, grad, None, 1.0, -100, 4, "cpu")),
+         (hidden, weight, None, labels, lse, entropy, grad, None, 1.0, -100, 4, "cpu", True, True, False)),
+        ("linear_bwd_frozen_weight", ops.linear_token_logprobs_bwd.default,
+         (hidden, weight, bias, labels, lse, entropy, grad, grad, 1.0, -100, 4, "cpu", True, False, True)),
     ]
 
 

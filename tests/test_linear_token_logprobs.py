@@ -82,6 +82,30 @@ def test_gradcheck_float64(monkeypatch, backend_name):
     assert torch.autograd.gradcheck(both, (hidden, weight, bias), eps=1e-6, atol=1e-7)
 
 
+def test_frozen_lm_head_skips_the_weight_gradient(backend):
+    hidden, weight, bias, labels = _inputs(0, 12, 90, torch.float32, bias=True, seed=4, lead=(2, 7))
+    hidden, weight, bias, labels = (t.to(backend) for t in (hidden, weight, bias, labels))
+    h_all, w_all, b_all = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    fastpo.linear_token_logprobs(h_all, w_all, labels, bias=b_all, chunk_size=5).sum().backward()
+
+    h = hidden.clone().requires_grad_()
+    fastpo.linear_token_logprobs(h, weight, labels, bias=bias, chunk_size=5).sum().backward()
+    torch.testing.assert_close(h.grad, h_all.grad)
+
+    w = weight.clone().requires_grad_()
+    fastpo.linear_token_logprobs(hidden, w, labels, bias=bias, chunk_size=5).sum().backward()
+    torch.testing.assert_close(w.grad, w_all.grad)
+
+
+def test_frozen_lm_head_allocates_no_weight_gradient(cpu_backend):
+    n_tokens, dim, vocab = 64, 256, 300
+    hidden, weight, _, labels = _inputs(n_tokens, dim, vocab, torch.float32, bias=False)
+    logp = fastpo.linear_token_logprobs(hidden.requires_grad_(), weight, labels, chunk_size=8)
+    with _LargestAllocation() as seen:
+        logp.sum().backward()
+    assert seen.largest < vocab * dim  # chunk logits and grad_hidden only
+
+
 def test_default_chunk_size():
     assert default_chunk_size(8192, 32768) == 128
     assert default_chunk_size(16384, 152064) == 256

@@ -76,14 +76,19 @@ def _linear_bwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     lse: torch.Tensor, entropy: torch.Tensor, grad_logp: Optional[torch.Tensor],
     grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int, chunk_size: int,
-    backend: str,
+    backend: str, needs_grad_hidden: bool, needs_grad_weight: bool, needs_grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(∂L/∂hidden, ∂L/∂weight, ∂L/∂bias); the bias gradient is empty when there is no bias."""
+    """(∂L/∂hidden, ∂L/∂weight, ∂L/∂bias); a gradient nobody needs (a frozen lm_head, no bias)
+    is not computed and comes back empty."""
     kernels = row_kernels(backend)
     n_tokens = hidden.shape[0]
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=result_dtype(weight.dtype), device=weight.device)
-    grad_bias = torch.zeros_like(grad_weight[:, 0]) if bias is not None else weight.new_empty(0)
+    acc_dtype = result_dtype(weight.dtype)
+    grad_hidden = torch.empty_like(hidden) if needs_grad_hidden else hidden.new_empty(0)
+    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_grad_weight \
+        else weight.new_empty(0)
+    needs_grad_bias = needs_grad_bias and bias is not None
+    grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if needs_grad_bias \
+        else weight.new_empty(0)
     for start in range(0, n_tokens, chunk_size):
         rows = slice(start, min(start + chunk_size, n_tokens))
         grad_logits = _chunk_logits(hidden[rows], weight, bias)
@@ -92,21 +97,23 @@ def _linear_bwd(
             None if grad_logp is None else grad_logp[rows],
             None if grad_entropy is None else grad_entropy[rows],
             temperature, ignore_index, grad_logits)
-        torch.mm(grad_logits, weight, out=grad_hidden[rows])
-        grad_logits_acc = grad_logits.to(grad_weight.dtype)
-        grad_weight.addmm_(grad_logits_acc.t(), hidden[rows].to(grad_weight.dtype))
-        if bias is not None:
+        if needs_grad_hidden:
+            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+        grad_logits_acc = grad_logits.to(acc_dtype)
+        if needs_grad_weight:
+            grad_weight.addmm_(grad_logits_acc.t(), hidden[rows].to(acc_dtype))
+        if needs_grad_bias:
             grad_bias += grad_logits_acc.sum(dim=0)
         del grad_logits, grad_logits_acc
-    grad_bias = grad_bias.to(bias.dtype) if bias is not None else grad_bias
-    return grad_hidden, grad_weight.to(weight.dtype), grad_bias
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
 @_linear_bwd.register_fake
 def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
-      chunk_size, backend):
-    grad_bias = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
-    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+      chunk_size, backend, needs_grad_hidden, needs_grad_weight, needs_grad_bias):
+    grad_bias = weight.new_empty(weight.shape[0]) if (needs_grad_bias and bias is not None) else weight.new_empty(0)
+    return (torch.empty_like(hidden) if needs_grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if needs_grad_weight else weight.new_empty(0), grad_bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -121,10 +128,12 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
     grad_logp = grad_logp.contiguous() if grad_logp is not None else None
     grad_entropy = grad_entropy.contiguous() if (ctx.with_entropy and grad_entropy is not None) else None
+    needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     grad_hidden, grad_weight, grad_bias = _linear_bwd(
         hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy,
-        ctx.temperature, ctx.ignore_index, ctx.chunk_size, ctx.backend)
-    return grad_hidden, grad_weight, (grad_bias if bias is not None else None), None, None, None, None, None, None
+        ctx.temperature, ctx.ignore_index, ctx.chunk_size, ctx.backend, needs_hidden, needs_weight, needs_bias)
+    return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None,
+            grad_bias if (needs_bias and bias is not None) else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fastpo::linear_token_logprobs_fwd", _backward, setup_context=_setup_context)
