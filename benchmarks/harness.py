@@ -85,30 +85,22 @@ def total_ram_bytes() -> int:
         return 16 * 1024**3
 
 
-def git_commit() -> str:
+def _git(*args: str) -> Optional[str]:
+    """stdout of ``git <args>`` in the repository, or None when git is missing or fails."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        commit = out.stdout.strip() if out.returncode == 0 else ""
-        if not commit:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if dirty.returncode == 0 and dirty.stdout.strip():
-            commit += "+dirty"
-        return commit
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit() -> str:
+    commit = (_git("rev-parse", "--short", "HEAD") or "").strip()
+    if not commit:
         return "unknown"
+    if (_git("status", "--porcelain", "--untracked-files=no") or "").strip():
+        commit += "+dirty"
+    return commit
 
 
 def peak_bandwidth_gbps(device_name: str) -> Optional[float]:
