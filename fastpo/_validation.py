@@ -66,18 +66,23 @@ def check_bool(value, name: str) -> bool:
     return value
 
 
-def check_logits_labels(logits, labels, *, logits_name: str = "logits") -> None:
-    """``logits [..., V]`` floating with V >= 1; ``labels [...]`` integer with the leading shape."""
-    check_float_tensor(logits, logits_name)
+def check_aligned_labels(labels, rows: torch.Tensor, rows_name: str) -> None:
+    """``labels [...]`` is an integer tensor shaped like ``rows [..., X]`` without its last dim."""
     check_int_tensor(labels, "labels")
-    if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"{logits_name} must have a last (vocabulary) dimension of size >= 1, got shape {shape_of(logits)}")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+    if tuple(labels.shape) != tuple(rows.shape[:-1]):
         raise ValueError(
-            f"labels must have shape {logits_name}.shape[:-1] = {tuple(logits.shape[:-1])}, "
-            f"got labels {shape_of(labels)} and {logits_name} {shape_of(logits)}"
+            f"labels must have shape {rows_name}.shape[:-1] = {tuple(rows.shape[:-1])}, "
+            f"got labels {shape_of(labels)} and {rows_name} {shape_of(rows)}"
         )
-    check_same_device(**{logits_name: logits, "labels": labels})
+
+
+def check_logits_labels(logits, labels) -> None:
+    """``logits [..., V]`` floating with V >= 1; ``labels [...]`` integer with the leading shape."""
+    check_float_tensor(logits, "logits")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a last (vocabulary) dimension of size >= 1, got shape {shape_of(logits)}")
+    check_aligned_labels(labels, logits, "logits")
+    check_same_device(logits=logits, labels=labels)
 
 
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:

@@ -99,12 +99,14 @@ def _linear_bwd(
             temperature, ignore_index, grad_logits)
         if needs_grad_hidden:
             torch.mm(grad_logits, weight, out=grad_hidden[rows])
-        grad_logits_acc = grad_logits.to(acc_dtype)
-        if needs_grad_weight:
-            grad_weight.addmm_(grad_logits_acc.t(), hidden[rows].to(acc_dtype))
-        if needs_grad_bias:
-            grad_bias += grad_logits_acc.sum(dim=0)
-        del grad_logits, grad_logits_acc
+        if needs_grad_weight or needs_grad_bias:
+            grad_logits_acc = grad_logits.to(acc_dtype)  # a copy only for 16-bit inputs
+            if needs_grad_weight:
+                grad_weight.addmm_(grad_logits_acc.t(), hidden[rows].to(acc_dtype))
+            if needs_grad_bias:
+                grad_bias += grad_logits_acc.sum(dim=0)
+            del grad_logits_acc
+        del grad_logits
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
@@ -160,14 +162,11 @@ def linear_token_logprobs(
     """
     check.check_float_tensor(hidden, "hidden")
     check.check_float_tensor(weight, "weight")
-    check.check_int_tensor(labels, "labels")
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or weight.shape[0] < 1:
         raise ValueError(
             f"hidden [..., D] and weight [V, D] must share D (and V >= 1), got hidden {check.shape_of(hidden)} "
             f"and weight {check.shape_of(weight)}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
-                         f"got labels {check.shape_of(labels)} and hidden {check.shape_of(hidden)}")
+    check.check_aligned_labels(labels, hidden, "hidden")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
     if bias is not None:
