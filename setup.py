@@ -58,7 +58,7 @@ ext_modules = [
 ]
 
 setup(
-    packages=["fastpo", "fastpo.ops", "fastpo.kernels"],
+    packages=["fastpo", "fastpo.ops", "fastpo.reference", "fastpo.kernels"],
     package_dir={"fastpo": "fastpo", "fastpo.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},

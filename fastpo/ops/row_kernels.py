@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-import torch
+from fastpo._layout import accumulation_dtype
 
 
-def result_dtype(input_dtype: torch.dtype) -> torch.dtype:
-    """Log-probs, entropies and lse are float32, or float64 for float64 inputs (for gradcheck)."""
-    return torch.float64 if input_dtype == torch.float64 else torch.float32
+# Log-probs, entropies and lse are float32, or float64 for float64 inputs (for gradcheck).
+result_dtype = accumulation_dtype
 
 
 def row_kernels(backend: str) -> ModuleType:

@@ -1,8 +1,4 @@
-"""Eager PyTorch definitions of every fastpo op: the executable specification.
-
-Readable and float64-capable; the Triton and CPU paths are tested against these functions. They
-materialise full ``[N, V]`` tensors and are not meant to be fast.
-"""
+"""Reference log-probs: full ``[N, V]`` log-softmax, eager and float64-capable."""
 
 from __future__ import annotations
 
@@ -10,12 +6,9 @@ from typing import Optional
 
 import torch
 
+from fastpo._layout import accumulation_dtype as _accumulation_dtype
+
 __all__ = ["token_logprobs", "linear_token_logprobs"]
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def token_logprobs(

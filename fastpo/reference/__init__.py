@@ -1,0 +1,11 @@
+"""Eager PyTorch definitions of every fastpo op: the executable specification.
+
+Readable and float64-capable; the Triton and CPU paths are tested against these functions. They are
+not meant to be fast (the log-prob references materialise full ``[N, V]`` tensors). One module per
+family of ops; everything is re-exported here, so ``fastpo.reference.<op>`` is the spec of
+``fastpo.<op>``.
+"""
+
+from fastpo.reference.logprobs import linear_token_logprobs, token_logprobs
+
+__all__ = ["token_logprobs", "linear_token_logprobs"]
