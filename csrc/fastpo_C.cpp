@@ -8,11 +8,13 @@
 // released, parallel over rows with OpenMP when available.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "advantages.h"
 #include "logprobs.h"
 
 namespace py = pybind11;
@@ -275,6 +277,93 @@ void logprob_backward(const py::object& logits_obj, const py::object& labels_obj
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// GAE
+
+// A contiguous 1-D array of N elements (float32/float64 when `floating`, else bool/uint8), or None.
+const void* check_vector(const py::buffer_info& b, const char* name, int64_t N, bool floating) {
+  if (b.ndim != 1 || b.shape[0] != N)
+    throw py::value_error(std::string(name) + ": expected shape (" + std::to_string(N) + ",) to match rewards, got " +
+                          shape_str(b));
+  const char c = format_char(b);
+  const bool ok = floating ? (is_f32(b) || is_f64(b)) : (b.itemsize == 1 && (c == '?' || c == 'B'));
+  if (!ok)
+    throw py::value_error(std::string(name) + ": expected " + (floating ? "float32 or float64" : "bool or uint8") +
+                          ", got format '" + b.format + "' itemsize " + std::to_string(b.itemsize));
+  if (N > 1 && b.strides[0] != b.itemsize)
+    throw py::value_error(std::string(name) + ": must be contiguous, got stride " + std::to_string(b.strides[0]) +
+                          " bytes");
+  return b.ptr;
+}
+
+void gae(const py::object& rewards_obj, const py::object& values_obj, const py::object& mask_obj,
+         const py::object& cu_obj, const py::object& adv_obj, const py::object& ret_obj, double gamma, double lam) {
+  if (!std::isfinite(gamma) || !std::isfinite(lam))
+    throw py::value_error("gamma, lam: must be finite, got gamma=" + std::to_string(gamma) +
+                          " lam=" + std::to_string(lam));
+  const py::buffer_info rb = request(rewards_obj, "rewards", false);
+  if (rb.ndim != 1) throw py::value_error("rewards: expected a 1-D array [N], got shape " + shape_str(rb));
+  const int64_t N = rb.shape[0];
+  check_vector(rb, "rewards", N, true);
+  const bool dbl = is_f64(rb);
+  const py::buffer_info vb = request(values_obj, "values", false);
+  const py::buffer_info ab = request(adv_obj, "advantages", true);
+  const py::buffer_info tb = request(ret_obj, "returns", true);
+  const std::pair<const py::buffer_info*, const char*> same_dtype[] = {{&vb, "values"}, {&ab, "advantages"},
+                                                                         {&tb, "returns"}};
+  for (const auto& [b, name] : same_dtype) {
+    check_vector(*b, name, N, true);
+    if (is_f64(*b) != dbl)
+      throw py::value_error(std::string(name) + ": must have the dtype of rewards (" + (dbl ? "float64" : "float32") +
+                            "), got format '" + b->format + "'");
+  }
+  const uint8_t* m = nullptr;
+  py::buffer_info mb;
+  if (!mask_obj.is_none()) {
+    mb = request(mask_obj, "mask", false);
+    m = static_cast<const uint8_t*>(check_vector(mb, "mask", N, false));
+  }
+  const py::buffer_info cb = request(cu_obj, "cu_seqlens", false);
+  if (cb.ndim != 1 || cb.shape[0] < 1 || !is_i64(cb) || (cb.shape[0] > 1 && cb.strides[0] != 8))
+    throw py::value_error("cu_seqlens: expected a contiguous 1-D int64 array [B+1], got shape " + shape_str(cb) +
+                          " format '" + cb.format + "'");
+  const int64_t* cu = static_cast<const int64_t*>(cb.ptr);
+  const int64_t B = cb.shape[0] - 1;
+  for (int64_t i = 0; i < B; ++i)
+    if (cu[i + 1] < cu[i])
+      throw py::value_error("cu_seqlens: must be non-decreasing, got " + std::to_string(cu[i]) + " then " +
+                            std::to_string(cu[i + 1]) + " at index " + std::to_string(i));
+  if (cu[0] != 0 || cu[B] != N)
+    throw py::value_error("cu_seqlens: must start at 0 and end at N=" + std::to_string(N) + ", got first " +
+                          std::to_string(cu[0]) + " and last " + std::to_string(cu[B]));
+  // Outputs must not overlap any input or each other (the scan reads inputs it has already passed).
+  const int64_t bytes = N * rb.itemsize;
+  auto range = [bytes](const py::buffer_info& b) {
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(b.ptr);
+    return std::make_pair(lo, lo + static_cast<uintptr_t>(bytes));
+  };
+  auto overlaps = [](std::pair<uintptr_t, uintptr_t> a, std::pair<uintptr_t, uintptr_t> b) {
+    return a.first < b.second && b.first < a.second;
+  };
+  if (N > 0) {
+    const auto ar = range(ab), tr = range(tb);
+    const auto mr = m ? std::make_pair(reinterpret_cast<uintptr_t>(m), reinterpret_cast<uintptr_t>(m) + N)
+                      : std::make_pair(uintptr_t(0), uintptr_t(0));
+    if (overlaps(ar, tr)) throw py::value_error("advantages: overlaps returns; pass two separate arrays");
+    for (const auto& out : {std::make_pair(ar, "advantages"), std::make_pair(tr, "returns")})
+      if (overlaps(out.first, range(rb)) || overlaps(out.first, range(vb)) || overlaps(out.first, mr))
+        throw py::value_error(std::string(out.second) + ": overlaps an input (rewards, values or mask)");
+  }
+
+  py::gil_scoped_release nogil;
+  if (dbl)
+    fastpo::gae_scan<double>(static_cast<const double*>(rb.ptr), static_cast<const double*>(vb.ptr), m, cu, B, gamma,
+                             lam, static_cast<double*>(ab.ptr), static_cast<double*>(tb.ptr));
+  else
+    fastpo::gae_scan<float>(static_cast<const float*>(rb.ptr), static_cast<const float*>(vb.ptr), m, cu, B, gamma,
+                            lam, static_cast<float*>(ab.ptr), static_cast<float*>(tb.ptr));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -298,4 +387,13 @@ before writing anything.)doc");
 grad_logits[i, j] = (1/tau) * (g_l (1[j == y] - p_j) - g_H p_j (log p_j + H)). grad_logits has the dtype and
 layout rules of logits and may be the very same array (in-place backward). grad_logp / grad_entropy may
 be None (zeros); entropy may be None only when grad_entropy is None. ignore_index rows get zeros.)doc");
+
+  m.def("gae", &gae, py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("cu_seqlens"),
+        py::arg("advantages"), py::arg("returns"), py::arg("gamma"), py::arg("lam"),
+        R"doc(GAE over the counted tokens of each sequence (see advantages.h).
+
+rewards, values, advantages, returns: contiguous 1-D [N] arrays of one dtype, float32 or float64 (callers
+upcast 16-bit inputs first); mask: contiguous [N] bool/uint8 or None (all counted); cu_seqlens: contiguous
+int64 [B+1], 0 = cu[0] <= ... <= cu[B] = N. Writes advantages and returns (0 at masked tokens); outputs
+must not overlap the inputs or each other. Raises ValueError on bad input before writing anything.)doc");
 }

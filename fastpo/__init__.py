@@ -7,12 +7,16 @@ holds the eager specification of every op.
 from fastpo import reference
 from fastpo.loss_output import LossOutput
 from fastpo.ops import linear_token_logprobs, token_logprobs
+from fastpo.ops.gae import gae
+from fastpo.ops.group_advantages import group_advantages, process_advantages
+from fastpo.ops.whiten import whiten
 from fastpo.ops.sequence_logprobs import sequence_logprobs
 from fastpo.preference import dpo_loss, kto_loss, orpo_loss, simpo_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "gae", "group_advantages", "process_advantages", "whiten",
     "sequence_logprobs", "dpo_loss", "simpo_loss", "orpo_loss", "kto_loss",
     "token_logprobs", "linear_token_logprobs",
     "LossOutput", "reference", "__version__",

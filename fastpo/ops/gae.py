@@ -1,0 +1,90 @@
+"""``fastpo.gae``: generalised advantage estimation as one fused scan (Triton) or the C++ scan (CPU).
+
+Layers: public function (validation, layout) → ``torch.library`` custom op ``fastpo::gae`` (fake
+implementation; no autograd: advantages are targets, computed from detached rewards and values) →
+the backend's ``gae_scan``.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from fastpo import _validation as check
+from fastpo import reference
+from fastpo._backend import select_backend
+from fastpo._layout import accumulation_dtype, check_cu_seqlens_values, check_like_layout, token_layout
+
+__all__ = ["gae"]
+
+
+def _scan_kernels(backend: str) -> ModuleType:
+    if backend == "triton":
+        from fastpo.kernels import gae as kernels
+
+        return kernels
+    if backend == "cpu":
+        from fastpo.ops import cpu_advantages
+
+        return cpu_advantages
+    raise ValueError(f"no GAE kernels for backend {backend!r} (expected 'triton' or 'cpu')")
+
+
+@torch.library.custom_op("fastpo::gae", mutates_args=())
+def _gae_op(
+    rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], cu_seqlens: torch.Tensor,
+    gamma: float, lam: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [N], returns [N]) of flat contiguous float32/float64 rewards and values."""
+    check_cu_seqlens_values(cu_seqlens, rewards.numel())
+    return _scan_kernels(backend).gae_scan(rewards, values, mask, cu_seqlens, gamma, lam)
+
+
+@_gae_op.register_fake
+def _(rewards, values, mask, cu_seqlens, gamma, lam, backend):
+    return torch.empty_like(rewards), torch.empty_like(rewards)
+
+
+def check_unit_interval(value, name: str) -> float:
+    """A real number in [0, 1] (γ, λ)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (0.0 <= value <= 1.0 and math.isfinite(value)):
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+        gamma: float = 1.0, lam: float = 0.95, cu_seqlens: Optional[torch.Tensor] = None):
+    """Generalised advantage estimation over the counted tokens of each sequence.
+
+    ``rewards`` and ``values`` are ``[B, T]`` (with an optional ``mask [B, T]``) or packed ``[N]`` with
+    ``cu_seqlens [B+1]`` (and an optional ``mask [N]``). Masked tokens are skipped, as verl does::
+
+        δ_t = r_t + γ·V_next − V_t,   A_t = δ_t + γλ·A_next,   returns = A + V
+
+    "next" being the next *counted* token of the sequence (0 past its last). Masked positions get 0 in
+    both outputs. Returns ``(advantages, returns)`` shaped like ``rewards``, float32 (float64 for
+    float64 inputs; 16-bit inputs are upcast to float32 first). No gradient flows: the inputs are
+    detached (advantages are regression/policy targets). γ and λ must lie in [0, 1].
+    """
+    layout = token_layout(rewards, "rewards", mask, cu_seqlens)
+    check_like_layout(layout, values, "values", "rewards")
+    gamma = check_unit_interval(gamma, "gamma")
+    lam = check_unit_interval(lam, "lam")
+
+    backend = select_backend(rewards)
+    if backend == "reference":
+        check_cu_seqlens_values(layout.cu_seqlens, layout.num_tokens)
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam, cu_seqlens=cu_seqlens)
+
+    dtype = accumulation_dtype(rewards.dtype)
+    flat = lambda x: x.detach().reshape(-1).to(dtype).contiguous()  # noqa: E731
+    flat_mask = None if layout.mask is None else (layout.mask != 0).contiguous()
+    adv, ret = _gae_op(flat(rewards), flat(values), flat_mask, layout.cu_seqlens.contiguous(), gamma, lam, backend)
+    return layout.unflatten(adv), layout.unflatten(ret)

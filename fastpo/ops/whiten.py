@@ -1,0 +1,65 @@
+"""``fastpo.whiten``: masked whitening with Bessel's correction (verl's ``masked_whiten``).
+
+A plain differentiable composition of torch ops (no data-dependent branch, so it traces under
+``torch.compile(fullgraph=True)``); ``weighted_whiten`` is shared with ``group_advantages``
+(REINFORCE++ whitens per-sequence values weighted by their counted tokens).
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Optional
+
+import torch
+
+from fastpo import _validation as check
+from fastpo._layout import accumulation_dtype
+from fastpo._validation import shape_of
+
+__all__ = ["whiten", "weighted_whiten", "check_eps"]
+
+
+def check_eps(eps, name: str = "eps") -> float:
+    if isinstance(eps, bool) or not isinstance(eps, Real):
+        raise TypeError(f"{name} must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps >= 0.0 and eps < float("inf")):
+        raise ValueError(f"{name} must be finite and >= 0, got {eps}")
+    return eps
+
+
+def weighted_whiten(x: torch.Tensor, w: torch.Tensor, eps: float, shift_mean: bool = True) -> torch.Tensor:
+    """(x − μ)·rsqrt(σ² + eps), μ = Σwx/Σw, σ² = Σw(x − μ)²/(Σw − 1); x − μ when Σw < 2."""
+    n = w.sum()
+    mean = (w * x).sum() / n.clamp(min=1.0)
+    centred = x - mean
+    var = (w * centred.square()).sum() / (n - 1.0).clamp(min=1.0)
+    out = torch.where(n >= 2.0, centred * torch.rsqrt(var + eps), centred)
+    return out if shift_mean else out + mean
+
+
+def whiten(x: torch.Tensor, mask: Optional[torch.Tensor] = None, *, shift_mean: bool = True,
+           eps: float = 1e-8) -> torch.Tensor:
+    """Whiten ``x`` with the mean and Bessel-corrected variance of its counted elements.
+
+    ``(x − mean)·rsqrt(var + eps)``, as verl's ``masked_whiten``: every position is transformed, masked
+    ones included, with the statistics of the counted ones (multiply by the mask if you want zeros
+    there). ``shift_mean=False`` adds the mean back. With fewer than two counted elements the result
+    is ``x − mean`` (``x`` itself when none is counted): no NaN, no exception. ``mask`` (bool, integer
+    or floating, non-zero = counted) has the shape of ``x``. Returns float32 (float64 for float64
+    input); differentiable.
+    """
+    check.check_float_tensor(x, "x")
+    check.check_bool(shift_mean, "shift_mean")
+    eps = check_eps(eps)
+    dtype = accumulation_dtype(x.dtype)
+    if mask is None:
+        w = torch.ones_like(x, dtype=dtype)
+    else:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if tuple(mask.shape) != tuple(x.shape):
+            raise ValueError(f"mask must have the shape of x, got mask {shape_of(mask)} and x {shape_of(x)}")
+        check.check_same_device(x=x, mask=mask)
+        w = (mask != 0).to(dtype)
+    return weighted_whiten(x.to(dtype), w, eps, shift_mean)
