@@ -42,8 +42,8 @@ def sequence_logprobs(token_logp: torch.Tensor, mask: Optional[torch.Tensor] = N
     else:
         bounds = cu_seqlens.tolist()
         pieces = [(x[a:b].sum(), counted[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
-        sums = torch.stack([s for s, _ in pieces]) if pieces else x.new_zeros(0)
-        counts = torch.stack([n for _, n in pieces]) if pieces else x.new_zeros(0)
+        sums = torch.stack([s for s, _ in pieces]) if pieces else x[:0]
+        counts = torch.stack([n for _, n in pieces]) if pieces else counted[:0]
     if average:
         sums = sums / counts.clamp(min=1).to(x.dtype)
     return sums
