@@ -1,0 +1,246 @@
+"""``fastpo.policy_loss``: PPO / GRPO / DAPO / Dr.GRPO / GSPO policy losses in one fused pass.
+
+Layers: public function (validation, layout) → ``torch.library`` custom ops ``fastpo::policy_loss_fwd``
+(also ``fastpo::value_loss_fwd``, see ``fastpo.ops.value_loss``) and ``fastpo::policy_loss_bwd``
+(shared by both losses) → the per-token loss kernels of the backend (Triton, or vectorised torch
+on CPU). The forward returns the loss, a ``stats`` vector (loss, global scale, metrics) and the
+per-token derivative up to the global scale, so the backward is one multiply.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+from types import ModuleType
+from typing import List, Optional
+
+import torch
+
+from fastpo import _validation as check
+from fastpo import reference
+from fastpo._backend import select_backend
+from fastpo._layout import TokenLayout, accumulation_dtype, check_cu_seqlens_values, check_like_layout, token_layout
+from fastpo.loss_output import LossOutput
+from fastpo.ops.loss_spec import POLICY_METRICS, STATS, TokenLossSpec, policy_spec
+from fastpo.policy_config import GRPO, PolicyLossConfig
+
+__all__ = ["policy_loss"]
+
+
+def loss_kernels(backend: str) -> ModuleType:
+    if backend == "triton":
+        from fastpo.kernels import policy_loss as kernels
+
+        return kernels
+    if backend == "cpu":
+        from fastpo.ops import cpu_policy
+
+        return cpu_policy
+    raise ValueError(f"no loss kernels for backend {backend!r} (expected 'triton' or 'cpu')")
+
+
+def _fake_outputs(x: torch.Tensor, with_entropy: bool):
+    dt = accumulation_dtype(x.dtype)
+    n = x.numel()
+    return (x.new_empty((), dtype=dt), x.new_empty(len(STATS), dtype=dt), x.new_empty(n, dtype=dt),
+            x.new_empty(n if with_entropy else 0, dtype=dt))
+
+
+def run_forward(x, old, adv, ref, ent, roll, mask, cu_seqlens, num_tokens, floats, ints, packed, backend):
+    if packed:
+        check_cu_seqlens_values(cu_seqlens, x.numel())
+    spec = TokenLossSpec.from_lists(floats, ints)
+    return loss_kernels(backend).token_loss_forward(x, old, adv, ref, ent, roll, mask, cu_seqlens, num_tokens, spec)
+
+
+@torch.library.custom_op("fastpo::policy_loss_fwd", mutates_args=())
+def _policy_loss_fwd(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor],
+    entropy: Optional[torch.Tensor], rollout_logp: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+    cu_seqlens: torch.Tensor, num_tokens: Optional[torch.Tensor], floats: List[float], ints: List[int],
+    packed: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats, unit, unit_entropy) for flat ``[N]`` inputs (see ``fastpo.ops.loss_spec``)."""
+    return run_forward(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens,
+                       floats, ints, packed, backend)
+
+
+@_policy_loss_fwd.register_fake
+def _(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens, floats, ints,
+      packed, backend):
+    return _fake_outputs(logp, entropy is not None)
+
+
+@torch.library.custom_op("fastpo::policy_loss_bwd", mutates_args=())
+def _policy_loss_bwd(
+    grad_loss: torch.Tensor, stats: torch.Tensor, unit: torch.Tensor, unit_entropy: torch.Tensor,
+    x_dtype: torch.dtype, entropy_dtype: torch.dtype, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂L/∂x, ∂L/∂entropy) = g·stats[1]·(unit, unit_entropy); shared by policy_loss and value_loss."""
+    return loss_kernels(backend).token_loss_backward(grad_loss, stats, unit, unit_entropy, x_dtype, entropy_dtype)
+
+
+@_policy_loss_bwd.register_fake
+def _(grad_loss, stats, unit, unit_entropy, x_dtype, entropy_dtype, backend):
+    return torch.empty_like(unit, dtype=x_dtype), torch.empty_like(unit_entropy, dtype=entropy_dtype)
+
+
+def save_for_backward(ctx, x, entropy, output, backend):
+    _, stats, unit, unit_ent = output
+    ctx.save_for_backward(stats, unit, unit_ent)
+    ctx.x_dtype, ctx.backend = x.dtype, backend
+    ctx.entropy_dtype = entropy.dtype if entropy is not None else x.dtype
+    ctx.has_entropy = entropy is not None
+
+
+def backward_grads(ctx, grad_loss):
+    """(∂L/∂x, ∂L/∂entropy or None) from what :func:`save_for_backward` kept."""
+    stats, unit, unit_ent = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None
+    grad_x, grad_ent = _policy_loss_bwd(grad_loss.contiguous(), stats, unit, unit_ent, ctx.x_dtype,
+                                        ctx.entropy_dtype, ctx.backend)
+    return grad_x, (grad_ent if ctx.has_entropy else None)
+
+
+def _setup_context(ctx, inputs, output):
+    logp, _, _, _, entropy, *_, backend = inputs
+    save_for_backward(ctx, logp, entropy, output, backend)
+
+
+def _backward(ctx, grad_loss, _stats, _unit, _unit_ent):
+    grad_x, grad_ent = backward_grads(ctx, grad_loss)
+    return grad_x, None, None, None, grad_ent, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastpo::policy_loss_fwd", _backward, setup_context=_setup_context)
+
+
+def check_num_tokens(num_tokens, layout: TokenLayout):
+    """None, an int >= 0, or a one-element numeric tensor on the tokens' device (returned as a tensor)."""
+    if num_tokens is None or isinstance(num_tokens, torch.Tensor):
+        if num_tokens is not None:
+            if num_tokens.numel() != 1 or num_tokens.is_complex() or num_tokens.dtype == torch.bool:
+                raise ValueError(f"num_tokens must be an int or a one-element real tensor, got a tensor of "
+                                 f"dtype {num_tokens.dtype} and shape {check.shape_of(num_tokens)}")
+            if num_tokens.device != layout.cu_seqlens.device:
+                raise ValueError(f"num_tokens must be on the tokens' device {layout.cu_seqlens.device}, "
+                                 f"got {num_tokens.device}")
+            num_tokens = num_tokens.detach().reshape(())
+        return num_tokens
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral):
+        raise TypeError(f"num_tokens must be None, an int or a tensor, got {type(num_tokens).__name__}")
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    return int(num_tokens)
+
+
+def default_norm_length(layout: TokenLayout, norm_length: Optional[int]) -> int:
+    """token_sum_norm's L: the config's, else T of a padded batch, else 0 (the longest sequence, found in the op)."""
+    if norm_length is not None:
+        return norm_length
+    return layout.padded_len if layout.is_padded else 0
+
+
+def flat_inputs(layout: TokenLayout, *tensors):
+    return [None if t is None else t.detach().reshape(-1) for t in tensors]
+
+
+def metrics_from(stats: torch.Tensor, names) -> dict:
+    stats = stats.detach()
+    return {name: stats[STATS.index(name)] for name in names}
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    rollout_logp: Optional[torch.Tensor] = None,
+    num_tokens=None,
+    config: PolicyLossConfig = GRPO,
+) -> LossOutput:
+    """Clipped policy-gradient loss (+ KL, entropy bonus, rollout IS correction), fused, with metrics.
+
+    Layouts: padded ``[B, T]`` with ``mask [B, T]`` (non-zero = counted; None = all counted), or
+    packed ``[N]`` with ``cu_seqlens [B+1]`` (and an optional ``mask [N]``). Every per-token tensor
+    has ``logp``'s shape. Only ``logp`` and ``entropy`` receive gradients; ``old_logp``,
+    ``advantages`` (per token), ``ref_logp`` and ``rollout_logp`` are treated as constants.
+
+    Per counted token, Δ = clamp(logp − old_logp, ±20)::
+
+        r  = exp(Δ)                          ratio_level="token"
+        r  = s_i = exp(mean_t Δ) of its sequence, with ∂r_t/∂logp_t = s_i   ratio_level="sequence" (GSPO-token)
+        pg = max(−A·r, −A·clip(r, 1 − clip_low, 1 + clip_high)); A < 0 with dual_clip c: min(pg, −c·A)
+        w  = rollout IS weight exp(clamp(old_logp − rollout_logp, ±20)) (per token, or the exp of its masked
+             mean per sequence), min(w, cap) (``*_truncate``) or w·1[w <= cap] (``*_mask``); a constant
+             multiplying pg only (as verl and TRL: not the KL or entropy terms); masked tokens still count
+             in the denominators
+        l  = w·pg + kl_coef·clamp(k, ±kl_clamp) − entropy_coef·entropy,   δ = clamp(ref_logp − logp, ±20),
+             k1 = −δ, k2 = δ²/2, k3 = e^δ − δ − 1
+
+    Aggregation (``config.aggregation``), over counted tokens:
+
+    * ``token_mean``: Σl / (``num_tokens`` or Σmask). Pass ``num_tokens`` = the token count of the whole
+      optimizer step (all micro-batches, all data-parallel ranks; an int or a tensor, e.g. after
+      ``all_reduce``) and sum the micro-batch losses (no extra division by the number of micro-batches):
+      then the gradients add up to those of one token mean over the global batch. Under DDP, which
+      averages gradients over ranks, multiply the loss by the world size (as verl's ``dp_size``).
+    * ``seq_mean_token_mean``: mean over non-empty sequences of Σ_t l / n_i.
+    * ``seq_mean_token_sum``: mean over non-empty sequences of Σ_t l.
+    * ``token_sum_norm`` (Dr.GRPO): Σl / (B·L), L = ``config.norm_length``, else T of a padded batch, else
+      the longest sequence (``cu_seqlens`` span) of a packed batch.
+
+    ``num_tokens`` is only accepted with ``token_mean`` (ValueError otherwise): the sequence-mean modes
+    divide by a number of sequences, and token_sum_norm by the constant B·L, so under gradient
+    accumulation scale those losses by the micro-batch's share yourself. Empty sequences are left out
+    of the sequence means; nothing counted gives loss 0 and zero gradients.
+
+    Returns ``LossOutput(loss, metrics)``: loss is a float32 scalar (float64 for float64 ``logp``);
+    metrics are detached scalars over counted tokens (0 when nothing is counted): ``clip_frac``
+    (share of tokens whose clipped branch is active, i.e. zero gradient from the clip; = low + high),
+    ``clip_frac_low`` (A < 0 and r < 1 − clip_low), ``clip_frac_high`` (A > 0 and r > 1 + clip_high),
+    ``dual_clip_frac`` (A < 0 capped at −c·A), ``ppo_kl`` (mean of −Δ, as verl), ``ref_kl`` (mean of the
+    clamped KL estimate; 0 without ``ref_logp``), ``ratio_mean`` / ``ratio_min`` / ``ratio_max`` (of r),
+    ``entropy`` (mean entropy; 0 without ``entropy``).
+    """
+    if not isinstance(config, PolicyLossConfig):
+        raise TypeError(f"config must be a fastpo.PolicyLossConfig, got {type(config).__name__}")
+    layout = token_layout(logp, "logp", mask, cu_seqlens)
+    check_like_layout(layout, old_logp, "old_logp", "logp")
+    check_like_layout(layout, advantages, "advantages", "logp")
+    for name, t in (("ref_logp", ref_logp), ("entropy", entropy), ("rollout_logp", rollout_logp)):
+        if t is not None:
+            check_like_layout(layout, t, name, "logp")
+    if config.kl_coef > 0 and ref_logp is None:
+        raise ValueError(f"config.kl_coef={config.kl_coef} > 0 needs ref_logp (got None)")
+    if config.entropy_coef != 0 and entropy is None:
+        raise ValueError(f"config.entropy_coef={config.entropy_coef} != 0 needs entropy (got None)")
+    if config.rollout_is != "none" and rollout_logp is None:
+        raise ValueError(f"config.rollout_is={config.rollout_is!r} needs rollout_logp (got None)")
+    num_tokens = check_num_tokens(num_tokens, layout)
+    if num_tokens is not None and config.aggregation != "token_mean":
+        raise ValueError(f"num_tokens applies to aggregation='token_mean' only, got aggregation="
+                         f"{config.aggregation!r} (scale sequence-mean / token_sum_norm losses yourself)")
+
+    backend = select_backend(logp)
+    if backend == "reference":
+        if not layout.is_padded:
+            check_cu_seqlens_values(layout.cu_seqlens, layout.num_tokens)
+        return reference.policy_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
+                                     entropy=entropy, rollout_logp=rollout_logp, num_tokens=num_tokens,
+                                     config=config)
+
+    spec = policy_spec(config, has_ref=ref_logp is not None, has_entropy=entropy is not None,
+                       norm_length=default_norm_length(layout, config.norm_length),
+                       num_tokens=float(num_tokens) if isinstance(num_tokens, int) else -1.0)
+    old, adv, ref, roll, m = flat_inputs(layout, old_logp, advantages, ref_logp, rollout_logp, layout.mask)
+    ent = None if entropy is None else entropy.reshape(-1)
+    loss, stats, _, _ = _policy_loss_fwd(
+        logp.reshape(-1), old, adv, ref, ent, roll, m, layout.cu_seqlens,
+        num_tokens if isinstance(num_tokens, torch.Tensor) else None, spec.floats(), spec.ints(),
+        not layout.is_padded, backend)
+    return LossOutput(loss, metrics_from(stats, POLICY_METRICS))

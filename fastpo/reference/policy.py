@@ -1,0 +1,171 @@
+"""Eager specification of ``policy_loss`` and ``value_loss`` (autograd by torch, float64-capable).
+
+Both take padded ``[B, T]`` + mask or packed ``[N]`` + ``cu_seqlens`` and work on the flat ``[N]``
+view with one sequence id per token. Only ``logp`` / ``entropy`` (``values``) carry gradient; the
+other inputs are detached. Counted tokens are the mask's non-zeros (all tokens without a mask).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastpo._layout import accumulation_dtype, flat_mask, segment_ids, segment_sum, token_layout
+from fastpo.loss_output import LossOutput
+from fastpo.policy_config import GRPO, PolicyLossConfig
+
+__all__ = ["policy_loss", "value_loss", "LOG_RATIO_CLAMP"]
+
+LOG_RATIO_CLAMP = 20.0  # every log-ratio is clamped to ±20 before exp
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, and 0 where den == 0 (then num is 0 as well: nothing was counted)."""
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def _seq_mean(x, m, seg, num_seqs):
+    """Masked mean of ``x`` within each sequence, [B] (0 for sequences with no counted token)."""
+    return _safe_div(segment_sum(x * m, seg, num_seqs), segment_sum(m, seg, num_seqs))
+
+
+def _aggregate(per_token, m, seg, layout, aggregation, num_tokens, norm_length):
+    """The four aggregations of DESIGN.md over the counted tokens (``per_token`` is 0 elsewhere)."""
+    dt = per_token.dtype
+    total = per_token.sum()
+    if aggregation == "token_mean":
+        den = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=dt, device=m.device)
+        return _safe_div(total, den)
+    if aggregation == "token_sum_norm":
+        if norm_length is None:
+            lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
+            norm_length = layout.padded_len if layout.is_padded else (lengths.max() if lengths.numel() else 0)
+        return _safe_div(total, torch.as_tensor(layout.num_seqs * norm_length, dtype=dt, device=m.device))
+    counts = segment_sum(m, seg, layout.num_seqs)
+    seq_sums = segment_sum(per_token, seg, layout.num_seqs)
+    per_seq = _safe_div(seq_sums, counts) if aggregation == "seq_mean_token_mean" else seq_sums
+    return _safe_div(per_seq.sum(), (counts > 0).sum().to(dt))
+
+
+def _setup(x, name, mask, cu_seqlens):
+    layout = token_layout(x, name, mask, cu_seqlens)
+    dt = accumulation_dtype(x.dtype)
+    n = layout.num_tokens
+    return layout, dt, flat_mask(layout, dt), segment_ids(layout.cu_seqlens, n)
+
+
+def _masked_mean(x, m):
+    return _safe_div((x * m).sum(), m.sum())
+
+
+def policy_loss(logp, old_logp, advantages, mask=None, *, cu_seqlens=None, ref_logp=None, entropy=None,
+                rollout_logp=None, num_tokens=None, config: PolicyLossConfig = GRPO) -> LossOutput:
+    """Per counted token, with Δ = clamp(logp − old_logp, ±20)::
+
+        r  = exp(Δ)                                    (ratio_level="token")
+        r  = exp(logp − sg(logp) + sg(log s_i)),  log s_i = masked mean of Δ over sequence i
+        pg = max(−A·r, −A·clip(r, 1 − clip_low, 1 + clip_high));  A < 0 and dual_clip c: min(pg, −c·A)
+        w  = sg(rollout IS weight) (1 without rollout_is)
+        k  = clamp(k_est(clamp(ref_logp − logp, ±20)), ±kl_clamp)
+        l  = w·pg + kl_coef·k − entropy_coef·entropy
+
+    aggregated by ``config.aggregation`` (see :func:`fastpo.policy_loss`).
+    """
+    cfg = config
+    layout, dt, m, seg = _setup(logp, "logp", mask, cu_seqlens)
+    B = layout.num_seqs
+    x = logp.reshape(-1).to(dt)
+    old = old_logp.detach().reshape(-1).to(dt)
+    adv = advantages.detach().reshape(-1).to(dt)
+
+    delta = torch.clamp(x - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if cfg.ratio_level == "sequence":
+        log_s = _seq_mean(delta.detach(), m, seg, B)[seg]
+        ratio = torch.exp(x - x.detach() + log_s)
+    else:
+        ratio = torch.exp(delta)
+    clipped_ratio = torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    unclipped_loss, clipped_loss = -adv * ratio, -adv * clipped_ratio
+    clipped = clipped_loss > unclipped_loss
+    pg = torch.where(clipped, clipped_loss, unclipped_loss)
+    dual = torch.zeros_like(clipped)
+    if cfg.dual_clip is not None:
+        cap = -cfg.dual_clip * adv
+        dual = (adv < 0) & (pg > cap)
+        pg = torch.where(dual, cap, pg)
+
+    if cfg.rollout_is != "none":
+        log_w = torch.clamp(old - rollout_logp.detach().reshape(-1).to(dt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        if cfg.rollout_is.startswith("sequence"):
+            log_w = _seq_mean(log_w, m, seg, B)[seg]
+        w = torch.exp(log_w)
+        if cfg.rollout_is.endswith("truncate"):
+            w = torch.clamp(w, max=cfg.rollout_is_cap)
+        else:
+            w = torch.where(w > cfg.rollout_is_cap, torch.zeros_like(w), w)
+        pg = pg * w
+
+    per_token = pg
+    kl = None
+    if ref_logp is not None:
+        d = torch.clamp(ref_logp.detach().reshape(-1).to(dt) - x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = {"k1": lambda: -d, "k2": lambda: 0.5 * d * d, "k3": lambda: torch.exp(d) - d - 1.0}[cfg.kl_estimator]()
+        if cfg.kl_clamp is not None:
+            kl = torch.clamp(kl, -cfg.kl_clamp, cfg.kl_clamp)
+        if cfg.kl_coef != 0.0:
+            per_token = per_token + cfg.kl_coef * kl
+    ent = None
+    if entropy is not None:
+        ent = entropy.reshape(-1).to(dt)
+        if cfg.entropy_coef != 0.0:
+            per_token = per_token - cfg.entropy_coef * ent
+
+    counted = m > 0
+    per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
+    loss = _aggregate(per_token, m, seg, layout, cfg.aggregation, num_tokens, cfg.norm_length)
+
+    with torch.no_grad():
+        r = ratio.detach()
+        low = (clipped & (adv < 0)).to(dt)
+        high = (clipped & (adv > 0)).to(dt)
+        big = torch.finfo(dt).max
+        any_counted = counted.any()
+        zero = m.new_zeros(())
+        metrics = {
+            "clip_frac": _masked_mean(low + high, m),
+            "clip_frac_low": _masked_mean(low, m),
+            "clip_frac_high": _masked_mean(high, m),
+            "dual_clip_frac": _masked_mean(dual.to(dt), m),
+            "ppo_kl": _masked_mean(-delta.detach(), m),
+            "ref_kl": _masked_mean(kl.detach(), m) if kl is not None else zero,
+            "ratio_mean": _masked_mean(r, m),
+            "ratio_min": torch.where(any_counted, torch.where(counted, r, big).amin(), zero) if r.numel() else zero,
+            "ratio_max": torch.where(any_counted, torch.where(counted, r, -big).amax(), zero) if r.numel() else zero,
+            "entropy": _masked_mean(ent.detach(), m) if ent is not None else zero,
+        }
+    return LossOutput(loss, metrics)
+
+
+def value_loss(values, old_values, returns, mask=None, *, cu_seqlens=None, clip: Optional[float] = 0.2,
+               aggregation: str = "token_mean") -> LossOutput:
+    """0.5·agg(max((v − R)², (clip(v, v_old − clip, v_old + clip) − R)²)); ``clip=None`` leaves v unclipped.
+
+    ``metrics["vf_clip_frac"]``: the share of counted tokens whose clipped branch is the larger
+    (their gradient is zero).
+    """
+    layout, dt, m, seg = _setup(values, "values", mask, cu_seqlens)
+    v = values.reshape(-1).to(dt)
+    v_old = old_values.detach().reshape(-1).to(dt)
+    ret = returns.detach().reshape(-1).to(dt)
+    unclipped = (v - ret) ** 2
+    if clip is None:
+        clipped_v = v
+    else:
+        clipped_v = torch.maximum(torch.minimum(v, v_old + clip), v_old - clip)
+    clipped = (clipped_v - ret) ** 2
+    is_clipped = clipped > unclipped
+    per_token = 0.5 * torch.where(is_clipped, clipped, unclipped)
+    per_token = torch.where(m > 0, per_token, torch.zeros_like(per_token))
+    loss = _aggregate(per_token, m, seg, layout, aggregation, None, None)
+    return LossOutput(loss, {"vf_clip_frac": _masked_mean(is_clipped.to(dt), m).detach()})
