@@ -7,6 +7,9 @@ holds the eager specification of every op.
 from fastpo import reference
 from fastpo.loss_output import LossOutput
 from fastpo.ops import linear_token_logprobs, token_logprobs
+from fastpo.ops.policy_loss import policy_loss
+from fastpo.ops.value_loss import value_loss
+from fastpo.policy_config import DAPO, DR_GRPO, GRPO, GSPO, PPO, PolicyLossConfig
 from fastpo.ops.gae import gae
 from fastpo.ops.group_advantages import group_advantages, process_advantages
 from fastpo.ops.whiten import whiten
@@ -20,4 +23,5 @@ __all__ = [
     "sequence_logprobs", "dpo_loss", "simpo_loss", "orpo_loss", "kto_loss",
     "token_logprobs", "linear_token_logprobs",
     "LossOutput", "reference", "__version__",
+    "policy_loss", "value_loss", "PolicyLossConfig", "PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO",
 ]
