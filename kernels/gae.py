@@ -97,6 +97,8 @@ def gae_scan(rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.T
     if block is None:
         # Static (no host sync): every sequence fits the padded bound N.
         block = min(triton.next_power_of_2(max(rewards.numel(), 1)), _MAX_BLOCK_T)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # zero-copy: one byte per token either way
     _gae_kernel[(num_seqs,)](
         rewards, values, mask if mask is not None else rewards, cu_seqlens, adv, ret,
         float(gamma), float(gamma * lam),

@@ -50,6 +50,12 @@ def _segment_moments(x: torch.Tensor, g: torch.Tensor, num_groups: int, w: torch
     return count[g], centred, var[g]
 
 
+def _scaled(centred: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """centred / denom, and 0 where denom is 0 (a flat group with eps = 0: 0/0)."""
+    ok = denom > 0
+    return torch.where(ok, centred / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(centred))
+
+
 def _batch_std(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n < 2:
@@ -74,11 +80,11 @@ def _group_advantages_op(
     g, num_groups = _dense_groups(scores.numel(), group_ids, group_size, scores.device)
     count, centred, var = _segment_moments(scores, g, num_groups, torch.ones_like(scores))
     if method == "grpo":
-        adv = centred / (var.sqrt() + eps)
+        adv = _scaled(centred, var.sqrt() + eps)
     elif method == "dr_grpo":
         adv = centred
     elif method == "grpo_batch_std":
-        adv = centred / (_batch_std(scores) + eps)
+        adv = _scaled(centred, (_batch_std(scores) + eps).expand_as(centred))
     elif method == "rloo":
         adv = centred * count / (count - 1.0).clamp(min=1.0)
     else:  # reinforce_pp
@@ -201,7 +207,7 @@ def _process_advantages_op(
     g, num_groups = _dense_groups(batch, group_ids, group_size, step_rewards.device)
     w = step_mask.to(step_rewards.dtype).reshape(-1)
     count, centred, var = _segment_moments(step_rewards.reshape(-1), g.repeat_interleave(steps), num_groups, w)
-    normalised = torch.where(count >= 2.0, centred / (var.sqrt() + eps), torch.zeros_like(centred)) * w
+    normalised = torch.where(count >= 2.0, _scaled(centred, var.sqrt() + eps), torch.zeros_like(centred)) * w
     at_end = step_rewards.new_zeros(batch, num_tokens).scatter_add_(1, ends, normalised.reshape(batch, steps))
     # Token t collects every step ending at or after t: a reverse cumulative sum over tokens.
     return at_end.flip(1).cumsum(1).flip(1)

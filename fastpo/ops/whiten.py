@@ -29,12 +29,14 @@ def check_eps(eps, name: str = "eps") -> float:
 
 
 def weighted_whiten(x: torch.Tensor, w: torch.Tensor, eps: float, shift_mean: bool = True) -> torch.Tensor:
-    """(x − μ)·rsqrt(σ² + eps), μ = Σwx/Σw, σ² = Σw(x − μ)²/(Σw − 1); x − μ when Σw < 2."""
+    """(x − μ)·rsqrt(σ² + eps), μ = Σwx/Σw, σ² = Σw(x − μ)²/(Σw − 1); x − μ when Σw < 2 or σ² + eps = 0."""
     n = w.sum()
     mean = (w * x).sum() / n.clamp(min=1.0)
     centred = x - mean
     var = (w * centred.square()).sum() / (n - 1.0).clamp(min=1.0)
-    out = torch.where(n >= 2.0, centred * torch.rsqrt(var + eps), centred)
+    scale = var + eps
+    ok = (n >= 2.0) & (scale > 0)  # scale 0: a flat input with eps = 0
+    out = torch.where(ok, centred * torch.rsqrt(torch.where(ok, scale, torch.ones_like(scale))), centred)
     return out if shift_mean else out + mean
 
 
@@ -45,7 +47,8 @@ def whiten(x: torch.Tensor, mask: Optional[torch.Tensor] = None, *, shift_mean: 
     ``(x − mean)·rsqrt(var + eps)``, as verl's ``masked_whiten``: every position is transformed, masked
     ones included, with the statistics of the counted ones (multiply by the mask if you want zeros
     there). ``shift_mean=False`` adds the mean back. With fewer than two counted elements the result
-    is ``x − mean`` (``x`` itself when none is counted): no NaN, no exception. ``mask`` (bool, integer
+    is ``x − mean`` (``x`` itself when none is counted), and so is a flat input with ``eps=0``: no NaN,
+    no exception. ``mask`` (bool, integer
     or floating, non-zero = counted) has the shape of ``x``. Returns float32 (float64 for float64
     input); differentiable.
     """

@@ -60,6 +60,11 @@ def _group_index(batch: int, group_size, group_ids, device):
     return inverse.to(torch.int64), uniq.numel()
 
 
+def _scale(x: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """x / denom, 0 when denom is 0 (a flat group with eps = 0)."""
+    return x / denom if float(denom) > 0 else torch.zeros_like(x)
+
+
 def _std(x: torch.Tensor) -> torch.Tensor:
     """Bessel-corrected std of a 1-D tensor, 0 with fewer than two elements."""
     return x.std() if x.numel() > 1 else x.new_zeros(())
@@ -102,12 +107,12 @@ def group_advantages(scores, mask=None, *, group_size=None, group_ids=None, meth
             if n < 2:
                 continue  # a group of one: advantage 0
             if method == "grpo":
-                out[members] = (x - x.mean()) / (_std(x) + eps)
+                out[members] = _scale(x - x.mean(), _std(x) + eps)
             elif method == "dr_grpo" or method == "reinforce_pp":
                 centred[members] = x - x.mean()
                 out[members] = centred[members]
             elif method == "grpo_batch_std":
-                out[members] = (x - x.mean()) / (_std(s) + eps)
+                out[members] = _scale(x - x.mean(), _std(s) + eps)
             elif method == "rloo":
                 out[members] = x - (x.sum() - x) / (n - 1)
             else:
@@ -143,7 +148,7 @@ def process_advantages(step_rewards, step_ends, step_mask, *, group_size=None, g
         x = r[sel]
         if x.numel() < 2:
             continue
-        normalised[sel] = (x - x.mean()) / (x.std() + eps)
+        normalised[sel] = _scale(x - x.mean(), x.std() + eps)
     out = torch.zeros(batch, num_tokens, dtype=dtype, device=step_rewards.device)
     for i in range(batch):
         for j in range(steps):
@@ -157,16 +162,17 @@ def whiten(x, mask=None, *, shift_mean: bool = True, eps: float = 1e-8):
 
     As verl's ``masked_whiten``: every position is transformed (masked ones too) with the statistics of
     the counted ones; ``shift_mean=False`` adds the mean back. With fewer than two counted elements it
-    returns x − mean (x itself with none counted; + mean when ``shift_mean=False``).
+    returns x − mean (x itself with none counted; + mean when ``shift_mean=False``), as it does for a
+    flat input with eps = 0.
     """
     dtype = accumulation_dtype(x.dtype)
     xf = x.to(dtype)
     m = torch.ones_like(xf) if mask is None else (mask != 0).to(dtype)
     n = m.sum()
     mean = (xf * m).sum() / n.clamp(min=1)
-    if float(n) < 2:
+    var = ((xf - mean).square() * m).sum() / (n - 1).clamp(min=1)
+    if float(n) < 2 or float(var.detach() + eps) == 0:
         out = xf - mean
     else:
-        var = ((xf - mean).square() * m).sum() / (n - 1)
         out = (xf - mean) * torch.rsqrt(var + eps)
     return out if shift_mean else out + mean
