@@ -25,7 +25,7 @@ import triton.language as tl
 
 from fastpo.ops.loss_spec import STATS
 
-CLAMP = 20.0  # log-ratios are clamped to ±20 before exp (as fastpo.reference.policy)
+CLAMP = tl.constexpr(20.0)  # log-ratios are clamped to ±20 before exp (as fastpo.reference.policy)
 _BLOCK = 1024  # tokens per loop step of a sequence program
 _BLOCK_SEQS = 256  # sequences per step of the epilogue
 _BWD_BLOCK = 1024
@@ -226,9 +226,8 @@ def _token_loss_finalize_kernel(
     acc_max = tl.full([BLOCK_SEQS], float("-inf"), tl.float32)
     acc_len = tl.zeros([BLOCK_SEQS], dtype=tl.float32)
     for first in range(0, num_seqs, BLOCK_SEQS):
-        seqs = first + lanes
-        ok = seqs < num_seqs
-        row = part_ptr + seqs * NUM_PART
+        ok = first + lanes < num_seqs
+        row = part_ptr + first.to(tl.int64) * NUM_PART + lanes * NUM_PART
         n = tl.load(row + 0, mask=ok, other=0.0)
         acc_n += n
         acc_nonempty += tl.where(n > 0.0, 1.0, 0.0)
