@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from .harness import BenchOp
+from .advantages import GaeOp, GroupAdvantagesOp
 from .logprobs import LinearLogprobsOp, LinearMemoryCheck, TokenLogprobsOp
 
 OPS: Dict[str, BenchOp] = {}
@@ -35,6 +36,8 @@ def op_names() -> List[str]:
 
 
 register(TokenLogprobsOp())
+register(GaeOp())
+register(GroupAdvantagesOp())
 register(LinearLogprobsOp())
 register(LinearMemoryCheck())
 
