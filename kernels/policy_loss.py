@@ -227,7 +227,7 @@ def _token_loss_finalize_kernel(
     acc_len = tl.zeros([BLOCK_SEQS], dtype=tl.float32)
     for first in range(0, num_seqs, BLOCK_SEQS):
         ok = first + lanes < num_seqs
-        row = part_ptr + first.to(tl.int64) * NUM_PART + lanes * NUM_PART
+        row = part_ptr + tl.cast(first, tl.int64) * NUM_PART + lanes * NUM_PART
         n = tl.load(row + 0, mask=ok, other=0.0)
         acc_n += n
         acc_nonempty += tl.where(n > 0.0, 1.0, 0.0)
