@@ -13,6 +13,7 @@ from typing import Dict, List
 from .harness import BenchOp
 from .advantages import GaeOp, GroupAdvantagesOp
 from .logprobs import LinearLogprobsOp, LinearMemoryCheck, TokenLogprobsOp
+from .policy import PolicyLossOp
 
 OPS: Dict[str, BenchOp] = {}
 
@@ -40,7 +41,8 @@ register(GaeOp())
 register(GroupAdvantagesOp())
 register(LinearLogprobsOp())
 register(LinearMemoryCheck())
+register(PolicyLossOp())
 
 # What a plain run measures; the memory check joins in full mode.
-DEFAULT_OPS_QUICK = ["logprobs", "linear"]
-DEFAULT_OPS_FULL = ["logprobs", "linear", "linear-memory"]
+DEFAULT_OPS_QUICK = ["logprobs", "linear", "gae", "group_advantages", "policy"]
+DEFAULT_OPS_FULL = ["logprobs", "linear", "linear-memory", "gae", "group_advantages", "policy"]

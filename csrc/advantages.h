@@ -7,8 +7,7 @@
 // where V_next / A_next belong to the next *counted* token of the sequence (0 past the last one).
 // Masked tokens write 0 to both outputs and leave the carried (V_next, A_next) untouched.
 //
-// The loop body is branch-free (the carry is selected with the mask, cmov/blend) so an unpredictable
-// mask costs nothing; the recurrence is serial within a sequence, so sequences run in parallel (OpenMP).
+// The recurrence is serial within a sequence; large batches run sequences in parallel (OpenMP).
 // Accumulation is in the storage type T (float or double), as the eager loops it replaces.
 // Arguments are validated by the caller (fastpo_C.cpp); nothing here throws or allocates.
 #pragma once
@@ -17,22 +16,29 @@
 
 namespace fastpo {
 
-// Tokens below which the OpenMP team is not woken (a wake-up costs more than the scan).
-constexpr int64_t kGaeParallelMinTokens = 1 << 14;
+// Tokens below which the OpenMP team is not woken. The scan is memory bound (17 bytes per float32
+// token: about 1.6 ms per million tokens on one core of the 2-core dev machine, 1.0 ms on two),
+// while a team on a shared, oversubscribed machine stalls for milliseconds on a descheduled thread
+// (median 6-20 ms at a million tokens there): only batches where a second core pays for that risk
+// go parallel.
+constexpr int64_t kGaeParallelMinTokens = int64_t(1) << 22;
 
+// Sequence [begin, end), backwards. Per token: a = r_t + gamma * V_next - v_t + gamma_lam * A_next;
+// a counted token takes (A_next, V_next) <- (a, v_t) and outputs (a, a + v_t); a masked one keeps
+// the carry and outputs 0. Selects, not products with the mask: a masked token's (possibly inf/NaN)
+// padding never reaches the carry or the outputs.
 template <class T>
 inline void gae_sequence(const T* r, const T* v, const uint8_t* m, int64_t begin, int64_t end, T gamma,
                          T gamma_lam, T* adv, T* ret) {
   T next_value = 0, next_adv = 0;
   for (int64_t t = end - 1; t >= begin; --t) {
     const bool counted = m == nullptr || m[t] != 0;
-    const T a = r[t] + gamma * next_value - v[t] + gamma_lam * next_adv;
-    // Selects, not products with the mask: a masked token's (possibly inf/NaN) padding never
-    // reaches the carry or the outputs.
+    const T vt = v[t];
+    const T a = r[t] + gamma * next_value - vt + gamma_lam * next_adv;
     next_adv = counted ? a : next_adv;
-    next_value = counted ? v[t] : next_value;
+    next_value = counted ? vt : next_value;
     adv[t] = counted ? a : T(0);
-    ret[t] = counted ? a + v[t] : T(0);
+    ret[t] = counted ? a + vt : T(0);
   }
 }
 
