@@ -127,7 +127,12 @@ def token_loss_forward(x, old, adv, ref: Optional[torch.Tensor], ent: Optional[t
     inv_total = _recip(n_total)
 
     def mean(t):
-        return zero if t is None else torch.where(counted, t.to(dt), zero).sum() * inv_total
+        """Mean over counted tokens: a count for flags, a dot product for (bounded) values."""
+        if t is None:
+            return zero
+        if t.dtype == torch.bool:
+            return (t & counted).sum().to(dt) * inv_total
+        return torch.dot(torch.where(counted, t, zero) if t is terms.get("entropy") else t, m) * inv_total
 
     stats = [loss, scale]
     if s.value:
