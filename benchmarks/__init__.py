@@ -14,7 +14,6 @@ from .harness import BenchOp
 from .advantages import GaeOp, GroupAdvantagesOp
 from .logprobs import LinearLogprobsOp, LinearMemoryCheck, TokenLogprobsOp
 from .policy import PolicyLossOp
-from .policy import PolicyLossOp
 
 OPS: Dict[str, BenchOp] = {}
 
@@ -43,8 +42,7 @@ register(GroupAdvantagesOp())
 register(LinearLogprobsOp())
 register(LinearMemoryCheck())
 register(PolicyLossOp())
-register(PolicyLossOp())
 
 # What a plain run measures; the memory check joins in full mode.
-DEFAULT_OPS_QUICK = ["logprobs", "linear", "gae", "group_advantages", "policy", "policy"]
-DEFAULT_OPS_FULL = ["logprobs", "linear", "linear-memory", "gae", "group_advantages", "policy", "policy"]
+DEFAULT_OPS_QUICK = ["logprobs", "linear", "gae", "group_advantages", "policy"]
+DEFAULT_OPS_FULL = ["logprobs", "linear", "linear-memory", "gae", "group_advantages", "policy"]
