@@ -35,15 +35,27 @@ def _block_size(num_tokens: int, num_seqs: int) -> int:
 
 
 @triton.jit
-def _sequence_bounds(cu_ptr, seq, padded_len, PADDED: tl.constexpr):
-    """[start, end) of sequence ``seq`` in its own token coordinates (int64)."""
+def _sequence_span(cu_ptr, seq, padded_len, stride_seq, mask_stride_seq, PADDED: tl.constexpr):
+    """[start, end) of sequence ``seq`` in token coordinates, and the offsets of its row in the values
+    and the mask (int64). A packed batch has one flat token axis (stride_seq = 0): its sequences
+    start at cu_seqlens[i]."""
     if PADDED:
         start = seq * 0
         end = start + padded_len
     else:
         start = tl.load(cu_ptr + seq)
         end = tl.load(cu_ptr + seq + 1)
-    return start, end
+    return start, end, seq * stride_seq, seq * mask_stride_seq
+
+
+@triton.jit
+def _counted(m_row, tok, end, mask_stride_tok, HAS_MASK: tl.constexpr):
+    """(inside the sequence, inside and counted) for the token block ``tok``."""
+    inside = tok < end
+    keep = inside
+    if HAS_MASK:
+        keep = keep & (tl.load(m_row + tok * mask_stride_tok, mask=inside, other=0) != 0)
+    return inside, keep
 
 
 @triton.jit
@@ -53,19 +65,14 @@ def _segment_fwd_kernel(
     PADDED: tl.constexpr, HAS_MASK: tl.constexpr, AVERAGE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
-    start, end = _sequence_bounds(cu_ptr, seq, padded_len, PADDED)
-    # A packed batch has one flat token axis (stride_seq = 0): its sequences start at cu_seqlens[i].
-    x_row = x_ptr + seq * stride_seq
-    m_row = mask_ptr + seq * mask_stride_seq
+    start, end, row, mask_row = _sequence_span(cu_ptr, seq, padded_len, stride_seq, mask_stride_seq, PADDED)
     acc_ty = out_ptr.dtype.element_ty
     total = tl.zeros([BLOCK], dtype=acc_ty)
     count = tl.zeros([BLOCK], dtype=acc_ty)
     for block_start in range(start, end, BLOCK):
         tok = tl.arange(0, BLOCK).to(tl.int64) + block_start
-        keep = tok < end
-        if HAS_MASK:
-            keep = keep & (tl.load(m_row + tok * mask_stride_tok, mask=keep, other=0) != 0)
-        total += tl.load(x_row + tok * stride_tok, mask=keep, other=0.0).to(acc_ty)
+        _, keep = _counted(mask_ptr + mask_row, tok, end, mask_stride_tok, HAS_MASK)
+        total += tl.load(x_ptr + row + tok * stride_tok, mask=keep, other=0.0).to(acc_ty)
         count += keep.to(acc_ty)
     s = tl.sum(total, axis=0)
     n = tl.sum(count, axis=0)
@@ -85,20 +92,15 @@ def _segment_bwd_kernel(
     PADDED: tl.constexpr, HAS_MASK: tl.constexpr, AVERAGE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
-    start, end = _sequence_bounds(cu_ptr, seq, padded_len, PADDED)
-    g_row = grad_ptr + seq * stride_seq
-    m_row = mask_ptr + seq * mask_stride_seq
+    start, end, row, mask_row = _sequence_span(cu_ptr, seq, padded_len, stride_seq, mask_stride_seq, PADDED)
     g = tl.load(grad_out_ptr + seq)
     if AVERAGE:
         g = g / tl.maximum(tl.load(count_ptr + seq), 1.0)
     for block_start in range(start, end, BLOCK):
         tok = tl.arange(0, BLOCK).to(tl.int64) + block_start
-        inside = tok < end
-        keep = inside
-        if HAS_MASK:
-            keep = keep & (tl.load(m_row + tok * mask_stride_tok, mask=inside, other=0) != 0)
+        inside, keep = _counted(mask_ptr + mask_row, tok, end, mask_stride_tok, HAS_MASK)
         value = tl.where(keep, g, 0.0)
-        tl.store(g_row + tok * stride_tok, value.to(grad_ptr.dtype.element_ty), mask=inside)
+        tl.store(grad_ptr + row + tok * stride_tok, value.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
 def _mask_args(mask: Optional[torch.Tensor], like: torch.Tensor):

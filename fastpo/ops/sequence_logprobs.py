@@ -15,28 +15,28 @@ import torch
 from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
-from fastpo._layout import accumulation_dtype, check_cu_seqlens_values, segment_ids, segment_sum, token_layout
+from fastpo._layout import accumulation_dtype, check_cu_seqlens_values, token_layout
 
 __all__ = ["sequence_logprobs"]
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU path: vectorised torch (a row sum for padded batches, index_add_ over segment ids for packed)
+# CPU path: vectorised torch (a row sum for padded batches, segment_reduce / repeat_interleave over
+# the cu_seqlens offsets for packed ones: linear in N, no per-token segment ids to search)
 # ---------------------------------------------------------------------------------------------
 
 
 def _cpu_segment_forward(x: torch.Tensor, mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                          average: bool):
-    values = x.to(accumulation_dtype(x.dtype))
-    if mask is not None:
-        values = torch.where(mask, values, torch.zeros((), dtype=values.dtype))
-    counted = mask.to(values.dtype) if mask is not None else torch.ones_like(values)
+    acc = accumulation_dtype(x.dtype)
+    values = x if mask is None else torch.where(mask, x, 0.0)  # the one [N] temporary, and only with a mask
     if cu_seqlens is None:
-        out, count = values.sum(-1), counted.sum(-1)
-    else:
-        seg = segment_ids(cu_seqlens, x.shape[0])
-        num_seqs = cu_seqlens.numel() - 1
-        out, count = segment_sum(values, seg, num_seqs), segment_sum(counted, seg, num_seqs)
+        out = values.sum(-1, dtype=acc)
+        count = torch.full_like(out, x.shape[-1]) if mask is None else mask.sum(-1, dtype=acc)
+    else:  # cu_seqlens was validated by the op: skip segment_reduce's own checks
+        out = torch.segment_reduce(values.to(acc), "sum", offsets=cu_seqlens, unsafe=True)
+        count = cu_seqlens.diff().to(acc) if mask is None else \
+            torch.segment_reduce(mask.to(acc), "sum", offsets=cu_seqlens, unsafe=True)
     if average:
         out = out / count.clamp(min=1)
     return out, count
@@ -49,10 +49,10 @@ def _cpu_segment_backward(grad_out: torch.Tensor, count: torch.Tensor, mask: Opt
     if cu_seqlens is None:
         g = g.unsqueeze(-1).expand(tuple(shape))
     else:
-        g = g.index_select(0, segment_ids(cu_seqlens, shape[0]))
-    if mask is not None:
-        g = torch.where(mask, g, torch.zeros((), dtype=g.dtype))
-    return torch.empty(tuple(shape), dtype=dtype).copy_(g)
+        g = torch.repeat_interleave(g, cu_seqlens.diff(), output_size=shape[0])
+    if mask is None:
+        return torch.empty(tuple(shape), dtype=dtype).copy_(g)
+    return torch.where(mask, g, 0.0).to(dtype)  # a new tensor either way (never a view of grad_out)
 
 
 def _segment_ops(backend: str):
@@ -142,7 +142,7 @@ def sequence_logprobs(
     """
     layout = token_layout(token_logp, "token_logp", mask, cu_seqlens)
     check.check_bool(average, "average")
-    counted = None if mask is None else mask != 0
+    counted = mask if mask is None or mask.dtype == torch.bool else mask != 0
     packed_cu = None if cu_seqlens is None else layout.cu_seqlens.contiguous()
 
     backend = select_backend(token_logp)
