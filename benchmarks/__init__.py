@@ -14,6 +14,7 @@ from .harness import BenchOp
 from .advantages import GaeOp, GroupAdvantagesOp
 from .logprobs import LinearLogprobsOp, LinearMemoryCheck, TokenLogprobsOp
 from .policy import PolicyLossOp
+from .preference import SequenceDpoOp
 
 OPS: Dict[str, BenchOp] = {}
 
@@ -42,7 +43,8 @@ register(GroupAdvantagesOp())
 register(LinearLogprobsOp())
 register(LinearMemoryCheck())
 register(PolicyLossOp())
+register(SequenceDpoOp())
 
 # What a plain run measures; the memory check joins in full mode.
-DEFAULT_OPS_QUICK = ["logprobs", "linear", "gae", "group_advantages", "policy"]
-DEFAULT_OPS_FULL = ["logprobs", "linear", "linear-memory", "gae", "group_advantages", "policy"]
+DEFAULT_OPS_QUICK = ["logprobs", "linear", "gae", "group_advantages", "policy", "dpo"]
+DEFAULT_OPS_FULL = ["logprobs", "linear", "linear-memory", "gae", "group_advantages", "policy", "dpo"]
