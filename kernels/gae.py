@@ -6,8 +6,8 @@ Sequence i holds tokens ``[cu[i], cu[i+1])`` of flat ``rewards``, ``values`` (an
 "next" being the next counted token of the sequence (0 past the last); masked tokens output 0.
 
 Launcher (same contract as the CPU path in ``fastpo.ops.cpu_advantages``):
-    gae_scan(rewards [N], values [N], mask [N] uint8 | None, cu_seqlens [B+1] int64, gamma, lam,
-             block=None) -> (advantages [N], returns [N])    dtype of rewards (float32 or float64)
+    gae_scan(rewards [N], values [N], mask [N] bool/uint8 | None, cu_seqlens [B+1] int64, gamma, lam, *,
+             max_len=None, block=None) -> (advantages [N], returns [N])    dtype of rewards (fp32 or fp64)
 """
 
 from __future__ import annotations
@@ -87,16 +87,20 @@ def _gae_kernel(
 
 
 def gae_scan(rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], cu_seqlens: torch.Tensor,
-             gamma: float, lam: float, block: Optional[int] = None):
-    """Advantages and returns of flat contiguous ``rewards``/``values`` (float32 or float64)."""
+             gamma: float, lam: float, *, max_len: Optional[int] = None, block: Optional[int] = None):
+    """Advantages and returns of flat contiguous ``rewards``/``values`` (float32 or float64).
+
+    ``max_len`` bounds every sequence's length (default N); blocks are the next power of two of it, at
+    most 1024 tokens (``block`` overrides, e.g. tiny blocks to test the carry under the interpreter).
+    """
     adv = torch.empty_like(rewards)
     ret = torch.empty_like(rewards)
     num_seqs = cu_seqlens.numel() - 1
     if num_seqs == 0 or rewards.numel() == 0:
         return adv.zero_(), ret.zero_()
     if block is None:
-        # Static (no host sync): every sequence fits the padded bound N.
-        block = min(triton.next_power_of_2(max(rewards.numel(), 1)), _MAX_BLOCK_T)
+        bound = rewards.numel() if max_len is None else max_len
+        block = min(triton.next_power_of_2(max(bound, 1)), _MAX_BLOCK_T)
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # zero-copy: one byte per token either way
     _gae_kernel[(num_seqs,)](

@@ -15,10 +15,10 @@ from fastpo.ops.cpu_logprobs import _as_numpy
 
 
 def gae_scan(rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], cu_seqlens: torch.Tensor,
-             gamma: float, lam: float, block: Optional[int] = None):
+             gamma: float, lam: float, *, max_len: Optional[int] = None, block: Optional[int] = None):
     """Advantages and returns of flat contiguous ``rewards``/``values`` (float32 or float64).
 
-    ``block`` is accepted for signature parity with the Triton launcher and ignored.
+    ``max_len`` and ``block`` size the Triton launcher's blocks; accepted here for parity and ignored.
     """
     adv = torch.empty_like(rewards)
     ret = torch.empty_like(rewards)

@@ -37,15 +37,16 @@ def _scan_kernels(backend: str) -> ModuleType:
 @torch.library.custom_op("fastpo::gae", mutates_args=())
 def _gae_op(
     rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], cu_seqlens: torch.Tensor,
-    gamma: float, lam: float, backend: str,
+    gamma: float, lam: float, max_len: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages [N], returns [N]) of flat contiguous float32/float64 rewards and values."""
+    """(advantages [N], returns [N]) of flat contiguous float32/float64 rewards and values;
+    ``max_len`` bounds every sequence's length (T when padded, N when packed): it sizes Triton's blocks."""
     check_cu_seqlens_values(cu_seqlens, rewards.numel())
-    return _scan_kernels(backend).gae_scan(rewards, values, mask, cu_seqlens, gamma, lam)
+    return _scan_kernels(backend).gae_scan(rewards, values, mask, cu_seqlens, gamma, lam, max_len=max_len)
 
 
 @_gae_op.register_fake
-def _(rewards, values, mask, cu_seqlens, gamma, lam, backend):
+def _(rewards, values, mask, cu_seqlens, gamma, lam, max_len, backend):
     return torch.empty_like(rewards), torch.empty_like(rewards)
 
 
@@ -86,5 +87,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor
     dtype = accumulation_dtype(rewards.dtype)
     flat = lambda x: x.detach().reshape(-1).to(dtype).contiguous()  # noqa: E731
     flat_mask = None if layout.mask is None else (layout.mask != 0).contiguous()
-    adv, ret = _gae_op(flat(rewards), flat(values), flat_mask, layout.cu_seqlens.contiguous(), gamma, lam, backend)
+    max_len = layout.padded_len if layout.is_padded else layout.num_tokens
+    adv, ret = _gae_op(flat(rewards), flat(values), flat_mask, layout.cu_seqlens.contiguous(), gamma, lam,
+                       max_len, backend)
     return layout.unflatten(adv), layout.unflatten(ret)
