@@ -171,3 +171,12 @@ def test_opcheck(method):
     torch.library.opcheck(torch.ops.fastpo.group_advantages.default, (s, ids, 0, weights, baseline, method, 1e-6))
     if method != "remax":
         torch.library.opcheck(torch.ops.fastpo.group_advantages.default, (s, None, 3, None, None, method, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_scores_are_upcast(backend, dtype):
+    rewards = _scores(12, 8).reshape(4, 3).to(dtype)
+    want = fastpo.reference.group_advantages(rewards.float(), group_size=2, method="grpo")
+    got = fastpo.group_advantages(rewards.to(backend), group_size=2)
+    assert got.dtype == torch.float32
+    _close(got, want)

@@ -104,3 +104,12 @@ def test_compile_and_opcheck(cpu_backend):
     torch.library.opcheck(torch.ops.fastpo.process_advantages.default, (rewards, ends, mask, None, 2, 6, 1e-6))
     torch.library.opcheck(torch.ops.fastpo.process_advantages.default,
                           (rewards.double(), ends, mask, torch.tensor([0, 5, 0, 5]), 0, 6, 0.0))
+
+
+def test_bfloat16_step_rewards(backend):
+    rewards = torch.tensor([[1.0, 5.0], [3.0, 2.0]], dtype=torch.bfloat16, device=backend)
+    ends = torch.tensor([[0, 2], [1, 2]], device=backend)
+    got = fastpo.process_advantages(rewards, ends, torch.ones(2, 2, device=backend), group_size=2, num_tokens=3)
+    want = fastpo.reference.process_advantages(rewards.float(), ends, torch.ones(2, 2), group_size=2, num_tokens=3)
+    assert got.dtype == torch.float32
+    _close(got, want)
