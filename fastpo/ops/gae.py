@@ -14,7 +14,6 @@ from typing import Optional
 
 import torch
 
-from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
 from fastpo._layout import accumulation_dtype, check_cu_seqlens_values, check_like_layout, token_layout

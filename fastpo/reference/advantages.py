@@ -8,7 +8,6 @@ except ``whiten``, which is an ordinary differentiable composition.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
