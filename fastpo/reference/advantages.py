@@ -8,7 +8,6 @@ except ``whiten``, which is an ordinary differentiable composition.
 
 from __future__ import annotations
 
-
 import torch
 
 from fastpo._layout import accumulation_dtype, flat_mask, token_layout
