@@ -70,7 +70,7 @@ def test_padded_equals_packed(backend):
     padded = -4 * torch.rand(len(lengths), t, generator=g)
     valid = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
     packed = padded[valid]
-    cu = torch.tensor([0] + lengths).cumsum(0)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)  # any integer dtype
     upstream = torch.randn(len(lengths), generator=g)
     for average in (False, True):
         out_p, grad_p = _run(padded, valid, None, average, upstream, backend)
@@ -118,11 +118,11 @@ def test_mask_dtypes_agree(backend):
 
 
 def test_strided_inputs(backend):
-    """Non-contiguous views (a shifted slice, a transpose, a strided packed view) are read in place."""
+    """Non-contiguous views (a shifted slice, a transpose, a strided packed view, strided masks) are read in place."""
     g = torch.Generator().manual_seed(7)
     base = torch.randn(5, 19, generator=g)
     for x in (base[:, 1:], base.t()[:, :4], base[::2, ::3]):
-        mask = torch.rand(x.shape, generator=g) < 0.6
+        mask = (torch.rand(x.shape[::-1], generator=g) < 0.6).t()  # a strided mask too
         upstream = torch.randn(x.shape[0], generator=g)
         got = _run(x, mask, None, True, upstream, backend)
         want = _reference(x, mask, None, True, upstream)
