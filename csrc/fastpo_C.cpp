@@ -10,12 +10,15 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <iterator>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "advantages.h"
 #include "logprobs.h"
+#include "policy_loss.h"
 
 namespace py = pybind11;
 
@@ -280,11 +283,12 @@ void logprob_backward(const py::object& logits_obj, const py::object& labels_obj
 // ---------------------------------------------------------------------------------------------
 // GAE
 
-// A contiguous 1-D array of N elements (float32/float64 when `floating`, else bool/uint8), or None.
-const void* check_vector(const py::buffer_info& b, const char* name, int64_t N, bool floating) {
+// A contiguous 1-D array of N elements (float32/float64 when `floating`, else bool/uint8) whose
+// length must match the array named `like`.
+const void* check_vector(const py::buffer_info& b, const char* name, int64_t N, bool floating, const char* like) {
   if (b.ndim != 1 || b.shape[0] != N)
-    throw py::value_error(std::string(name) + ": expected shape (" + std::to_string(N) + ",) to match rewards, got " +
-                          shape_str(b));
+    throw py::value_error(std::string(name) + ": expected shape (" + std::to_string(N) + ",) to match " + like +
+                          ", got " + shape_str(b));
   const char c = format_char(b);
   const bool ok = floating ? (is_f32(b) || is_f64(b)) : (b.itemsize == 1 && (c == '?' || c == 'B'));
   if (!ok)
@@ -296,34 +300,8 @@ const void* check_vector(const py::buffer_info& b, const char* name, int64_t N, 
   return b.ptr;
 }
 
-void gae(const py::object& rewards_obj, const py::object& values_obj, const py::object& mask_obj,
-         const py::object& cu_obj, const py::object& adv_obj, const py::object& ret_obj, double gamma, double lam) {
-  if (!std::isfinite(gamma) || !std::isfinite(lam))
-    throw py::value_error("gamma, lam: must be finite, got gamma=" + std::to_string(gamma) +
-                          " lam=" + std::to_string(lam));
-  const py::buffer_info rb = request(rewards_obj, "rewards", false);
-  if (rb.ndim != 1) throw py::value_error("rewards: expected a 1-D array [N], got shape " + shape_str(rb));
-  const int64_t N = rb.shape[0];
-  check_vector(rb, "rewards", N, true);
-  const bool dbl = is_f64(rb);
-  const py::buffer_info vb = request(values_obj, "values", false);
-  const py::buffer_info ab = request(adv_obj, "advantages", true);
-  const py::buffer_info tb = request(ret_obj, "returns", true);
-  const std::pair<const py::buffer_info*, const char*> same_dtype[] = {{&vb, "values"}, {&ab, "advantages"},
-                                                                         {&tb, "returns"}};
-  for (const auto& [b, name] : same_dtype) {
-    check_vector(*b, name, N, true);
-    if (is_f64(*b) != dbl)
-      throw py::value_error(std::string(name) + ": must have the dtype of rewards (" + (dbl ? "float64" : "float32") +
-                            "), got format '" + b->format + "'");
-  }
-  const uint8_t* m = nullptr;
-  py::buffer_info mb;
-  if (!mask_obj.is_none()) {
-    mb = request(mask_obj, "mask", false);
-    m = static_cast<const uint8_t*>(check_vector(mb, "mask", N, false));
-  }
-  const py::buffer_info cb = request(cu_obj, "cu_seqlens", false);
+// cu_seqlens: contiguous int64 [B+1], 0 = cu[0] <= ... <= cu[B] = N. Returns the data pointer.
+const int64_t* check_cu_seqlens(const py::buffer_info& cb, int64_t N) {
   if (cb.ndim != 1 || cb.shape[0] < 1 || !is_i64(cb) || (cb.shape[0] > 1 && cb.strides[0] != 8))
     throw py::value_error("cu_seqlens: expected a contiguous 1-D int64 array [B+1], got shape " + shape_str(cb) +
                           " format '" + cb.format + "'");
@@ -336,24 +314,70 @@ void gae(const py::object& rewards_obj, const py::object& values_obj, const py::
   if (cu[0] != 0 || cu[B] != N)
     throw py::value_error("cu_seqlens: must start at 0 and end at N=" + std::to_string(N) + ", got first " +
                           std::to_string(cu[0]) + " and last " + std::to_string(cu[B]));
-  // Outputs must not overlap any input or each other (the scan reads inputs it has already passed).
-  const int64_t bytes = N * rb.itemsize;
-  auto range = [bytes](const py::buffer_info& b) {
-    const uintptr_t lo = reinterpret_cast<uintptr_t>(b.ptr);
-    return std::make_pair(lo, lo + static_cast<uintptr_t>(bytes));
+  return cu;
+}
+
+// A named contiguous buffer, for the overlap checks.
+struct Named {
+  const py::buffer_info* buf;
+  const char* name;
+};
+
+// Byte range [lo, hi) of a contiguous 1-D buffer.
+std::pair<uintptr_t, uintptr_t> byte_range(const py::buffer_info& b) {
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(b.ptr);
+  const int64_t n = b.ndim == 1 ? b.shape[0] : 0;
+  return {lo, lo + static_cast<uintptr_t>(n * b.itemsize)};
+}
+
+// Outputs must overlap neither each other nor any input (the kernels read inputs they have passed).
+void check_disjoint(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs) {
+  auto overlaps = [](const py::buffer_info& a, const py::buffer_info& b) {
+    const auto x = byte_range(a), y = byte_range(b);
+    return x.first < y.second && y.first < x.second;
   };
-  auto overlaps = [](std::pair<uintptr_t, uintptr_t> a, std::pair<uintptr_t, uintptr_t> b) {
-    return a.first < b.second && b.first < a.second;
-  };
-  if (N > 0) {
-    const auto ar = range(ab), tr = range(tb);
-    const auto mr = m ? std::make_pair(reinterpret_cast<uintptr_t>(m), reinterpret_cast<uintptr_t>(m) + N)
-                      : std::make_pair(uintptr_t(0), uintptr_t(0));
-    if (overlaps(ar, tr)) throw py::value_error("advantages: overlaps returns; pass two separate arrays");
-    for (const auto& out : {std::make_pair(ar, "advantages"), std::make_pair(tr, "returns")})
-      if (overlaps(out.first, range(rb)) || overlaps(out.first, range(vb)) || overlaps(out.first, mr))
-        throw py::value_error(std::string(out.second) + ": overlaps an input (rewards, values or mask)");
+  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+    if (!o->buf) continue;
+    for (auto p = std::next(o); p != outputs.end(); ++p)
+      if (p->buf && overlaps(*o->buf, *p->buf))
+        throw py::value_error(std::string(o->name) + ": overlaps " + p->name + "; pass separate arrays");
+    for (const Named& in : inputs)
+      if (in.buf && overlaps(*o->buf, *in.buf))
+        throw py::value_error(std::string(o->name) + ": overlaps an input (" + in.name + ")");
   }
+}
+
+void gae(const py::object& rewards_obj, const py::object& values_obj, const py::object& mask_obj,
+         const py::object& cu_obj, const py::object& adv_obj, const py::object& ret_obj, double gamma, double lam) {
+  if (!std::isfinite(gamma) || !std::isfinite(lam))
+    throw py::value_error("gamma, lam: must be finite, got gamma=" + std::to_string(gamma) +
+                          " lam=" + std::to_string(lam));
+  const py::buffer_info rb = request(rewards_obj, "rewards", false);
+  if (rb.ndim != 1) throw py::value_error("rewards: expected a 1-D array [N], got shape " + shape_str(rb));
+  const int64_t N = rb.shape[0];
+  check_vector(rb, "rewards", N, true, "rewards");
+  const bool dbl = is_f64(rb);
+  const py::buffer_info vb = request(values_obj, "values", false);
+  const py::buffer_info ab = request(adv_obj, "advantages", true);
+  const py::buffer_info tb = request(ret_obj, "returns", true);
+  const std::pair<const py::buffer_info*, const char*> same_dtype[] = {{&vb, "values"}, {&ab, "advantages"},
+                                                                         {&tb, "returns"}};
+  for (const auto& [b, name] : same_dtype) {
+    check_vector(*b, name, N, true, "rewards");
+    if (is_f64(*b) != dbl)
+      throw py::value_error(std::string(name) + ": must have the dtype of rewards (" + (dbl ? "float64" : "float32") +
+                            "), got format '" + b->format + "'");
+  }
+  const uint8_t* m = nullptr;
+  py::buffer_info mb;
+  if (!mask_obj.is_none()) {
+    mb = request(mask_obj, "mask", false);
+    m = static_cast<const uint8_t*>(check_vector(mb, "mask", N, false, "rewards"));
+  }
+  const py::buffer_info cb = request(cu_obj, "cu_seqlens", false);
+  const int64_t* cu = check_cu_seqlens(cb, N);
+  const int64_t B = cb.shape[0] - 1;
+  check_disjoint({{&ab, "advantages"}, {&tb, "returns"}}, {{&rb, "rewards"}, {&vb, "values"}, {m ? &mb : nullptr, "mask"}});
 
   py::gil_scoped_release nogil;
   if (dbl)
@@ -362,6 +386,108 @@ void gae(const py::object& rewards_obj, const py::object& values_obj, const py::
   else
     fastpo::gae_scan<float>(static_cast<const float*>(rb.ptr), static_cast<const float*>(vb.ptr), m, cu, B, gamma,
                             lam, static_cast<float*>(ab.ptr), static_cast<float*>(tb.ptr));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy / value loss
+
+// The loss spec from a dict with fastpo.ops.loss_spec.TokenLossSpec's fields (plus the derived
+// rollout_seq, rollout_mask and the aggregation by name); a missing key raises ValueError.
+fastpo::TokenLossSpec parse_loss_spec(const py::dict& d) {
+  auto get = [&d](const char* key) -> py::object {
+    if (!d.contains(key)) throw py::value_error(std::string("spec: missing key '") + key + "'");
+    return d[key];
+  };
+  fastpo::TokenLossSpec s;
+  s.value = get("value").cast<bool>();
+  s.seq_ratio = get("seq_ratio").cast<bool>();
+  s.clip_low = get("clip_low").cast<double>();
+  s.clip_high = get("clip_high").cast<double>();
+  s.dual_clip = get("dual_clip").cast<double>();
+  s.kl = get("kl").cast<int>();
+  s.kl_coef = get("kl_coef").cast<double>();
+  s.kl_clamp = get("kl_clamp").cast<double>();
+  s.entropy_coef = get("entropy_coef").cast<double>();
+  s.has_entropy = get("has_entropy").cast<bool>();
+  s.rollout = get("rollout").cast<int>() != 0;
+  s.rollout_seq = get("rollout_seq").cast<bool>();
+  s.rollout_mask = get("rollout_mask").cast<bool>();
+  s.rollout_cap = get("rollout_cap").cast<double>();
+  s.norm_length = get("norm_length").cast<int64_t>();
+  s.num_tokens = get("num_tokens").cast<double>();
+  s.value_clip = get("value_clip").cast<double>();
+  s.log_ratio_clamp = get("log_ratio_clamp").cast<double>();
+  const std::string agg = get("aggregation").cast<std::string>();
+  if (agg == "token_mean") s.aggregation = fastpo::Aggregation::kTokenMean;
+  else if (agg == "seq_mean_token_mean") s.aggregation = fastpo::Aggregation::kSeqMeanTokenMean;
+  else if (agg == "seq_mean_token_sum") s.aggregation = fastpo::Aggregation::kSeqMeanTokenSum;
+  else if (agg == "token_sum_norm") s.aggregation = fastpo::Aggregation::kTokenSumNorm;
+  else throw py::value_error("spec: unknown aggregation '" + agg + "'");
+  if (s.kl < 0 || s.kl > 3) throw py::value_error("spec: kl must be 0, 1, 2 or 3, got " + std::to_string(s.kl));
+  if (s.rollout_seq && !s.rollout) throw py::value_error("spec: rollout_seq needs rollout != 0");
+  return s;
+}
+
+void token_loss_forward(const py::object& x_obj, const py::object& old_obj, const py::object& adv_obj,
+                        const py::object& ref_obj, const py::object& ent_obj, const py::object& roll_obj,
+                        const py::object& mask_obj, const py::object& cu_obj, const py::object& unit_obj,
+                        const py::object& unit_ent_obj, const py::object& stats_obj, const py::dict& spec_dict) {
+  const fastpo::TokenLossSpec s = parse_loss_spec(spec_dict);
+  const py::buffer_info xb = request(x_obj, "x", false);
+  if (xb.ndim != 1) throw py::value_error("x: expected a 1-D array [N], got shape " + shape_str(xb));
+  const int64_t N = xb.shape[0];
+  check_vector(xb, "x", N, true, "x");
+  const bool dbl = is_f64(xb);
+  // Every float array: [N] of x's dtype; the optional ones present exactly when the spec uses them.
+  auto floats = [&](const py::object& obj, const char* name, bool wanted, bool writable, py::buffer_info& b) {
+    if (obj.is_none()) {
+      if (wanted) throw py::value_error(std::string(name) + ": required by the spec, got None");
+      return false;
+    }
+    if (!wanted) throw py::value_error(std::string(name) + ": not used by the spec; pass None");
+    b = request(obj, name, writable);
+    check_vector(b, name, N, true, "x");
+    if (is_f64(b) != dbl)
+      throw py::value_error(std::string(name) + ": must have the dtype of x (" + (dbl ? "float64" : "float32") +
+                            "), got format '" + b.format + "'");
+    return true;
+  };
+  py::buffer_info ob, ab, rb, eb, wb, ub, ueb, mb;
+  floats(old_obj, "old", true, false, ob);
+  floats(adv_obj, "adv", true, false, ab);
+  const bool has_ref = floats(ref_obj, "ref", !s.value && s.kl != 0, false, rb);
+  const bool has_ent = floats(ent_obj, "entropy", !s.value && s.has_entropy, false, eb);
+  const bool has_roll = floats(roll_obj, "rollout", !s.value && s.rollout, false, wb);
+  floats(unit_obj, "unit", true, true, ub);
+  const bool has_unit_ent = floats(unit_ent_obj, "unit_entropy", !s.value && s.has_entropy, true, ueb);
+  const uint8_t* m = nullptr;
+  if (!mask_obj.is_none()) {
+    mb = request(mask_obj, "mask", false);
+    m = static_cast<const uint8_t*>(check_vector(mb, "mask", N, false, "x"));
+  }
+  const py::buffer_info cb = request(cu_obj, "cu_seqlens", false);
+  const int64_t* cu = check_cu_seqlens(cb, N);
+  const py::buffer_info sb = request(stats_obj, "stats", true);
+  check_vector(sb, "stats", fastpo::kNumStats, true, "the number of stats");
+  if (is_f64(sb) != dbl) throw py::value_error("stats: must have the dtype of x");
+  check_disjoint({{&ub, "unit"}, {has_unit_ent ? &ueb : nullptr, "unit_entropy"}, {&sb, "stats"}},
+                 {{&xb, "x"}, {&ob, "old"}, {&ab, "adv"}, {has_ref ? &rb : nullptr, "ref"},
+                  {has_ent ? &eb : nullptr, "entropy"}, {has_roll ? &wb : nullptr, "rollout"},
+                  {m ? &mb : nullptr, "mask"}});
+
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    auto ptr = [](const py::buffer_info& b, bool present) { return present ? static_cast<const T*>(b.ptr) : nullptr; };
+    const fastpo::TokenLossArgs<T> args{ptr(xb, true), ptr(ob, true), ptr(ab, true), ptr(rb, has_ref),
+                                        ptr(eb, has_ent), ptr(wb, has_roll), m, cu, cb.shape[0] - 1,
+                                        static_cast<T*>(ub.ptr), has_unit_ent ? static_cast<T*>(ueb.ptr) : nullptr};
+    py::gil_scoped_release nogil;
+    fastpo::token_loss_forward<T>(s, args, static_cast<T*>(sb.ptr));
+  };
+  if (dbl)
+    run(double{});
+  else
+    run(float{});
 }
 
 }  // namespace
@@ -396,4 +522,15 @@ rewards, values, advantages, returns: contiguous 1-D [N] arrays of one dtype, fl
 upcast 16-bit inputs first); mask: contiguous [N] bool/uint8 or None (all counted); cu_seqlens: contiguous
 int64 [B+1], 0 = cu[0] <= ... <= cu[B] = N. Writes advantages and returns (0 at masked tokens); outputs
 must not overlap the inputs or each other. Raises ValueError on bad input before writing anything.)doc");
+  m.def("token_loss_forward", &token_loss_forward, py::arg("x"), py::arg("old"), py::arg("adv"), py::arg("ref"),
+        py::arg("entropy"), py::arg("rollout"), py::arg("mask"), py::arg("cu_seqlens"), py::arg("unit"),
+        py::arg("unit_entropy"), py::arg("stats"), py::arg("spec"),
+        R"doc(Fused per-token policy (or value) loss over sequences, see policy_loss.h.
+
+x, old, adv (returns for the value loss), ref, entropy, rollout, unit, unit_entropy: contiguous 1-D [N]
+arrays of x's dtype (float32 or float64); ref / entropy / rollout / unit_entropy are given exactly when the
+spec uses them, else None. mask: contiguous [N] bool/uint8 or None; cu_seqlens: contiguous int64 [B+1].
+spec: a dict of fastpo.ops.loss_spec.TokenLossSpec's fields plus rollout_seq, rollout_mask, aggregation
+(by name) and log_ratio_clamp. Writes unit (the per-token derivative up to the global scale), unit_entropy
+and stats [12] (loss, scale, metrics). Raises ValueError on bad input before writing anything.)doc");
 }
