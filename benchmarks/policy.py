@@ -13,7 +13,7 @@ Implementations compared
     ``torch.compile`` of the same function (CUDA only: on CPU its compile time dominates short runs).
 ``fastpo``
     ``fastpo.policy_loss(..., config=fastpo.GRPO)`` (CUDA: one Triton forward kernel + its epilogue and
-    one backward kernel; CPU: the vectorised torch path).
+    one backward kernel; CPU: one fused C++ pass per sequence, ``fastpo._C.token_loss_forward``).
 
 Inputs are padded ``[B, T]`` float32 tensors with a mask whose rows have random lengths; the step is
 forward + ``loss.backward()`` into ``logp`` (the metrics are computed too).
