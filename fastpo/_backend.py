@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 import torch
 
@@ -28,3 +30,13 @@ def select_backend(tensor: torch.Tensor) -> str:
             f"imported) to run the kernels on CPU tensors; got a tensor on {tensor.device}"
         )
     return forced
+
+
+def kernel_module(backend: str, *, triton: str, cpu: str, what: str) -> ModuleType:
+    """The module holding an op's kernels for ``backend``: ``triton`` or ``cpu`` (dotted module names).
+
+    Imported on first use, so that CPU-only use of fastpo never imports triton.
+    """
+    if backend not in ("triton", "cpu"):
+        raise ValueError(f"no {what} kernels for backend {backend!r} (expected 'triton' or 'cpu')")
+    return importlib.import_module(triton if backend == "triton" else cpu)

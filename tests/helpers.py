@@ -1,5 +1,8 @@
-"""Shared test helpers: reference comparisons and upstream gradients."""
+"""Shared test helpers: reference comparisons, upstream gradients and error checks."""
 
+import re
+
+import pytest
 import torch
 
 TOLERANCES = {  # (atol, rtol) for values computed in float32 from inputs of the given dtype
@@ -26,3 +29,18 @@ def make_labels(shape, vocab, *, ignore_index=-100, ignore_fraction=0.25, genera
 def assert_close(actual, expected, dtype, *, grad=False):
     atol, rtol = (GRAD_TOLERANCES if grad else TOLERANCES)[dtype]
     torch.testing.assert_close(actual.cpu().to(expected.dtype), expected.cpu(), atol=atol, rtol=rtol)
+
+
+def assert_raises_unmodified(call, inputs, exc, *, match=None, fragment=None):
+    """``call(**inputs)`` raises ``exc`` whose message matches the regex ``match`` (or contains the
+    plain text ``fragment``), and leaves every tensor in ``inputs`` as it was."""
+    before = {k: v.clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(exc) as info:
+        call(**inputs)
+    message = str(info.value)
+    if match is not None:
+        assert re.search(match, message), f"{message!r} does not match {match!r}"
+    if fragment is not None:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    for key, value in before.items():
+        assert torch.equal(inputs[key], value), f"{key} was modified"

@@ -8,7 +8,7 @@ from torch.utils._pytree import tree_flatten
 import fastpo
 from fastpo import reference
 from fastpo.ops.linear_token_logprobs import default_chunk_size
-from helpers import assert_close, make_labels
+from helpers import make_labels
 
 
 def _inputs(n_tokens, dim, vocab, dtype, *, bias, seed=0, lead=None):

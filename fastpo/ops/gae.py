@@ -15,22 +15,14 @@ from typing import Optional
 import torch
 
 from fastpo import reference
-from fastpo._backend import select_backend
+from fastpo._backend import kernel_module, select_backend
 from fastpo._layout import accumulation_dtype, check_cu_seqlens_values, check_like_layout, token_layout
 
 __all__ = ["gae"]
 
 
 def _scan_kernels(backend: str) -> ModuleType:
-    if backend == "triton":
-        from fastpo.kernels import gae as kernels
-
-        return kernels
-    if backend == "cpu":
-        from fastpo.ops import cpu_advantages
-
-        return cpu_advantages
-    raise ValueError(f"no GAE kernels for backend {backend!r} (expected 'triton' or 'cpu')")
+    return kernel_module(backend, triton="fastpo.kernels.gae", cpu="fastpo.ops.cpu_advantages", what="GAE")
 
 
 @torch.library.custom_op("fastpo::gae", mutates_args=())

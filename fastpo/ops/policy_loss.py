@@ -2,7 +2,7 @@
 
 Layers: public function (validation, layout) → ``torch.library`` custom ops ``fastpo::policy_loss_fwd``
 (also ``fastpo::value_loss_fwd``, see ``fastpo.ops.value_loss``) and ``fastpo::policy_loss_bwd``
-(shared by both losses) → the per-token loss kernels of the backend (Triton, or vectorised torch
+(shared by both losses) → the per-token loss kernels of the backend (Triton, or the fused C++ pass
 on CPU). The forward returns the loss, a ``stats`` vector (loss, global scale, metrics) and the
 per-token derivative up to the global scale, so the backward is one multiply.
 """
@@ -17,7 +17,7 @@ import torch
 
 from fastpo import _validation as check
 from fastpo import reference
-from fastpo._backend import select_backend
+from fastpo._backend import kernel_module, select_backend
 from fastpo._layout import TokenLayout, accumulation_dtype, check_cu_seqlens_values, check_like_layout, token_layout
 from fastpo.loss_output import LossOutput
 from fastpo.ops.loss_spec import POLICY_METRICS, STATS, TokenLossSpec, policy_spec
@@ -27,15 +27,7 @@ __all__ = ["policy_loss"]
 
 
 def loss_kernels(backend: str) -> ModuleType:
-    if backend == "triton":
-        from fastpo.kernels import policy_loss as kernels
-
-        return kernels
-    if backend == "cpu":
-        from fastpo.ops import cpu_policy
-
-        return cpu_policy
-    raise ValueError(f"no loss kernels for backend {backend!r} (expected 'triton' or 'cpu')")
+    return kernel_module(backend, triton="fastpo.kernels.policy_loss", cpu="fastpo.ops.cpu_policy", what="loss")
 
 
 def _fake_outputs(x: torch.Tensor, with_entropy: bool):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from fastpo._backend import kernel_module
 from fastpo._layout import accumulation_dtype
 
 
@@ -16,12 +17,4 @@ result_dtype = accumulation_dtype
 
 
 def row_kernels(backend: str) -> ModuleType:
-    if backend == "triton":
-        from fastpo.kernels import logprobs
-
-        return logprobs
-    if backend == "cpu":
-        from fastpo.ops import cpu_logprobs
-
-        return cpu_logprobs
-    raise ValueError(f"no row kernels for backend {backend!r} (expected 'triton' or 'cpu')")
+    return kernel_module(backend, triton="fastpo.kernels.logprobs", cpu="fastpo.ops.cpu_logprobs", what="row")
