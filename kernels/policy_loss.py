@@ -80,11 +80,12 @@ def _token_loss_fwd_kernel(
             if SEQ_RATIO:
                 x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
                 o = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-                sum_delta += tl.sum(m * tl.minimum(tl.maximum(x - o, -CLAMP), CLAMP), axis=0)
+                # a select, not m * (...): a masked token may hold NaN, and NaN * 0 is NaN
+                sum_delta += tl.sum(tl.where(m > 0.0, tl.minimum(tl.maximum(x - o, -CLAMP), CLAMP), 0.0), axis=0)
             if ROLLOUT_SEQ:
                 o = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
                 ro = tl.load(roll_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-                sum_logw += tl.sum(m * tl.minimum(tl.maximum(o - ro, -CLAMP), CLAMP), axis=0)
+                sum_logw += tl.sum(tl.where(m > 0.0, tl.minimum(tl.maximum(o - ro, -CLAMP), CLAMP), 0.0), axis=0)
     inv_n = 1.0 / tl.maximum(n, 1.0)
     log_s = sum_delta * inv_n
     seq_logw = sum_logw * inv_n
