@@ -87,113 +87,213 @@ inline T clamp_abs(T v, T bound) { return std::min(std::max(v, -bound), bound); 
 // Tokens from which the OpenMP team is woken (below, waking it costs more than the second core saves).
 constexpr int64_t kLossParallelMinTokens = int64_t(1) << 18;
 
-// One sequence: pass 1 counts its tokens and forms the sequence means (GSPO ratio, sequence IS
-// weight); pass 2 computes every token's loss and derivative. The loop is scalar (gcc does not
-// vectorise its data-dependent choices, even written as selects): about 15 ns a token on one core
-// of the 2-core dev machine with k3 KL, for ~25 bytes of memory traffic, so a hand-vectorised
-// version has headroom left.
+// Per-sequence constants of the token loop (see policy_tokens).
 template <class T>
-void policy_sequence(const TokenLossSpec& s, const TokenLossArgs<T>& a, int64_t begin, int64_t end, SeqSums& out) {
-  const T C = static_cast<T>(s.log_ratio_clamp);
-  const uint8_t* m = a.mask;  // never null here
-  double n = 0, sum_delta = 0, sum_log_w = 0;
-  for (int64_t t = begin; t < end; ++t) {
-    if (!m[t]) continue;
-    n += 1;
-    if (s.seq_ratio) sum_delta += clamp_abs<T>(a.x[t] - a.old[t], C);
-    if (s.rollout_seq) sum_log_w += clamp_abs<T>(a.old[t] - a.roll[t], C);
-  }
-  const double inv_n = n > 0 ? 1.0 / n : 0.0;
-  const T weight = s.aggregation == Aggregation::kSeqMeanTokenMean ? static_cast<T>(inv_n) : T(1);
-  const T seq_ratio = static_cast<T>(std::exp(sum_delta * inv_n));
-  const T cap = static_cast<T>(s.rollout_cap);
-  auto is_weight = [&](T log_w) {
-    const T w = exp_fast(log_w);
-    return w > cap ? (s.rollout_mask ? T(0) : cap) : w;  // truncate to the cap, or mask
-  };
-  const T seq_w = s.rollout_seq ? is_weight(static_cast<T>(sum_log_w * inv_n)) : T(1);
-  const T lo = static_cast<T>(1.0 - s.clip_low), hi = static_cast<T>(1.0 + s.clip_high);
-  const T dual_c = static_cast<T>(s.dual_clip), kl_coef = static_cast<T>(s.kl_coef);
-  const T kl_clamp = static_cast<T>(s.kl_clamp), ent_coef = static_cast<T>(s.entropy_coef);
+struct TokenConsts {
+  T C, lo, hi, dual_c, kl_coef, kl_clamp, c1, c2, c3, ent_coef, cap, cap_value, weight, is_seq, seq_ratio, seq_w;
+};
 
-  for (int64_t t = begin; t < end; ++t) {
-    if (!m[t]) {  // whatever a masked token holds never reaches a sum
-      a.unit[t] = T(0);
-      if (a.unit_ent) a.unit_ent[t] = T(0);
-      continue;
-    }
-    const T x = a.x[t], A = a.adv[t];
-    const T raw_delta = x - a.old[t];
-    const T delta = clamp_abs(raw_delta, C);
-    T ratio, d_ratio;
-    if (s.seq_ratio) {
-      ratio = d_ratio = seq_ratio;
-    } else {
-      ratio = exp_fast(delta);
-      d_ratio = std::abs(raw_delta) <= C ? ratio : T(0);
-    }
+// Tokens per block: the token loop writes its per-token terms for a block into L1-resident arrays,
+// and a second loop sums them.
+constexpr int64_t kLossBlock = 256;
+
+template <class T>
+struct TokenTerms {
+  alignas(64) T loss[kLossBlock], low[kLossBlock], high[kLossBlock], dual[kLossBlock], neg_delta[kLossBlock];
+  alignas(64) T kl[kLossBlock], ratio[kLossBlock], ratio_min[kLossBlock], ratio_max[kLossBlock];
+  alignas(64) T entropy[kLossBlock];
+};
+
+// The token loop of one block [begin, begin + n): each token's loss and derivative, and its terms of
+// the sums. It is written so that gcc vectorises it: restrict pointers and local constants (stores
+// could otherwise alias them), and only selects whose condition is a per-token comparison. A select
+// on a loop-invariant flag, or on `a | b` of two flags, leaves gcc with control flow it does not
+// if-convert, and the whole loop scalar; so the spec's switches are blends or sentinels instead:
+//   * the GSPO ratio: r = r_token·(1 − is_seq) + s_i·is_seq, with is_seq ∈ {0, 1} (exact: both finite);
+//   * dual clip: pg = min(pg, −c·A) for A < 0, with c = +inf when it is off (−inf·A = +inf);
+//   * the KL estimator: c1·k1 + c2·k2 + c3·k3 with one of c1, c2, c3 equal to 1;
+//   * which optional arrays exist: template arguments REF (ref_logp), IS (0: no rollout IS,
+//     1: per-token weights, 2: the sequence weight) and ENT (entropy).
+// Masked tokens are computed too and dropped by the selects, so whatever they hold reaches nothing.
+template <class T, bool REF, int IS, bool ENT>
+void policy_tokens(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t begin, int64_t n,
+                   TokenTerms<T>& out) {
+  const uint8_t* __restrict m = a.mask + begin;
+  const T* __restrict xs = a.x + begin;
+  const T* __restrict olds = a.old + begin;
+  const T* __restrict advs = a.adv + begin;
+  const T* __restrict refs = REF ? a.ref + begin : nullptr;
+  const T* __restrict ents = ENT ? a.ent + begin : nullptr;
+  const T* __restrict rolls = IS == 1 ? a.roll + begin : nullptr;
+  T* __restrict unit = a.unit + begin;
+  T* __restrict unit_ent = ENT ? a.unit_ent + begin : nullptr;
+  T* __restrict o_loss = out.loss;
+  T* __restrict o_low = out.low;
+  T* __restrict o_high = out.high;
+  T* __restrict o_dual = out.dual;
+  T* __restrict o_neg_delta = out.neg_delta;
+  T* __restrict o_kl = out.kl;
+  T* __restrict o_ratio = out.ratio;
+  T* __restrict o_min = out.ratio_min;
+  T* __restrict o_max = out.ratio_max;
+  T* __restrict o_ent = out.entropy;
+  const T C = k.C, lo = k.lo, hi = k.hi, dual_c = k.dual_c, kl_coef = k.kl_coef, kl_clamp = k.kl_clamp;
+  const T c1 = k.c1, c2 = k.c2, c3 = k.c3, ent_coef = k.ent_coef, ent_unit = -k.ent_coef * k.weight;
+  const T cap = k.cap, cap_value = k.cap_value, weight = k.weight;
+  const T is_seq = k.is_seq, seq_ratio = k.seq_ratio, seq_w = k.seq_w;
+  const T inf = std::numeric_limits<T>::infinity();
+  // Every output array is distinct from every input (the binding checks it; the terms are ours).
+#pragma GCC ivdep
+  for (int64_t t = 0; t < n; ++t) {
+    const bool counted = m[t] != 0;
+    const T x = xs[t], A = advs[t];
+    const T raw_delta = x - olds[t];
+    const T delta = std::min(std::max(raw_delta, -C), C);
+    const T token_ratio = exp_fast(delta);
+    const T token_d_ratio = std::abs(raw_delta) <= C ? token_ratio : T(0);
+    const T ratio = token_ratio * (T(1) - is_seq) + seq_ratio * is_seq;
+    const T d_ratio = token_d_ratio * (T(1) - is_seq) + seq_ratio * is_seq;
     const T unclipped = -A * ratio;
     const T clipped_value = -A * std::min(std::max(ratio, lo), hi);
     const bool clipped = clipped_value > unclipped;
-    T pg = clipped ? clipped_value : unclipped;
+    const T pg_clip = clipped ? clipped_value : unclipped;
+    const T dual_cap = -dual_c * A;
+    const bool dual = (A < T(0)) & (pg_clip > dual_cap);
+    T pg = std::min(pg_clip, A < T(0) ? dual_cap : pg_clip);
     T d_pg = clipped ? T(0) : -A * d_ratio;
-    bool dual = false;
-    if (s.dual_clip > 0) {
-      const T dual_cap = -dual_c * A;
-      dual = A < 0 && pg > dual_cap;
-      if (dual) pg = dual_cap, d_pg = T(0);
-    }
-    if (s.rollout) {
-      const T w = s.rollout_seq ? seq_w : is_weight(clamp_abs<T>(a.old[t] - a.roll[t], C));
-      pg *= w;
-      d_pg *= w;
+    d_pg = dual ? T(0) : d_pg;
+    if (IS == 1) {
+      const T w = exp_fast(std::min(std::max(olds[t] - rolls[t], -C), C));
+      const T w_capped = w > cap ? cap_value : w;  // truncated to the cap, or masked to 0
+      pg *= w_capped;
+      d_pg *= w_capped;
+    } else if (IS == 2) {
+      pg *= seq_w;
+      d_pg *= seq_w;
     }
     T loss = pg, d_loss = d_pg, kl = T(0);
-    if (s.kl) {
-      const T raw_d = a.ref[t] - x;
-      const T d = clamp_abs(raw_d, C);
-      T dk;
-      if (s.kl == 1) {
-        kl = -d, dk = T(-1);
-      } else if (s.kl == 2) {
-        kl = T(0.5) * d * d, dk = d;
-      } else {
-        const T ed = exp_fast(d);
-        kl = ed - d - T(1), dk = ed - T(1);
-      }
-      const bool live = std::abs(raw_d) <= C && std::abs(kl) <= kl_clamp;
-      kl = clamp_abs(kl, kl_clamp);
+    if (REF) {
+      const T raw_d = refs[t] - x;
+      const T d = std::min(std::max(raw_d, -C), C);
+      const T ed = exp_fast(d);
+      const T kl_raw = c1 * (-d) + c2 * (T(0.5) * d * d) + c3 * (ed - d - T(1));
+      const T dk = c1 * T(-1) + c2 * d + c3 * (ed - T(1));  // ∂k/∂d
+      kl = std::min(std::max(kl_raw, -kl_clamp), kl_clamp);
+      const T live_d = std::abs(raw_d) <= C ? kl_coef * dk : T(0);  // the clamps' derivatives
       loss += kl_coef * kl;
-      if (live) d_loss -= kl_coef * dk;  // ∂d/∂x = −1
+      d_loss -= std::abs(kl_raw) <= kl_clamp ? live_d : T(0);        // ∂d/∂x = −1
     }
     T entropy = T(0);
-    if (s.has_entropy) {
-      entropy = a.ent[t];
+    if (ENT) {
+      entropy = ents[t];
       loss -= ent_coef * entropy;
-      a.unit_ent[t] = -ent_coef * weight;
+      unit_ent[t] = counted ? ent_unit : T(0);
     }
-    a.unit[t] = d_loss * weight;
-    out.loss += loss;
-    out.clip_low += clipped && A < 0;
-    out.clip_high += clipped && A > 0;
-    out.dual += dual;
-    out.neg_delta -= delta;
-    out.kl += kl;
-    out.ratio += ratio;
-    out.ratio_min = std::min<double>(out.ratio_min, ratio);
-    out.ratio_max = std::max<double>(out.ratio_max, ratio);
-    out.entropy += entropy;
+    unit[t] = counted ? d_loss * weight : T(0);
+    o_loss[t] = counted ? loss : T(0);
+    const T clip_neg = A < T(0) ? T(1) : T(0), clip_pos = A > T(0) ? T(1) : T(0);
+    o_low[t] = counted ? (clipped ? clip_neg : T(0)) : T(0);
+    o_high[t] = counted ? (clipped ? clip_pos : T(0)) : T(0);
+    o_dual[t] = counted ? (dual ? T(1) : T(0)) : T(0);
+    o_neg_delta[t] = counted ? -delta : T(0);
+    o_kl[t] = counted ? kl : T(0);
+    o_ratio[t] = counted ? ratio : T(0);
+    o_min[t] = counted ? ratio : inf;
+    o_max[t] = counted ? ratio : -inf;
+    o_ent[t] = counted ? entropy : T(0);
   }
+}
+
+// Adds a block's terms to a sequence's sums (in double).
+template <class T>
+void add_terms(const TokenTerms<T>& b, int64_t n, SeqSums& out) {
+  T loss = 0, low = 0, high = 0, dual = 0, neg_delta = 0, kl = 0, ratio = 0, entropy = 0;
+  T rmin = std::numeric_limits<T>::infinity(), rmax = -std::numeric_limits<T>::infinity();
+#ifdef _OPENMP
+#pragma omp simd reduction(+ : loss, low, high, dual, neg_delta, kl, ratio, entropy) reduction(min : rmin) \
+    reduction(max : rmax)
+#endif
+  for (int64_t t = 0; t < n; ++t) {
+    loss += b.loss[t], low += b.low[t], high += b.high[t], dual += b.dual[t], neg_delta += b.neg_delta[t];
+    kl += b.kl[t], ratio += b.ratio[t], entropy += b.entropy[t];
+    rmin = std::min(rmin, b.ratio_min[t]), rmax = std::max(rmax, b.ratio_max[t]);
+  }
+  out.loss += loss, out.clip_low += low, out.clip_high += high, out.dual += dual, out.neg_delta += neg_delta;
+  out.kl += kl, out.ratio += ratio, out.entropy += entropy;
+  out.ratio_min = std::min<double>(out.ratio_min, rmin), out.ratio_max = std::max<double>(out.ratio_max, rmax);
+}
+
+template <class T, bool REF, int IS, bool ENT>
+void policy_blocks(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t begin, int64_t end, SeqSums& out) {
+  TokenTerms<T> terms;
+  for (int64_t b = begin; b < end; b += kLossBlock) {
+    const int64_t n = std::min(kLossBlock, end - b);
+    policy_tokens<T, REF, IS, ENT>(k, a, b, n, terms);
+    add_terms(terms, n, out);
+  }
+}
+
+// Counted tokens of [begin, end).
+inline int64_t count_tokens(const uint8_t* __restrict m, int64_t begin, int64_t end) {
+  int64_t n = 0;
+  for (int64_t t = begin; t < end; ++t) n += m[t] != 0;
+  return n;
+}
+
+// Σ over the counted tokens of [begin, end) of clamp(p − q, ±C) (a select, so padding never leaks).
+template <class T>
+double masked_log_ratio_sum(const T* __restrict p, const T* __restrict q, const uint8_t* __restrict m, int64_t begin,
+                            int64_t end, T C) {
+  T sum = 0;
+#ifdef _OPENMP
+#pragma omp simd reduction(+ : sum)
+#endif
+  for (int64_t t = begin; t < end; ++t) sum += m[t] != 0 ? std::min(std::max(p[t] - q[t], -C), C) : T(0);
+  return static_cast<double>(sum);
+}
+
+// One sequence: pass 1 counts its tokens and forms the sequence means (GSPO ratio, sequence IS
+// weight); pass 2 (policy_blocks) computes every token's loss and derivative.
+template <class T>
+void policy_sequence(const TokenLossSpec& s, const TokenLossArgs<T>& a, int64_t begin, int64_t end, SeqSums& out) {
+  const T C = static_cast<T>(s.log_ratio_clamp);
+  const double n = static_cast<double>(count_tokens(a.mask, begin, end));
+  const double sum_delta = s.seq_ratio ? masked_log_ratio_sum(a.x, a.old, a.mask, begin, end, C) : 0.0;
+  const double sum_log_w = s.rollout_seq ? masked_log_ratio_sum(a.old, a.roll, a.mask, begin, end, C) : 0.0;
+  const double inv_n = n > 0 ? 1.0 / n : 0.0;
+  TokenConsts<T> k;
+  k.C = C;
+  k.lo = static_cast<T>(1.0 - s.clip_low), k.hi = static_cast<T>(1.0 + s.clip_high);
+  k.dual_c = s.dual_clip > 0 ? static_cast<T>(s.dual_clip) : std::numeric_limits<T>::infinity();
+  k.kl_coef = static_cast<T>(s.kl_coef), k.kl_clamp = static_cast<T>(s.kl_clamp);
+  k.c1 = s.kl == 1, k.c2 = s.kl == 2, k.c3 = s.kl == 3;
+  k.ent_coef = static_cast<T>(s.entropy_coef);
+  k.cap = static_cast<T>(s.rollout_cap), k.cap_value = s.rollout_mask ? T(0) : k.cap;
+  k.weight = s.aggregation == Aggregation::kSeqMeanTokenMean ? static_cast<T>(inv_n) : T(1);
+  k.is_seq = s.seq_ratio ? T(1) : T(0);
+  k.seq_ratio = static_cast<T>(std::exp(sum_delta * inv_n));
+  const T seq_w = exp_fast(static_cast<T>(sum_log_w * inv_n));
+  k.seq_w = !s.rollout_seq ? T(1) : seq_w > k.cap ? k.cap_value : seq_w;
+
+  using Fn = void (*)(const TokenConsts<T>&, const TokenLossArgs<T>&, int64_t, int64_t, SeqSums&);
+  static constexpr Fn kLoops[2][3][2] = {
+      {{policy_blocks<T, false, 0, false>, policy_blocks<T, false, 0, true>},
+       {policy_blocks<T, false, 1, false>, policy_blocks<T, false, 1, true>},
+       {policy_blocks<T, false, 2, false>, policy_blocks<T, false, 2, true>}},
+      {{policy_blocks<T, true, 0, false>, policy_blocks<T, true, 0, true>},
+       {policy_blocks<T, true, 1, false>, policy_blocks<T, true, 1, true>},
+       {policy_blocks<T, true, 2, false>, policy_blocks<T, true, 2, true>}}};
+  const int is = !s.rollout ? 0 : s.rollout_seq ? 2 : 1;
+  kLoops[s.kl != 0][is][s.has_entropy](k, a, begin, end, out);
   out.count = n;
-  out.loss *= weight;
+  out.loss *= static_cast<double>(k.weight);
 }
 
 template <class T>
 void value_sequence(const TokenLossSpec& s, const TokenLossArgs<T>& a, int64_t begin, int64_t end, SeqSums& out) {
   const uint8_t* m = a.mask;
   const T clip = static_cast<T>(s.value_clip);
-  double n = 0;
-  for (int64_t t = begin; t < end; ++t) n += m[t] != 0;
+  const double n = static_cast<double>(count_tokens(m, begin, end));
   const T weight = s.aggregation == Aggregation::kSeqMeanTokenMean && n > 0 ? static_cast<T>(1.0 / n) : T(1);
   for (int64_t t = begin; t < end; ++t) {
     if (!m[t]) {
