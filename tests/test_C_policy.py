@@ -45,11 +45,17 @@ def test_parallel_batch_equals_sequences_alone():
         _, _, u1, ue1 = cpu_policy.token_loss_forward(*(t[s:e] for t in args), torch.tensor([0, e - s]), None,
                                                       _spec())
         assert torch.equal(u1, unit[s:e]) and torch.equal(ue1, unit_ent[s:e])
-    # ... and the whole batch against the reference (float64 reference, float32 kernel)
-    want = fastpo.reference.policy_loss(ins["x"].double(), ins["old"].double(), ins["adv"].double(), m,
-                                        cu_seqlens=cu, ref_logp=ins["ref"].double(), entropy=ins["ent"].double(),
+    # ... and the whole batch against the reference (float64 reference, float32 kernel): sequences of
+    # thousands of tokens, so every vectorised block and ragged block tail is compared
+    x = ins["x"].double().requires_grad_()
+    ent = ins["ent"].double().requires_grad_()
+    want = fastpo.reference.policy_loss(x, ins["old"].double(), ins["adv"].double(), m, cu_seqlens=cu,
+                                        ref_logp=ins["ref"].double(), entropy=ent,
                                         rollout_logp=ins["roll"].double(), config=CONFIG)
-    torch.testing.assert_close(loss.double(), want.loss, atol=1e-6, rtol=1e-5)
+    want.loss.backward()
+    torch.testing.assert_close(loss.double(), want.loss.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close((unit * stats[1]).double(), x.grad, atol=1e-9, rtol=1e-5)
+    torch.testing.assert_close((unit_ent * stats[1]).double(), ent.grad, atol=1e-9, rtol=1e-5)
     for k, v in want.metrics.items():
         torch.testing.assert_close(stats[STATS.index(k)].double(), v, atol=1e-6, rtol=1e-5, msg=k)
 
