@@ -148,7 +148,7 @@ void policy_tokens(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t b
     const bool counted = m[t] != 0;
     const T x = xs[t], A = advs[t];
     const T raw_delta = x - olds[t];
-    const T delta = std::min(std::max(raw_delta, -C), C);
+    const T delta = clamp_abs(raw_delta, C);
     const T token_ratio = exp_fast(delta);
     const T token_d_ratio = std::abs(raw_delta) <= C ? token_ratio : T(0);
     const T ratio = token_ratio * (T(1) - is_seq) + seq_ratio * is_seq;
@@ -163,7 +163,7 @@ void policy_tokens(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t b
     T d_pg = clipped ? T(0) : -A * d_ratio;
     d_pg = dual ? T(0) : d_pg;
     if (IS == 1) {
-      const T w = exp_fast(std::min(std::max(olds[t] - rolls[t], -C), C));
+      const T w = exp_fast(clamp_abs<T>(olds[t] - rolls[t], C));
       const T w_capped = w > cap ? cap_value : w;  // truncated to the cap, or masked to 0
       pg *= w_capped;
       d_pg *= w_capped;
@@ -174,11 +174,11 @@ void policy_tokens(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t b
     T loss = pg, d_loss = d_pg, kl = T(0);
     if (REF) {
       const T raw_d = refs[t] - x;
-      const T d = std::min(std::max(raw_d, -C), C);
+      const T d = clamp_abs(raw_d, C);
       const T ed = exp_fast(d);
       const T kl_raw = c1 * (-d) + c2 * (T(0.5) * d * d) + c3 * (ed - d - T(1));
       const T dk = c1 * T(-1) + c2 * d + c3 * (ed - T(1));  // ∂k/∂d
-      kl = std::min(std::max(kl_raw, -kl_clamp), kl_clamp);
+      kl = clamp_abs(kl_raw, kl_clamp);
       const T live_d = std::abs(raw_d) <= C ? kl_coef * dk : T(0);  // the clamps' derivatives
       loss += kl_coef * kl;
       d_loss -= std::abs(kl_raw) <= kl_clamp ? live_d : T(0);        // ∂d/∂x = −1
@@ -248,7 +248,7 @@ double masked_log_ratio_sum(const T* __restrict p, const T* __restrict q, const 
 #ifdef _OPENMP
 #pragma omp simd reduction(+ : sum)
 #endif
-  for (int64_t t = begin; t < end; ++t) sum += m[t] != 0 ? std::min(std::max(p[t] - q[t], -C), C) : T(0);
+  for (int64_t t = begin; t < end; ++t) sum += m[t] != 0 ? clamp_abs<T>(p[t] - q[t], C) : T(0);
   return static_cast<double>(sum);
 }
 
