@@ -24,8 +24,8 @@ __all__ = ["token_loss_forward", "token_loss_backward"]
 
 def _kernel_spec(s: TokenLossSpec, num_tokens: Optional[torch.Tensor]) -> dict:
     spec = s._asdict()
-    spec.update(rollout_seq=s.rollout > 0 and s.rollout_seq, rollout_mask=s.rollout > 0 and s.rollout_mask,
-                aggregation=AGGREGATIONS[s.aggregation], log_ratio_clamp=LOG_RATIO_CLAMP)
+    spec.update(rollout_seq=s.rollout_seq, rollout_mask=s.rollout_mask, aggregation=AGGREGATIONS[s.aggregation],
+                log_ratio_clamp=LOG_RATIO_CLAMP)
     if num_tokens is not None:
         spec["num_tokens"] = float(num_tokens)
     return spec
@@ -37,12 +37,10 @@ def token_loss_forward(x, old, adv, ref: Optional[torch.Tensor], ent: Optional[t
     """(loss, stats, unit, unit_entropy) of the flat inputs ``[N]`` (see ``fastpo.ops.loss_spec``)."""
     dt = accumulation_dtype(x.dtype)
     N = x.numel()
+    # The kernel takes exactly the optional inputs the spec reads (none for the value loss).
+    ref, ent, roll = (t if used else None for t, used in ((ref, s.kl), (ent, s.has_entropy), (roll, s.rollout)))
     flat = lambda t: None if t is None else t.detach().to(dt).contiguous()  # noqa: E731
     x, old, adv, ref, ent, roll = map(flat, (x, old, adv, ref, ent, roll))
-    if s.value:
-        ref = ent = roll = None
-    if not s.rollout:
-        roll = None
     if mask is not None and mask.dtype not in (torch.bool, torch.uint8):
         mask = mask != 0
     m = None if mask is None else mask.detach().contiguous()
