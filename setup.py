@@ -58,7 +58,8 @@ ext_modules = [
 ]
 
 setup(
-    packages=["fastpo", "fastpo.ops", "fastpo.reference", "fastpo.kernels"],
+    packages=["fastpo", "fastpo.ops", "fastpo.reference", "fastpo.kernels", "fastpo.trainer", "fastpo.rollout",
+              "benchmarks"],
     package_dir={"fastpo": "fastpo", "fastpo.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},

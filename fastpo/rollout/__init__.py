@@ -1,0 +1,1 @@
+"""Rollout engines behind one small interface: Hugging Face ``generate`` and vLLM."""
