@@ -1,0 +1,130 @@
+"""Group-relative policy gradient: GRPO, DAPO, Dr.GRPO, GSPO, RLOO and REINFORCE++.
+
+Per step: G responses to each of P prompts; one outcome reward per response; the advantage of a
+response compares it with its group (``fastpo.group_advantages``) and is shared by all its tokens;
+the loss is ``fastpo.policy_loss`` with the algorithm's preset. The variants differ only in the
+row of :data:`VARIANTS` (advantage estimator, loss preset) and DAPO's group filter.
+
+  grpo          (s − mean_g)/(std_g + ε)     GRPO preset: clip 0.2, k3 KL β=0.04, seq-mean-token-mean
+  dapo          same advantages              DAPO preset: clip 0.2/0.28, token-mean; groups whose
+                                             responses all got the same reward are dropped (dynamic sampling)
+  dr_grpo       s − mean_g                   DR_GRPO preset: Σ token losses / (B · max_new_tokens)
+  gspo          (s − mean_g)/(std_g + ε)     GSPO preset: sequence-level ratio, clip 3e-4/4e-4
+  rloo          s − mean of the others       token-mean PPO-clip loss, no KL in the loss
+  reinforce_pp  s − mean_g, batch-whitened   token-mean PPO-clip loss, no KL in the loss
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+import torch
+
+import fastpo
+
+from ..batch import packed_rollout_logp, token_logprobs
+from .base import Algorithm, Experience, metrics_of
+
+_PG_ONLY = fastpo.PolicyLossConfig(clip_low=0.2, clip_high=0.2, kl_coef=0.0, aggregation="token_mean")
+
+# name -> (group_advantages method, loss preset)
+VARIANTS = {
+    "grpo": ("grpo", fastpo.GRPO),
+    "dapo": ("grpo", fastpo.DAPO),
+    "dr_grpo": ("dr_grpo", fastpo.DR_GRPO),
+    "gspo": ("grpo", fastpo.GSPO),
+    "rloo": ("rloo", _PG_ONLY),
+    "reinforce_pp": ("reinforce_pp", _PG_ONLY),
+    "remax": ("remax", _PG_ONLY),
+}
+
+LOSS_METRICS = ["clip_frac", "ratio_mean", "ppo_kl", "ref_kl"]
+
+
+def loss_config(name: str, cfg) -> fastpo.PolicyLossConfig:
+    """The preset with the run's overrides: KL weight, rollout correction, and Dr.GRPO's length."""
+    preset = VARIANTS[name][1]
+    changes = dict(rollout_is=cfg.rollout_is, rollout_is_cap=cfg.rollout_is_cap)
+    if cfg.kl_coef is not None:
+        changes["kl_coef"] = cfg.kl_coef
+    if preset.aggregation == "token_sum_norm":
+        changes["norm_length"] = cfg.max_new_tokens
+    return dataclasses.replace(preset, **changes)
+
+
+class GroupPolicyGradient(Algorithm):
+    """GRPO and its relatives (see the module docstring)."""
+
+    def __init__(self, trainer, name: str):
+        super().__init__(trainer)
+        self.name = name
+        self.method = VARIANTS[name][0]
+        self.config = loss_config(name, self.cfg)
+        self.needs_reference = self.config.kl_coef > 0
+
+    def baseline(self, step: int, examples) -> Optional[torch.Tensor]:
+        """Per-prompt baseline for ``remax``; the group methods need none."""
+        return None
+
+    @torch.no_grad()
+    def experience(self, step: int) -> Experience:
+        examples, rollout, rewards = self.rollout(step, self.cfg.group_size)
+        batch = self.token_batch(rollout)
+        old_logp, entropy = self.old_policy(batch)
+        metrics = self.rollout_metrics(rollout, rewards, old_logp, entropy, batch)
+        baseline = self.baseline(step, examples)
+        if baseline is not None:
+            baseline = baseline.repeat_interleave(self.cfg.group_size)
+            metrics["baseline_reward_mean"] = float(baseline.mean())
+        adv = fastpo.group_advantages(rewards, group_size=self.cfg.group_size, method=self.method,
+                                      baseline=baseline)
+        tensors = {"old_logp": old_logp, "advantages": batch.per_token(adv),
+                   "rollout_logp": packed_rollout_logp(rollout.rollout_logp, self.trainer.device)}
+        if self.needs_reference:
+            tensors["ref_logp"] = self.reference_logp(batch)
+        keep = self.keep_sequences(rewards)
+        if keep is not None:  # dropped sequences leave every count, denominators included
+            metrics["kept_frac"] = float(keep.float().mean())
+            tensors["mask"] = batch.per_token(keep).float()
+        return Experience(batch, tensors, metrics, rollout.num_tokens)
+
+    def keep_sequences(self, rewards: torch.Tensor) -> Optional[torch.Tensor]:
+        """DAPO's dynamic sampling: keep groups whose rewards differ (the others have no signal)."""
+        if self.name != "dapo":
+            return None
+        groups = rewards.view(-1, self.cfg.group_size)
+        informative = groups.max(dim=1).values > groups.min(dim=1).values
+        return informative.repeat_interleave(self.cfg.group_size)
+
+    def loss(self, exp: Experience) -> Tuple[torch.Tensor, Dict[str, Optional[float]]]:
+        t = exp.tensors
+        batch = exp.batch
+        want_entropy = self.config.entropy_coef > 0
+        scored = token_logprobs(self.trainer.policy, batch, temperature=self.cfg.temperature,
+                                return_entropy=want_entropy)
+        logp, entropy = scored if want_entropy else (scored, None)
+        out = fastpo.policy_loss(
+            logp, t["old_logp"], t["advantages"], t.get("mask"), cu_seqlens=batch.cu_seqlens,
+            ref_logp=t.get("ref_logp"),
+            entropy=entropy, rollout_logp=t["rollout_logp"] if self.config.rollout_is != "none" else None,
+            num_tokens=self.global_token_count(batch, t.get("mask")) if self.config.aggregation == "token_mean"
+            else None,
+            config=self.config)
+        metrics = metrics_of(out, LOSS_METRICS)
+        metrics["kl"] = metrics.pop("ref_kl") if self.needs_reference else None
+        return out.loss, metrics
+
+
+class ReMax(GroupPolicyGradient):
+    """ReMax (Li et al. 2023): the baseline of a prompt's sampled responses is the reward of its
+    greedy response, generated each step with the current policy."""
+
+    def __init__(self, trainer):
+        super().__init__(trainer, "remax")
+
+    @torch.no_grad()
+    def baseline(self, step: int, examples) -> torch.Tensor:
+        greedy = self.trainer.rollout.generate([e.prompt for e in examples],
+                                               self.sampling(step, n=1, greedy=True, purpose=1))
+        return self.score(examples, greedy)

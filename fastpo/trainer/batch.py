@@ -1,0 +1,110 @@
+"""Token batches for training: prompt + response sequences, right-padded for the model, with the
+response tokens addressed in packed form.
+
+A response token ``t`` of sample ``i`` is scored by the hidden state one position before it, so the
+batch keeps, for every response token, the (row, position) of that hidden state and the token id
+as its label. The response tokens of all samples, back to back, are the packed layout
+(``cu_seqlens [B+1]``) every fastpo op takes: nothing of size ``[B, T, V]`` (or even ``[B, T]``
+padding) reaches the losses, and log-probs come from ``linear_token_logprobs`` on ``[N, D]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+import fastpo
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor        # [B, L] prompt + response, right-padded
+    attention_mask: torch.Tensor   # [B, L]
+    rows: torch.Tensor             # [N] batch row of the hidden state that scores each response token
+    positions: torch.Tensor        # [N] its position
+    labels: torch.Tensor           # [N] the response token ids
+    cu_seqlens: torch.Tensor       # [B+1] int64 offsets of each sample's response tokens
+    lengths: torch.Tensor          # [B] response lengths
+
+    @property
+    def num_sequences(self) -> int:
+        return self.lengths.numel()
+
+    @property
+    def num_response_tokens(self) -> int:
+        return self.labels.numel()
+
+    def per_token(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-sample value ``[B]`` repeated over each sample's response tokens -> ``[N]``."""
+        return values.repeat_interleave(self.lengths)
+
+    def last_token_index(self) -> torch.Tensor:
+        """Index into ``[N]`` of each non-empty sample's last response token (``-1`` for empty ones)."""
+        return torch.where(self.lengths > 0, self.cu_seqlens[1:] - 1, torch.full_like(self.lengths, -1))
+
+
+def make_token_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                     device: torch.device) -> TokenBatch:
+    """Build a :class:`TokenBatch` from token-id lists (one prompt and one response per sample)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"prompts and responses differ in length: {len(prompts)} vs {len(responses)}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (the first response token is scored from it)")
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    rows: List[int] = []
+    positions: List[int] = []
+    labels: List[int] = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq = seqs[i]
+        input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, :len(seq)] = 1
+        rows += [i] * len(r)
+        positions += range(len(p) - 1, len(p) - 1 + len(r))
+        labels += r
+    lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    cu = torch.zeros(len(responses) + 1, dtype=torch.long)
+    cu[1:] = torch.cumsum(lengths, 0)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
+    return TokenBatch(input_ids.to(device), attention_mask.to(device), as_long(rows), as_long(positions),
+                      as_long(labels), cu.to(device), lengths.to(device))
+
+
+class CausalLMHidden(torch.nn.Module):
+    """A causal LM seen as ``(input_ids, attention_mask) -> (last hidden [B, L, D], lm_head weight,
+    lm_head bias)``: the decoder runs, the ``[B, L, V]`` logits never do. Returning the head's
+    parameters from ``forward`` keeps them inside the module DDP wraps."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        decoder = self.lm.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        head = self.lm.get_output_embeddings()
+        return hidden, head.weight, head.bias
+
+
+def response_hidden(model: torch.nn.Module, batch: TokenBatch):
+    """The hidden states that score each response token ``[N, D]``, and the lm_head (weight, bias)."""
+    hidden, weight, bias = model(batch.input_ids, batch.attention_mask)
+    return hidden[batch.rows, batch.positions], weight, bias
+
+
+def token_logprobs(model: torch.nn.Module, batch: TokenBatch, *, temperature: float = 1.0,
+                   return_entropy: bool = False, chunk_size: Optional[int] = None):
+    """log p(response token) ``[N]`` (and the entropy ``[N]``) from hidden states and the lm_head:
+    ``fastpo.linear_token_logprobs``, never ``[N, V]`` at once."""
+    hidden, weight, bias = response_hidden(model, batch)
+    return fastpo.linear_token_logprobs(hidden, weight, batch.labels, bias=bias, temperature=temperature,
+                                        return_entropy=return_entropy, chunk_size=chunk_size)
+
+
+def packed_rollout_logp(rollout_logp: Sequence[Sequence[float]], device) -> torch.Tensor:
+    """The rollout engine's sampled-token log-probs, packed like the batch's response tokens ``[N]``."""
+    flat = [x for row in rollout_logp for x in row]
+    return torch.tensor(flat, dtype=torch.float32, device=device)

@@ -1,0 +1,130 @@
+"""Every setting of ``fastpo train``, in one dataclass. The CLI flags are generated from its fields
+(``max_steps`` -> ``--max-steps``) and a ``--config FILE.yaml`` may set any of them (flags win)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .errors import UserInputError
+
+ALGORITHMS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo", "reinforce_pp", "remax", "ppo", "dpo", "online_dpo")
+ROLLOUTS = ("hf",)
+ROLLOUT_IS = ("none", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    algo: str = field(default="grpo", metadata={"help": f"one of {', '.join(ALGORITHMS)}"})
+    model: Optional[str] = field(default=None, metadata={
+        "help": "a local directory or hub id of a causal LM (default: the built-in tiny model, built and "
+                "cached on first use)"})
+    task: str = field(default="arithmetic", metadata={
+        "help": "'arithmetic' (built in) or 'jsonl' (prompts from --data); DPO reads pairs from --data"})
+    data: Optional[str] = field(default=None, metadata={
+        "help": "JSONL file: {\"prompt\", \"answer\"} lines for RL, {\"prompt\", \"chosen\", \"rejected\"} for dpo"})
+    reward: Optional[str] = field(default=None, metadata={
+        "help": "extra reward 'module:function' or 'file.py:function', called as reward(prompt, completion)"})
+    rollout: str = field(default="hf", metadata={"help": f"rollout engine: {', '.join(ROLLOUTS)}"})
+    # loop
+    max_steps: int = field(default=150, metadata={"help": "optimiser steps"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompts (RL) or preference pairs (dpo) per step"})
+    group_size: int = field(default=8, metadata={"help": "responses sampled per prompt (G)"})
+    max_new_tokens: int = field(default=8, metadata={"help": "response length cap"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also used to score)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    epochs_per_step: int = field(default=1, metadata={"help": "optimiser passes over each rollout batch"})
+    seed: int = 0
+    # optimiser
+    lr: float = field(default=1e-3, metadata={"help": "learning rate (AdamW)"})
+    weight_decay: float = 0.0
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    # losses
+    kl_coef: Optional[float] = field(default=None, metadata={
+        "help": "KL-to-reference weight (default: the preset's; 0 needs no reference model)"})
+    ref_update_every: int = field(default=0, metadata={
+        "help": "copy the policy into the reference model every N steps (0 = keep the initial policy)"})
+    rollout_is: str = field(default="none", metadata={"help": f"rollout importance correction: {', '.join(ROLLOUT_IS)}"})
+    rollout_is_cap: float = 2.0
+    vf_coef: float = field(default=0.5, metadata={"help": "ppo: value-loss weight"})
+    critic_lr: Optional[float] = field(default=None, metadata={"help": "ppo: critic learning rate (default: --lr)"})
+    gamma: float = field(default=1.0, metadata={"help": "ppo: discount"})
+    lam: float = field(default=0.95, metadata={"help": "ppo: GAE lambda"})
+    beta: float = field(default=0.1, metadata={"help": "dpo / online_dpo: beta"})
+    dpo_loss_type: str = field(default="sigmoid", metadata={"help": "dpo: sigmoid | ipo | hinge | robust"})
+    # runtime
+    device: Optional[str] = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 model weights"})
+    output_dir: str = field(default="runs/fastpo", metadata={"help": "metrics, plots and checkpoints go here"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output-dir"})
+    tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard (needs tensorboard)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def validate(self) -> "TrainConfig":
+        def choice(name, allowed):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UserInputError(f"--{name.replace('_', '-')}: unknown value {value!r}; choose from "
+                                     f"{', '.join(allowed)}")
+        choice("algo", ALGORITHMS)
+        choice("rollout", ROLLOUTS)
+        choice("rollout_is", ROLLOUT_IS)
+        choice("dtype", ("float32", "bfloat16"))
+        choice("dpo_loss_type", ("sigmoid", "ipo", "hinge", "robust"))
+        if self.device is not None:
+            choice("device", ("cpu", "cuda"))
+        for name in ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs_per_step"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "ref_update_every"):
+            if getattr(self, name) < 0:
+                raise UserInputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise UserInputError(f"--temperature must be > 0, got {self.temperature}")
+        if self.lr <= 0:
+            raise UserInputError(f"--lr must be > 0, got {self.lr}")
+        if self.algo in ("grpo", "dapo", "dr_grpo", "gspo", "rloo", "reinforce_pp", "online_dpo") and self.group_size < 2:
+            raise UserInputError(f"--group-size must be >= 2 for {self.algo} (it compares responses to the same "
+                                 f"prompt), got {self.group_size}")
+        if self.algo == "dpo" and self.data is None:
+            raise UserInputError("--algo dpo trains on preference pairs: pass --data PAIRS.jsonl with "
+                                 "{\"prompt\", \"chosen\", \"rejected\"} lines")
+        if self.task not in ("arithmetic", "jsonl"):
+            raise UserInputError(f"--task: unknown task {self.task!r}; choose from arithmetic, jsonl")
+        if self.task == "jsonl" and self.data is None and self.algo != "dpo":
+            raise UserInputError("--task jsonl needs --data PROMPTS.jsonl")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_fields():
+    return fields(TrainConfig)
+
+
+def load_yaml_config(path: str) -> Dict[str, Any]:
+    """The settings in a YAML file: a mapping of field names (``max_steps`` or ``max-steps``)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError(f"--config: no such file: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"--config {path}: invalid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    known = {f.name: f for f in config_fields()}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise UserInputError(f"--config {path}: unknown setting {key!r}; known: {', '.join(known)}")
+        out[name] = value
+    return out

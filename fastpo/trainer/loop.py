@@ -1,0 +1,232 @@
+"""The training loop every algorithm shares: set-up, the optimiser step, logging, checkpoints.
+
+Per step: ``experience = algo.experience(step)`` (rollout, rewards, old-policy and reference
+log-probs, advantages), then ``epochs_per_step`` passes of ``loss = algo.loss(experience)``,
+backward, gradient clipping and an AdamW step; then the rollout engine gets the new weights. A
+non-finite loss or gradient skips the update with a warning (all ranks agree) and that step writes
+no checkpoint. Every random draw of a step is seeded from ``(seed, step, rank)``, so a resumed run
+repeats an uninterrupted one."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .algos import make_algorithm
+from .batch import CausalLMHidden
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .distributed import all_sum, barrier, init_distributed, shutdown, unwrap, wrap
+from .errors import UserInputError
+from .models import ValueModel, frozen_copy, load_policy
+from .reporting import Reporter
+
+
+class NonFiniteLossWarning(RuntimeWarning):
+    """A step's loss or gradient was NaN/inf; the update was skipped."""
+
+
+class ExamplePool:
+    """Prompts (or preference pairs) from a file: each step draws ``n`` without replacement
+    (with replacement when the file holds fewer than ``n``)."""
+
+    def __init__(self, items: List):
+        if not items:
+            raise UserInputError("the data file holds no examples")
+        self.items = items
+
+    def sample(self, n: int, rng: random.Random) -> List:
+        return rng.sample(self.items, n) if n <= len(self.items) else rng.choices(self.items, k=n)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.cfg = cfg.validate()
+        self.dist = init_distributed(cfg.device)
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise UserInputError("--device cuda: torch sees no CUDA device")
+        self.device = self.dist.device
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)
+        self.output_dir = Path(cfg.output_dir)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the step bar
+
+        self.prompts, self.pairs, self.rewards = self._data()
+        self.lm, self.tokenizer = load_policy(cfg.model, cfg.dtype, self.device, log=self.log)
+        self.algo = make_algorithm(cfg.algo, self)
+        self.initial_ref = None
+        self.ref = None
+        if self.algo.needs_reference:
+            self.ref = frozen_copy(self.lm)
+        self.ref_step = 0
+        self.critic = self.critic_eval = None
+        modules = [self.lm]
+        if self.algo.needs_critic:
+            self.critic_eval = ValueModel(self.lm)
+            self.critic = wrap(self.critic_eval, self.dist)
+            modules.append(self.critic_eval)
+        self.policy_eval = CausalLMHidden(self.lm)
+        self.policy = wrap(self.policy_eval, self.dist)
+        groups = [{"params": [p for p in self.lm.parameters() if p.requires_grad], "lr": cfg.lr}]
+        if self.critic_eval is not None:
+            groups.append({"params": list(self.critic_eval.parameters()), "lr": cfg.critic_lr or cfg.lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.trainable = [p for g in groups for p in g["params"]]
+        self.rollout = self._rollout_engine()
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def _data(self):
+        from .rewards import RewardFunction, RewardTerm, default_reward_function, exact_answer_reward
+        from .tasks import ArithmeticTask, load_preferences_jsonl, load_prompts_jsonl
+
+        cfg = self.cfg
+        pairs = prompts = None
+        if cfg.algo == "dpo":
+            pairs = ExamplePool(load_preferences_jsonl(cfg.data))
+        elif cfg.task == "jsonl":
+            prompts = ExamplePool(load_prompts_jsonl(cfg.data))
+        else:
+            prompts = ArithmeticTask()
+        if cfg.task == "arithmetic":
+            rewards = default_reward_function()
+        else:
+            rewards = RewardFunction([RewardTerm.builtin(exact_answer_reward)])
+        if cfg.reward:
+            rewards = RewardFunction(rewards.terms + [RewardTerm.from_spec(cfg.reward)])
+        return prompts, pairs, rewards
+
+    def _rollout_engine(self):
+        if self.cfg.algo == "dpo":
+            return None
+        from ..rollout.hf import HFGenerateRollout
+
+        return HFGenerateRollout(self.lm, self.tokenizer)
+
+    def seed_for(self, step: int, purpose: int = 0) -> int:
+        """The seed of one random draw of a step on this rank."""
+        return (self.cfg.seed * 1_000_003 + step * 7_919 + self.dist.rank * 104_729 + purpose * 13) % (2 ** 31)
+
+    def rng_for(self, step: int, purpose: int = 0) -> random.Random:
+        return random.Random(self.seed_for(step, purpose))
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def train(self) -> List[Dict]:
+        cfg = self.cfg
+        first_step = 0
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        barrier(self.dist)
+        if cfg.resume:
+            first_step = self._resume()
+        elif self.dist.is_main and (self.output_dir / "metrics.jsonl").exists():
+            (self.output_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh record
+        reporter = Reporter(self.output_dir, total_steps=cfg.max_steps, first_step=first_step,
+                            enabled=self.dist.is_main, progress=cfg.progress, tensorboard=cfg.tensorboard)
+        if cfg.resume:
+            reporter.truncate(first_step)
+        records = []
+        try:
+            for step in range(first_step + 1, cfg.max_steps + 1):
+                record, updated = self.train_step(step)
+                reporter.log(record)
+                records.append(record)
+                if not updated:
+                    reporter.message(f"step {step}: non-finite loss or gradient; update skipped")
+                self._maybe_refresh_reference(step)
+                if updated and (step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0)):
+                    self._save(step)
+            reporter.plot()
+        finally:
+            reporter.close()
+            if self.rollout is not None:
+                self.rollout.close()
+            shutdown(self.dist)
+        return records
+
+    def train_step(self, step: int):
+        t0 = time.perf_counter()
+        exp = self.algo.experience(step)
+        metrics: Dict[str, Optional[float]] = dict(exp.metrics)
+        updated = True
+        losses = []
+        for _ in range(self.cfg.epochs_per_step):
+            self.optimizer.zero_grad(set_to_none=True)
+            if exp.empty:
+                # nothing to learn from on this rank (e.g. no pair in online DPO); keep DDP in step
+                loss = sum(p.sum() * 0.0 for p in self.trainable)
+                loss_metrics = {}
+            else:
+                loss, loss_metrics = self.algo.loss(exp)
+            loss.backward()
+            grad_norm = self._grad_norm()
+            loss_value = float(loss.detach())
+            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            if all_sum(0.0 if finite else 1.0, self.dist) > 0:
+                warnings.warn(f"step {step}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}); "
+                              "the update is skipped", NonFiniteLossWarning, stacklevel=2)
+                self.optimizer.zero_grad(set_to_none=True)
+                updated = False
+                break
+            if self.cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+            self.optimizer.step()
+            losses.append(loss_value)
+            metrics.update(loss_metrics)
+            metrics["grad_norm"] = grad_norm
+        if updated and self.rollout is not None:
+            self.rollout.sync_weights(self.lm)
+        elapsed = time.perf_counter() - t0
+        metrics["loss"] = sum(losses) / len(losses) if losses else None
+        metrics = {k: (None if v is None else float(v)) for k, v in metrics.items()}
+        for key in ("reward_mean", "loss", "kl", "entropy"):  # report the average over ranks
+            if metrics.get(key) is not None and self.dist.enabled:
+                metrics[key] = all_sum(metrics[key], self.dist) / self.dist.world_size
+        record = {"step": step, **metrics, "skipped": not updated,
+                  "tokens_per_s": all_sum(exp.num_tokens, self.dist) / max(elapsed, 1e-9),
+                  "step_time_s": elapsed}
+        return record, updated
+
+    def _grad_norm(self) -> float:
+        norms = [p.grad.detach().float().norm() for p in self.trainable if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def _maybe_refresh_reference(self, step: int) -> None:
+        every = self.cfg.ref_update_every
+        if self.ref is not None and every and step % every == 0:
+            self.ref.lm.load_state_dict(self.lm.state_dict())
+            self.ref_step = step
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def _save(self, step: int) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.output_dir, step, policy=self.lm, tokenizer=self.tokenizer,
+                            optimizer=self.optimizer,
+                            reference=self.ref.lm if self.ref is not None and self.ref_step else None,
+                            critic=self.critic_eval, ref_step=self.ref_step, config=self.cfg.to_dict())
+        barrier(self.dist)
+
+    def _resume(self) -> int:
+        path = latest_checkpoint(self.output_dir)
+        if path is None:
+            raise UserInputError(f"--resume: no checkpoint in {self.output_dir} (looked for checkpoint-STEP/)")
+        state = load_checkpoint(path, policy=self.lm, optimizer=self.optimizer,
+                                reference=self.ref.lm if self.ref is not None else None, critic=self.critic_eval)
+        set_rng_state(state["rng"])
+        self.ref_step = state.get("ref_step", 0)
+        if self.rollout is not None:
+            self.rollout.sync_weights(self.lm)
+        self.log(f"resumed from {path} (step {state['step']})")
+        return int(state["step"])

@@ -1,0 +1,79 @@
+"""Loading the policy and tokenizer, and the two extra networks some algorithms need: a frozen
+reference copy of the policy and a critic (a copy of the backbone with a scalar value head)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Optional
+
+import torch
+
+from .batch import CausalLMHidden, TokenBatch
+from .errors import UserInputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_policy(name: Optional[str], dtype: str, device: torch.device, log=print):
+    """(causal LM, tokenizer) from a local directory or hub id; ``None`` is the built-in tiny model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name is None:
+        from .tiny_model import tiny_model_path
+
+        name = str(tiny_model_path(log=log))
+    elif _looks_like_path(name) and not os.path.isdir(name):
+        raise UserInputError(f"--model: no such directory: {name}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"--model {name}: could not load a causal LM and tokenizer ({exc})") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise UserInputError(f"--model {name}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.get_output_embeddings() is None:
+        raise UserInputError(f"--model {name}: the model has no output embedding (lm_head) to score tokens with")
+    return model.to(device), tokenizer
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else with a slash, or starting with ``.``/``~``/``/``,
+    is meant as a local directory."""
+    return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or name.endswith("/")
+
+
+def frozen_copy(lm: torch.nn.Module) -> CausalLMHidden:
+    """A reference policy: a deep copy, in eval mode, with no gradients."""
+    ref = copy.deepcopy(lm)
+    ref.eval()
+    ref.requires_grad_(False)
+    return CausalLMHidden(ref)
+
+
+class ValueModel(torch.nn.Module):
+    """V(s_t): the critic is a copy of the policy's decoder plus ``Linear(D, 1)`` (zero-initialised,
+    so the first values are 0). Values are read at the positions that score each response token,
+    i.e. the state before the token is generated."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.backbone = copy.deepcopy(lm.get_decoder())
+        self.backbone.requires_grad_(True)
+        width = lm.get_output_embeddings().weight.shape[1]
+        self.head = torch.nn.Linear(width, 1, dtype=torch.float32)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+        self.head.to(next(lm.parameters()).device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.head(hidden[rows, positions].float()).squeeze(-1)
+
+
+def values_of(critic: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Critic values at the batch's response tokens ``[N]`` (float32)."""
+    return critic(batch.input_ids, batch.attention_mask, batch.rows, batch.positions)

@@ -1,0 +1,129 @@
+"""Where a run's numbers go: ``metrics.jsonl`` (one object per step), a progress bar, a PNG of the
+reward curve, and optionally TensorBoard. Only the main process reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .errors import UserInputError
+
+# Always present in every metrics.jsonl line (None -> JSON null where an algorithm has no such thing).
+REQUIRED_KEYS = ("step", "reward_mean", "loss", "kl", "clip_frac", "entropy", "tokens_per_s")
+BAR_KEYS = (("reward_mean", "reward"), ("kl", "kl"), ("clip_frac", "clip"), ("tokens_per_s", "tok/s"))
+
+
+def read_metrics(path) -> List[Dict]:
+    """The records of a metrics.jsonl file."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+class Reporter:
+    def __init__(self, output_dir: Path, *, total_steps: int, first_step: int, enabled: bool,
+                 progress: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.dir = output_dir
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=first_step, desc="fastpo train", unit="step",
+                            dynamic_ncols=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserInputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def truncate(self, last_step: int) -> None:
+        """Drop records after ``last_step`` (a resumed run rewrites them)."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= last_step]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, record: Dict) -> None:
+        if not self.enabled:
+            return
+        for key in REQUIRED_KEYS:
+            record.setdefault(key, None)
+        record = {k: _clean(v) for k, v in record.items()}
+        ordered = {k: record[k] for k in REQUIRED_KEYS}
+        ordered.update((k, v) for k, v in sorted(record.items()) if k not in ordered)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(ordered) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix({short: _fmt(ordered[k]) for k, short in BAR_KEYS}, refresh=False)
+            self.bar.update(1)
+        if self.tb is not None:
+            for k, v in ordered.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, ordered["step"])
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def plot(self) -> Optional[Path]:
+        """reward.png: the mean reward per step and its running mean."""
+        if not self.enabled:
+            return None
+        records = [r for r in read_metrics(self.metrics_path) if r.get("reward_mean") is not None]
+        if not records:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [r["step"] for r in records]
+        rewards = [r["reward_mean"] for r in records]
+        window = max(1, len(rewards) // 20)
+        smooth = [sum(rewards[max(0, i - window + 1):i + 1]) / len(rewards[max(0, i - window + 1):i + 1])
+                  for i in range(len(rewards))]
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot(steps, rewards, alpha=0.35, label="reward_mean")
+        ax.plot(steps, smooth, label=f"running mean ({window} steps)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean reward")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = self.dir / "reward.png"
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
