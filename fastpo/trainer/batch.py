@@ -73,35 +73,32 @@ def make_token_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Seque
                       as_long(labels), cu.to(device), lengths.to(device))
 
 
-class CausalLMHidden(torch.nn.Module):
-    """A causal LM seen as ``(input_ids, attention_mask) -> (last hidden [B, L, D], lm_head weight,
-    lm_head bias)``: the decoder runs, the ``[B, L, V]`` logits never do. Returning the head's
-    parameters from ``forward`` keeps them inside the module DDP wraps."""
+class TokenScorer(torch.nn.Module):
+    """A causal LM as ``batch -> log p(response tokens) [N]`` (and entropies): the decoder runs, the
+    hidden states that score response tokens are gathered (``[N, D]``) and
+    ``fastpo.linear_token_logprobs`` applies the lm_head chunk by chunk, so the ``[B, L, V]`` logits
+    never exist. Everything happens inside ``forward``, so DDP and FSDP wrap this module as usual."""
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, *, temperature: float = 1.0, chunk_size: Optional[int] = None):
         super().__init__()
         self.lm = lm
+        self.temperature = temperature
+        self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, input_ids, attention_mask, rows, positions, labels, return_entropy: bool = False):
         decoder = self.lm.get_decoder()
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         head = self.lm.get_output_embeddings()
-        return hidden, head.weight, head.bias
+        return fastpo.linear_token_logprobs(hidden[rows, positions], head.weight, labels, bias=head.bias,
+                                            temperature=self.temperature, return_entropy=return_entropy,
+                                            chunk_size=self.chunk_size)
 
 
-def response_hidden(model: torch.nn.Module, batch: TokenBatch):
-    """The hidden states that score each response token ``[N, D]``, and the lm_head (weight, bias)."""
-    hidden, weight, bias = model(batch.input_ids, batch.attention_mask)
-    return hidden[batch.rows, batch.positions], weight, bias
-
-
-def token_logprobs(model: torch.nn.Module, batch: TokenBatch, *, temperature: float = 1.0,
-                   return_entropy: bool = False, chunk_size: Optional[int] = None):
-    """log p(response token) ``[N]`` (and the entropy ``[N]``) from hidden states and the lm_head:
-    ``fastpo.linear_token_logprobs``, never ``[N, V]`` at once."""
-    hidden, weight, bias = response_hidden(model, batch)
-    return fastpo.linear_token_logprobs(hidden, weight, batch.labels, bias=bias, temperature=temperature,
-                                        return_entropy=return_entropy, chunk_size=chunk_size)
+def token_logprobs(scorer: torch.nn.Module, batch: TokenBatch, *, return_entropy: bool = False):
+    """log p of the batch's response tokens ``[N]`` (and the entropy ``[N]`` when asked) under a
+    :class:`TokenScorer` (or a DDP/FSDP wrapper of one)."""
+    return scorer(batch.input_ids, batch.attention_mask, batch.rows, batch.positions, batch.labels,
+                  return_entropy=return_entropy)
 
 
 def packed_rollout_logp(rollout_logp: Sequence[Sequence[float]], device) -> torch.Tensor:

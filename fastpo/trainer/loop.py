@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .algos import make_algorithm
-from .batch import CausalLMHidden
+from .batch import TokenScorer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .distributed import all_sum, barrier, init_distributed, shutdown, unwrap, wrap
@@ -67,7 +67,7 @@ class Trainer:
         self.initial_ref = None
         self.ref = None
         if self.algo.needs_reference:
-            self.ref = frozen_copy(self.lm)
+            self.ref = frozen_copy(self.lm, cfg.temperature)
         self.ref_step = 0
         self.critic = self.critic_eval = None
         modules = [self.lm]
@@ -75,7 +75,7 @@ class Trainer:
             self.critic_eval = ValueModel(self.lm)
             self.critic = wrap(self.critic_eval, self.dist)
             modules.append(self.critic_eval)
-        self.policy_eval = CausalLMHidden(self.lm)
+        self.policy_eval = TokenScorer(self.lm, temperature=cfg.temperature)
         self.policy = wrap(self.policy_eval, self.dist)
         groups = [{"params": [p for p in self.lm.parameters() if p.requires_grad], "lr": cfg.lr}]
         if self.critic_eval is not None:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .batch import CausalLMHidden, TokenBatch
+from .batch import TokenBatch, TokenScorer
 from .errors import UserInputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -45,12 +45,12 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or name.endswith("/")
 
 
-def frozen_copy(lm: torch.nn.Module) -> CausalLMHidden:
+def frozen_copy(lm: torch.nn.Module, temperature: float) -> TokenScorer:
     """A reference policy: a deep copy, in eval mode, with no gradients."""
     ref = copy.deepcopy(lm)
     ref.eval()
     ref.requires_grad_(False)
-    return CausalLMHidden(ref)
+    return TokenScorer(ref, temperature=temperature)
 
 
 class ValueModel(torch.nn.Module):

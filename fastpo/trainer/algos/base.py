@@ -80,14 +80,13 @@ class Algorithm(ABC):
     @torch.no_grad()
     def old_policy(self, batch: TokenBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         """The rollout-time forward: old-policy log-probs and entropies ``[N]`` of the sampled tokens."""
-        return token_logprobs(self.trainer.policy_eval, batch, temperature=self.cfg.temperature,
-                              return_entropy=True)
+        return token_logprobs(self.trainer.policy_eval, batch, return_entropy=True)
 
     @torch.no_grad()
     def reference_logp(self, batch: TokenBatch) -> Optional[torch.Tensor]:
         if self.trainer.ref is None:
             return None
-        return token_logprobs(self.trainer.ref, batch, temperature=self.cfg.temperature)
+        return token_logprobs(self.trainer.ref, batch)
 
     def rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor, old_logp: torch.Tensor,
                         entropy: torch.Tensor, batch: TokenBatch) -> Dict[str, Optional[float]]:

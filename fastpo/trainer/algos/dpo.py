@@ -52,7 +52,7 @@ class DPO(Algorithm):
         return Experience(batch, {"ref_logp": ref}, metrics, num_tokens)
 
     def sequence_logp(self, model, batch) -> torch.Tensor:
-        token_logp = token_logprobs(model, batch, temperature=self.cfg.temperature)
+        token_logp = token_logprobs(model, batch)
         return fastpo.sequence_logprobs(token_logp, cu_seqlens=batch.cu_seqlens, average=self.average)
 
     def loss(self, exp: Experience) -> Tuple[torch.Tensor, Dict[str, Optional[float]]]:

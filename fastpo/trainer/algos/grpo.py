@@ -101,8 +101,7 @@ class GroupPolicyGradient(Algorithm):
         t = exp.tensors
         batch = exp.batch
         want_entropy = self.config.entropy_coef > 0
-        scored = token_logprobs(self.trainer.policy, batch, temperature=self.cfg.temperature,
-                                return_entropy=want_entropy)
+        scored = token_logprobs(self.trainer.policy, batch, return_entropy=want_entropy)
         logp, entropy = scored if want_entropy else (scored, None)
         out = fastpo.policy_loss(
             logp, t["old_logp"], t["advantages"], t.get("mask"), cu_seqlens=batch.cu_seqlens,

@@ -60,7 +60,7 @@ class PPO(Algorithm):
 
     def loss(self, exp: Experience) -> Tuple[torch.Tensor, Dict[str, Optional[float]]]:
         t, batch = exp.tensors, exp.batch
-        logp = token_logprobs(self.trainer.policy, batch, temperature=self.cfg.temperature)
+        logp = token_logprobs(self.trainer.policy, batch)
         num_tokens = self.global_token_count(batch)
         pg = fastpo.policy_loss(logp, t["old_logp"], t["advantages"], cu_seqlens=batch.cu_seqlens,
                                 rollout_logp=t["rollout_logp"] if self.config.rollout_is != "none" else None,
