@@ -183,23 +183,45 @@ def test_reward_rises_on_the_builtin_task(tmp_path, monkeypatch):
     assert last > first + 0.1, rewards
 
 
-def test_two_process_ddp(small_lm, tmp_path):
+def torchrun(script_args, tmp_path, timeout=240):
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(ROOT / "tests" / "trainer_ddp_worker.py"), str(tmp_path),
-           "--model", small_lm, "--max-steps", "2", *QUICK, "--output-dir", str(tmp_path / "run")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+           str(ROOT / "tests" / "trainer_ddp_worker.py"), str(tmp_path), *script_args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes(mode, small_lm, tmp_path):
+    flags = ["--fsdp"] if mode == "fsdp" else []
+    ranks = torchrun(["--model", small_lm, "--max-steps", "2", *QUICK, *flags, "--output-dir", str(tmp_path / "run")],
+                     tmp_path)
     assert ranks[0]["world"] == 2
-    assert ranks[0]["checksum"] == ranks[1]["checksum"]        # gradients were averaged
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]        # one model: gradients were averaged
     assert ranks[0]["prompts"] != ranks[1]["prompts"]          # each rank drew its own prompts
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2   # rank 0 alone reports
+    assert (tmp_path / "run" / "checkpoint-2" / "policy" / "model.safetensors").is_file()
+    if mode == "fsdp":
+        assert sorted(p.name for p in (tmp_path / "run" / "checkpoint-2").glob("optimizer-rank*.pt")) == [
+            "optimizer-rank0.pt", "optimizer-rank1.pt"]
+
+
+def test_fsdp_resume_repeats_an_uninterrupted_run(small_lm, tmp_path):
+    common = ["--model", small_lm, "--save-every", "1", "--fsdp", *QUICK]
+    whole = torchrun(common + ["--max-steps", "3", "--output-dir", str(tmp_path / "a")], tmp_path / "w")
+    torchrun(common + ["--max-steps", "2", "--output-dir", str(tmp_path / "b")], tmp_path / "p")
+    resumed = torchrun(common + ["--max-steps", "3", "--resume", "--output-dir", str(tmp_path / "b")], tmp_path / "r")
+    timing = {"tokens_per_s", "step_time_s"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
+    assert strip(read_metrics(tmp_path / "a" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    assert whole[0]["checksum"] == resumed[0]["checksum"]
 
 
 # ---- the CLI's user errors: a message, exit status 2, no traceback ---------------------------------

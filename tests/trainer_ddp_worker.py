@@ -1,5 +1,5 @@
-"""Run by tests/test_trainer.py under torchrun: a short GRPO run, then each rank writes a checksum
-of its policy weights (DDP keeps them identical) and how many prompts it saw."""
+"""Run by tests/test_trainer.py under torchrun: a short run, then each rank writes a checksum of its
+(full) policy weights (DDP and FSDP keep them identical) and the prompts it drew."""
 
 import json
 import os
@@ -20,7 +20,11 @@ def main():
     sample = trainer.prompts.sample
     trainer.prompts.sample = lambda n, rng: seen.extend(x := sample(n, rng)) or x
     trainer.train()
-    checksum = float(sum(p.detach().double().sum() for p in trainer.lm.parameters()))
+    from fastpo.trainer.checkpoint import gather_state
+
+    weights = gather_state(trainer.trainable_modules)["policy"]  # full weights, also under FSDP
+    trainer.close()
+    checksum = float(sum(v.double().sum() for v in weights.values()))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"checksum": checksum, "prompts": [e.prompt for e in seen],
                    "world": int(os.environ["WORLD_SIZE"])}, f)

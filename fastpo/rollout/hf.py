@@ -20,12 +20,18 @@ class HFGenerateRollout(RolloutEngine):
 
     name = "hf"
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 64):
+    def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 64, full_weights=None,
+                 synced: bool = False):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before rollout")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        # FSDP2: ``full_weights`` is the fully_shard root whose own parameters (embeddings, lm_head)
+        # are gathered around generation (the sharded layers gather theirs in their forward), and
+        # ``synced`` keeps every rank stepping until all are done (generate's synced_gpus).
+        self.full_weights = full_weights
+        self.synced = synced
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
             else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
@@ -38,11 +44,15 @@ class HFGenerateRollout(RolloutEngine):
         self.model.eval()
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(settings.seed)  # the sample depends on the seed only, not on earlier calls
+        if self.full_weights is not None:
+            self.full_weights.unshard()
         try:
             for start in range(0, len(prompts), self.batch_size):
                 chunk = prompts[start:start + self.batch_size]
                 self._generate_chunk(chunk, start, settings, device, out)
         finally:
+            if self.full_weights is not None:
+                self.full_weights.reshard()
             torch.random.set_rng_state(generator_state)
             self.model.train(was_training)
         return out
@@ -58,7 +68,8 @@ class HFGenerateRollout(RolloutEngine):
         input_ids = enc["input_ids"].to(device)
         attention_mask = enc["attention_mask"].to(device)
         kwargs = dict(max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id,
-                      eos_token_id=sorted(self.eos_ids), return_dict_in_generate=True, output_scores=True)
+                      eos_token_id=sorted(self.eos_ids), return_dict_in_generate=True, output_scores=True,
+                      synced_gpus=self.synced)
         if s.greedy:
             kwargs.update(do_sample=False, num_return_sequences=s.n)
         else:

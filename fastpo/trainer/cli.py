@@ -66,7 +66,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             trainer = Trainer(cfg)
-            records = trainer.train()
+            try:
+                records = trainer.train()
+            finally:
+                trainer.close()
     except UserInputError as exc:
         print(f"fastpo train: error: {exc}", file=sys.stderr)
         return 2

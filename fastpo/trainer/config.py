@@ -59,6 +59,8 @@ class TrainConfig:
     device: Optional[str] = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 model weights"})
     output_dir: str = field(default="runs/fastpo", metadata={"help": "metrics, plots and checkpoints go here"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "shard the policy (and critic) with FSDP2 fully_shard instead of DDP under torchrun"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output-dir"})
     tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard (needs tensorboard)"})

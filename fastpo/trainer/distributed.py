@@ -1,7 +1,8 @@
-"""Data parallelism: ``torchrun --nproc_per_node N fastpo train ...`` runs one trainer per process.
+"""Data parallelism: ``torchrun --nproc_per_node N -m fastpo train ...`` runs one trainer per process.
 
 Each rank samples its own prompts (its seeds include the rank), the trainable networks are wrapped
-in DistributedDataParallel (gloo on CPU, NCCL on GPU), and token-mean losses divide by the global
+in DistributedDataParallel (gloo on CPU, NCCL on GPU) or, with ``--fsdp``, sharded with FSDP2's
+``fully_shard`` (for models whose weights and optimiser state do not fit one device), and token-mean losses divide by the global
 token count so that the averaged gradient equals the single-process one on the union batch."""
 
 from __future__ import annotations
@@ -54,6 +55,27 @@ def wrap(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids)
+
+
+def shard(root: torch.nn.Module, decoder: torch.nn.Module, info: DistInfo) -> None:
+    """FSDP2: ``fully_shard`` each decoder layer, then the root (which keeps the embeddings, final
+    norm and lm_head). Parameters become DTensors sharded over the ranks; each layer all-gathers
+    its weights for its forward and backward only."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"--fsdp: {type(decoder).__name__} has no .layers to shard")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(root)
+
+
+@torch.no_grad()
+def initialise_sharded(root: torch.nn.Module, *inputs) -> None:
+    """One forward through the FSDP2 root, so that it, not a layer called first by ``generate``,
+    becomes the root of the lazy initialisation."""
+    root(*inputs)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -20,10 +21,11 @@ from typing import Dict, List, Optional
 import torch
 
 from .algos import make_algorithm
-from .batch import TokenScorer
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .batch import TokenScorer, make_token_batch
+from .checkpoint import (gather_state, latest_checkpoint, load_checkpoint, save_checkpoint,
+                         save_optimizer_shard, set_rng_state, staging_dir)
 from .config import TrainConfig
-from .distributed import all_sum, barrier, init_distributed, shutdown, unwrap, wrap
+from .distributed import all_sum, barrier, init_distributed, initialise_sharded, shard, shutdown, wrap
 from .errors import UserInputError
 from .models import ValueModel, frozen_copy, load_policy
 from .reporting import Reporter
@@ -70,13 +72,24 @@ class Trainer:
             self.ref = frozen_copy(self.lm, cfg.temperature)
         self.ref_step = 0
         self.critic = self.critic_eval = None
-        modules = [self.lm]
+        self.policy_eval = TokenScorer(self.lm, temperature=cfg.temperature)
+        self.trainable_modules = torch.nn.ModuleDict({"policy": self.policy_eval})
         if self.algo.needs_critic:
             self.critic_eval = ValueModel(self.lm)
-            self.critic = wrap(self.critic_eval, self.dist)
-            modules.append(self.critic_eval)
-        self.policy_eval = TokenScorer(self.lm, temperature=cfg.temperature)
-        self.policy = wrap(self.policy_eval, self.dist)
+            self.trainable_modules["critic"] = self.critic_eval
+        if cfg.fsdp:  # shard before the optimiser sees the parameters
+            probe = make_token_batch([[self.tokenizer.pad_token_id]], [[self.tokenizer.pad_token_id]],
+                                     self.tokenizer.pad_token_id, self.device)
+            shard(self.policy_eval, self.lm.get_decoder(), self.dist)
+            probe_inputs = (probe.input_ids, probe.attention_mask, probe.rows, probe.positions)
+            initialise_sharded(self.policy_eval, *probe_inputs, probe.labels)
+            if self.critic_eval is not None:
+                shard(self.critic_eval, self.critic_eval.backbone, self.dist)
+                initialise_sharded(self.critic_eval, *probe_inputs)
+            self.policy, self.critic = self.policy_eval, self.critic_eval
+        else:
+            self.policy = wrap(self.policy_eval, self.dist)
+            self.critic = wrap(self.critic_eval, self.dist) if self.critic_eval is not None else None
         groups = [{"params": [p for p in self.lm.parameters() if p.requires_grad], "lr": cfg.lr}]
         if self.critic_eval is not None:
             groups.append({"params": list(self.critic_eval.parameters()), "lr": cfg.critic_lr or cfg.lr})
@@ -111,6 +124,9 @@ class Trainer:
             return None
         from ..rollout.hf import HFGenerateRollout
 
+        if self.cfg.fsdp:  # ranks generate in lock step (their layers all-gather together)
+            return HFGenerateRollout(self.lm, self.tokenizer, full_weights=self.policy_eval,
+                                     synced=self.dist.enabled)
         return HFGenerateRollout(self.lm, self.tokenizer)
 
     def seed_for(self, step: int, purpose: int = 0) -> int:
@@ -150,10 +166,13 @@ class Trainer:
             reporter.plot()
         finally:
             reporter.close()
-            if self.rollout is not None:
-                self.rollout.close()
-            shutdown(self.dist)
         return records
+
+    def close(self) -> None:
+        """Release the rollout engine and leave the process group."""
+        if self.rollout is not None:
+            self.rollout.close()
+        shutdown(self.dist)
 
     def train_step(self, step: int):
         t0 = time.perf_counter()
@@ -170,7 +189,7 @@ class Trainer:
             else:
                 loss, loss_metrics = self.algo.loss(exp)
             loss.backward()
-            grad_norm = self._grad_norm()
+            grad_norm = self._clip_gradients()
             loss_value = float(loss.detach())
             finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
             if all_sum(0.0 if finite else 1.0, self.dist) > 0:
@@ -179,8 +198,6 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 updated = False
                 break
-            if self.cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
             self.optimizer.step()
             losses.append(loss_value)
             metrics.update(loss_metrics)
@@ -198,32 +215,49 @@ class Trainer:
                   "step_time_s": elapsed}
         return record, updated
 
-    def _grad_norm(self) -> float:
-        norms = [p.grad.detach().float().norm() for p in self.trainable if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    def _clip_gradients(self) -> float:
+        """Clip to ``max_grad_norm`` (0: no clipping); the total norm before clipping. A non-finite
+        norm leaves the gradients non-finite, and the step is then skipped."""
+        limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, limit)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
 
     def _maybe_refresh_reference(self, step: int) -> None:
         every = self.cfg.ref_update_every
         if self.ref is not None and every and step % every == 0:
-            self.ref.lm.load_state_dict(self.lm.state_dict())
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.policy_eval, options=StateDictOptions(full_state_dict=True))
+            self.ref.lm.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()})
             self.ref_step = step
 
     # ---- checkpoints -------------------------------------------------------------------------
 
     def _save(self, step: int) -> None:
+        models = gather_state(self.trainable_modules)  # collective under FSDP
         if self.dist.is_main:
-            save_checkpoint(self.output_dir, step, policy=self.lm, tokenizer=self.tokenizer,
-                            optimizer=self.optimizer,
+            shutil.rmtree(staging_dir(self.output_dir, step), ignore_errors=True)
+            staging_dir(self.output_dir, step).mkdir(parents=True)
+        barrier(self.dist)
+        if self.cfg.fsdp:
+            save_optimizer_shard(self.output_dir, step, self.dist.rank, self.optimizer)
+        barrier(self.dist)
+        if self.dist.is_main:
+            save_checkpoint(self.output_dir, step, models, policy=self.lm, tokenizer=self.tokenizer,
+                            optimizer_state=None if self.cfg.fsdp else self.optimizer.state_dict(),
                             reference=self.ref.lm if self.ref is not None and self.ref_step else None,
-                            critic=self.critic_eval, ref_step=self.ref_step, config=self.cfg.to_dict())
+                            ref_step=self.ref_step, config=self.cfg.to_dict())
         barrier(self.dist)
 
     def _resume(self) -> int:
         path = latest_checkpoint(self.output_dir)
         if path is None:
             raise UserInputError(f"--resume: no checkpoint in {self.output_dir} (looked for checkpoint-STEP/)")
-        state = load_checkpoint(path, policy=self.lm, optimizer=self.optimizer,
-                                reference=self.ref.lm if self.ref is not None else None, critic=self.critic_eval)
+        state = load_checkpoint(path, self.trainable_modules, self.optimizer,
+                                reference=self.ref.lm if self.ref is not None else None,
+                                rank=self.dist.rank if self.cfg.fsdp else None)
         set_rng_state(state["rng"])
         self.ref_step = state.get("ref_step", 0)
         if self.rollout is not None:

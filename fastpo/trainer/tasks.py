@@ -45,15 +45,17 @@ class ArithmeticTask:
 
     ``sample(n, rng)`` draws ``a, b`` uniformly from ``[0, max_operand]`` and ``op`` uniformly from
     ``ops``; it depends only on ``rng``'s state. ``eval_set(n, seed)`` is a fixed held-out set (same
-    distribution, its own seeded generator; with the default sizes the training stream has ~20k distinct
-    problems, so it is "held out" in the sense of independent draws, not disjoint).
+    distribution, its own seeded generator: independent draws, not disjoint from training).
+
+    The defaults (operands up to 20, ``+`` and ``-``: 882 problems, answers -20..40) are the built-in
+    task, the one the tiny default model is warm-started on.
     """
 
     name = "arithmetic"
     # Every character a prompt or an answer of this task can contain (the tiny model's vocabulary).
     alphabet = "0123456789+-="
 
-    def __init__(self, *, max_operand: int = 99, ops: str = "+-"):
+    def __init__(self, *, max_operand: int = 20, ops: str = "+-"):
         if not isinstance(max_operand, int) or isinstance(max_operand, bool) or max_operand < 1:
             raise UserInputError(f"arithmetic task: max_operand must be an integer >= 1, got {max_operand!r}")
         if not ops or any(op not in "+-" for op in ops) or len(set(ops)) != len(ops):

@@ -47,8 +47,8 @@ class TinyModelSettings:
     """Everything the built model depends on (with the seed and ``TINY_MODEL_VERSION``)."""
 
     # task
-    max_operand: int = 99
-    ops: str = "+-"
+    max_operand: int = ArithmeticTask().max_operand
+    ops: str = ArithmeticTask().ops
     # model
     hidden_size: int = 128
     num_layers: int = 2
@@ -57,7 +57,7 @@ class TinyModelSettings:
     intermediate_size: int = 384
     max_position_embeddings: int = 64
     # warm-start
-    steps: int = 500
+    steps: int = 300
     batch_size: int = 128
     lr: float = 3e-3
     warmup_steps: int = 50
