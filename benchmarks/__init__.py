@@ -1,6 +1,7 @@
 """fastpo's benchmark suite: speed and peak memory against reference PyTorch.
 
-``python -m benchmarks [--quick] [--device cpu|cuda] [--ops logprobs,linear,linear-memory] [--json PATH]``
+``python -m benchmarks [--quick] [--device cpu|cuda] [--ops logprobs,linear,...] [--json PATH]``, or
+``fastpo bench ...`` (the same entry point).
 
 Each benchmarked operation is a :class:`benchmarks.harness.BenchOp` registered here under a name;
 ``--ops`` selects them. New ops register themselves by adding an instance to :data:`OPS`.
@@ -12,6 +13,7 @@ from typing import Dict, List
 
 from .harness import BenchOp
 from .advantages import GaeOp, GroupAdvantagesOp
+from .fused import LinearGrpoOp
 from .logprobs import LinearLogprobsOp, LinearMemoryCheck, TokenLogprobsOp
 from .policy import PolicyLossOp
 from .preference import SequenceDpoOp
@@ -44,7 +46,8 @@ register(LinearLogprobsOp())
 register(LinearMemoryCheck())
 register(PolicyLossOp())
 register(SequenceDpoOp())
+register(LinearGrpoOp())
 
 # What a plain run measures; the memory check joins in full mode.
-DEFAULT_OPS_QUICK = ["logprobs", "linear", "gae", "group_advantages", "policy", "dpo"]
-DEFAULT_OPS_FULL = ["logprobs", "linear", "linear-memory", "gae", "group_advantages", "policy", "dpo"]
+DEFAULT_OPS_QUICK = ["logprobs", "linear", "gae", "group_advantages", "policy", "dpo", "linear-grpo"]
+DEFAULT_OPS_FULL = ["logprobs", "linear", "linear-memory", "gae", "group_advantages", "policy", "dpo", "linear-grpo"]

@@ -10,6 +10,20 @@
 * ``group_advantages``: ``fastpo.group_advantages`` (grpo) vs verl's ``compute_grpo_outcome_advantage``:
   sum the token rewards, build an ``id2score`` dict of lists with a Python loop over the batch, loop over
   the groups for mean/std, loop over the batch to normalise, broadcast over the response mask.
+
+Peers (when ``verl`` imports; see :mod:`benchmarks.peers`):
+
+* ``verl`` for ``gae``: verl's own ``core_algos.compute_gae_advantage_return``. It whitens the
+  advantages over the counted tokens before returning them (``masked_whiten``, Bessel-corrected,
+  eps 1e-8); its row is checked against the eager advantages whitened the same way, and its returns
+  (unwhitened) against eager's. Its time includes that whitening.
+* ``verl`` for ``group_advantages``: verl's ``compute_grpo_outcome_advantage`` with the uid strings
+  as its ``index`` array. verl sums the token rewards unmasked (its rewards are zero outside the
+  response): the inputs here are zero outside the mask for every implementation.
+
+``torch.compile`` is not timed for these ops: dynamo unrolls the Python loops (T time steps for GAE,
+B samples and the groups for GRPO) into one graph, which takes minutes to compile on a CPU (about
+3 minutes for T=512) and recompiles for every shape.
 """
 
 from __future__ import annotations
@@ -17,9 +31,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Dict, List, Tuple
 
+import numpy as np
 import torch
 
 from .harness import BenchOp
+from .peers import COMPILE, require
 
 _GAMMA, _LAM = 1.0, 0.95
 
@@ -87,8 +103,25 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float().cpu() - b.float().cpu()).abs().max().item() if a.numel() else 0.0
 
 
+def _whiten64(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """verl's masked_whiten in float64 (Bessel-corrected variance over the counted elements)."""
+    x = x.double()
+    m = mask.double()
+    n = m.sum()
+    mean = (x * m).sum() / n
+    var = ((x - mean).square() * m).sum() / n * (n / (n - 1))
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
 class _AdvantageOp(BenchOp):
     """Shared sizing of the [B, T] float32 advantage benchmarks."""
+    memory_in_quick_cpu = False  # a few MiB; measured in full mode
+
+    compile_skip = ("not timed: dynamo unrolls the Python loop of the eager code (minutes of "
+                    "compile time on CPU, per shape)")
+
+    def plot_keys(self, p: Dict[str, Any]):
+        return [(f"{self.name} ({p['mask']} mask)", "tokens B·T", p["B"] * p["T"])]
 
     def label(self, p: Dict[str, Any]) -> str:
         return f"B={p['B']} T={p['T']} {p['mask']}"
@@ -104,6 +137,9 @@ class _AdvantageOp(BenchOp):
 
     def reference(self, p: Dict[str, Any], inputs: Dict[str, Any]) -> Dict[str, Any]:
         return self.outputs("eager", p, inputs)
+
+    def make_step(self, impl: str, p: Dict[str, Any], inputs: Dict[str, Any]):
+        return (lambda: self._run(impl, inputs)), (lambda: None)
 
     @staticmethod
     def _batch(p: Dict[str, Any], device: str, seed: int):
@@ -129,7 +165,8 @@ class GaeOp(_AdvantageOp):
         return [{"B": b, "T": t, "mask": m} for b, t in shapes for m in ("full", "ragged+holes")]
 
     def impls(self, p: Dict[str, Any], device: str) -> List[str]:
-        return ["eager", "eager-nomask", "fastpo"] if p["mask"] == "full" else ["eager", "fastpo"]
+        extra = ["eager-nomask"] if p["mask"] == "full" else []
+        return ["eager", *extra, COMPILE, "verl", "fastpo"]
 
     def make_inputs(self, p: Dict[str, Any], device: str) -> Dict[str, Any]:
         rewards, values, mask = self._batch(p, device, 11)
@@ -141,22 +178,25 @@ class GaeOp(_AdvantageOp):
             return verl_gae_masked(r, v, m, _GAMMA, _LAM)
         if impl == "eager-nomask":
             return verl_gae_classic(r, v, _GAMMA, _LAM)
+        if impl == "verl":
+            core = require("verl", r.device.type)
+            return core.compute_gae_advantage_return(r, v, m.to(v.dtype), _GAMMA, _LAM)
         if impl == "fastpo":
             import fastpo
 
             return fastpo.gae(r, v, m, gamma=_GAMMA, lam=_LAM)
         raise ValueError(f"unknown impl {impl!r}")
 
-    def make_step(self, impl: str, p: Dict[str, Any], inputs: Dict[str, Any]):
-        return (lambda: self._run(impl, inputs)), (lambda: None)
 
     def outputs(self, impl: str, p: Dict[str, Any], inputs: Dict[str, Any]) -> Dict[str, Any]:
         with torch.no_grad():
             adv, ret = self._run(impl, inputs)
-        return {"adv": adv, "ret": ret, "mask": inputs["mask"]}
+        return {"adv": adv, "ret": ret, "mask": inputs["mask"], "whitened": impl == "verl"}
 
     def compare(self, ref, out, p, device) -> Tuple[bool, str]:
         m = ref["mask"]
+        if out["whitened"]:  # verl whitens its advantages: compare with eager's, whitened alike
+            ref = dict(ref, adv=_whiten64(ref["adv"], m))
         err_a = _max_abs(out["adv"][m], ref["adv"][m])
         err_r = _max_abs(out["ret"][m], ref["ret"][m])
         scale = 1.0 + ref["adv"][m].abs().max().item() if m.any() else 1.0
@@ -174,26 +214,32 @@ class GroupAdvantagesOp(_AdvantageOp):
         return [{"B": b, "T": t, "mask": "ragged+holes"} for b, t in shapes]
 
     def impls(self, p: Dict[str, Any], device: str) -> List[str]:
-        return ["eager", "fastpo"]
+        return ["eager", COMPILE, "verl", "fastpo"]
 
     def make_inputs(self, p: Dict[str, Any], device: str) -> Dict[str, Any]:
         rewards, _, mask = self._batch(p, device, 12)
+        rewards = rewards * mask  # token rewards are zero outside the response (verl relies on it)
         # Prompts in a shuffled order (as after a rollout): group ids as verl keeps them (uid strings)
         # and as an integer tensor for fastpo.
         ids = torch.randperm(p["B"], generator=torch.Generator().manual_seed(p["B"])) // self.GROUP
-        return {"rewards": rewards, "mask": mask, "ids": ids.to(device), "uids": [f"uid-{i}" for i in ids.tolist()]}
+        uids = [f"uid-{i}" for i in ids.tolist()]
+        return {"rewards": rewards, "mask": mask, "ids": ids.to(device), "uids": uids,
+                "uids_np": np.array(uids, dtype=object)}
 
     def _run(self, impl: str, inputs: Dict[str, Any]) -> torch.Tensor:
         if impl == "eager":
             return verl_grpo(inputs["rewards"], inputs["mask"], inputs["uids"])
+        if impl == "verl":
+            core = require("verl", inputs["rewards"].device.type)
+            adv, _ = core.compute_grpo_outcome_advantage(inputs["rewards"], inputs["mask"].to(inputs["rewards"].dtype),
+                                                         inputs["uids_np"])
+            return adv
         if impl == "fastpo":
             import fastpo
 
             return fastpo.group_advantages(inputs["rewards"], inputs["mask"], group_ids=inputs["ids"])
         raise ValueError(f"unknown impl {impl!r}")
 
-    def make_step(self, impl: str, p: Dict[str, Any], inputs: Dict[str, Any]):
-        return (lambda: self._run(impl, inputs)), (lambda: None)
 
     def outputs(self, impl: str, p: Dict[str, Any], inputs: Dict[str, Any]) -> Dict[str, Any]:
         return {"adv": self._run(impl, inputs)}

@@ -33,6 +33,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .peers import Skip
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1024.0 * 1024.0
 
@@ -239,6 +241,36 @@ class BenchOp:
         """Ops that are not a grid of timed cases (a dedicated memory check) override this."""
         return None
 
+    # Why this op has no ``torch.compile`` row (None: it has one).
+    compile_skip: Optional[str] = None
+
+    # Whether --quick measures CPU peak memory too. Ops on [B, T] scalars (policy, advantages,
+    # DPO) move a few MiB, and each CPU measurement is a fresh Python process (seconds each):
+    # their memory is measured in full mode only.
+    memory_in_quick_cpu: bool = True
+
+    def skip_reason(self, impl: str, params: Dict[str, Any], device: str) -> Optional[str]:
+        """Why ``impl`` cannot run here (a peer not installed, CUDA-only, no compiler), or None."""
+        from . import peers
+
+        if impl == peers.COMPILE:
+            return self.compile_skip or peers.compile_available(device)
+        base = impl.split(":")[0]
+        if base in peers.PEERS:
+            return peers.skip_reason(base, device)
+        return None
+
+    def warm_before_memory(self, impl: str) -> bool:
+        """True when one step must run on the real inputs before the memory is measured (a compiled
+        implementation compiles on its first call at a new shape: that is not the step's memory)."""
+        from . import peers
+
+        return impl == peers.COMPILE
+
+    def plot_keys(self, params: Dict[str, Any]) -> List[Tuple[str, str, float]]:
+        """The plot panels a case belongs to: (panel title, x-axis label, x). Empty: not plotted."""
+        return []
+
 
 # --------------------------------------------------------------------------------------------
 # Timing
@@ -395,15 +427,20 @@ def _ru_maxrss_kib() -> int:
 def measure_cpu_rss_here(op: BenchOp, impl: str, params: Dict[str, Any]) -> Dict[str, Any]:
     """Runs in the memory subprocess: warm up on a tiny case (imports, extension loading, thread
     pools), build the real inputs, then measure the peak RSS of exactly one step."""
-    tiny = op.tiny(params)
-    t_inputs = op.make_inputs(tiny, "cpu")
-    step, setup = op.make_step(impl, tiny, t_inputs)
-    setup()
-    step()
-    del step, setup, t_inputs
-
-    inputs = op.make_inputs(params, "cpu")
-    step, setup = op.make_step(impl, params, inputs)
+    if op.warm_before_memory(impl):
+        inputs = op.make_inputs(params, "cpu")
+        step, setup = op.make_step(impl, params, inputs)
+        setup()
+        step()  # compiles at this shape
+    else:
+        tiny = op.tiny(params)
+        t_inputs = op.make_inputs(tiny, "cpu")
+        step, setup = op.make_step(impl, tiny, t_inputs)
+        setup()
+        step()
+        del step, setup, t_inputs
+        inputs = op.make_inputs(params, "cpu")
+        step, setup = op.make_step(impl, params, inputs)
     setup()
     _release_free_heap()
     before = _proc_status_kib()
@@ -520,7 +557,7 @@ class Record:
     case: str
     params: Dict[str, Any]
     impl: str
-    status: str = "ok"  # ok | FAILED | skipped | unavailable
+    status: str = "ok"  # ok | FAILED | skipped (peer missing, CUDA-only, memory, compile failed)
     detail: str = ""
     timing: Optional[Dict[str, Any]] = None
     memory: Optional[Dict[str, Any]] = None
@@ -554,6 +591,8 @@ def run_op(
     measure_memory: bool = True,
     impl_filter: Optional[Sequence[str]] = None,
     log: Callable[[str], None] = print,
+    progress: Optional[Callable[[str], None]] = None,
+    max_cases: Optional[int] = None,
 ) -> List[Record]:
     """Check, time and measure every (case, implementation) of ``op``.
 
@@ -566,7 +605,7 @@ def run_op(
     budget = memory_budget_bytes(device)
     cases: List[Tuple[Dict[str, Any], Dict[str, Record]]] = []
     mem_jobs: List[Tuple[Record, Tuple[BenchOp, str, Dict[str, Any], int]]] = []
-    for params in op.cases(quick, device):
+    for params in op.cases(quick, device)[:max_cases]:
         label = op.label(params)
         impls = [i for i in op.impls(params, device) if not impl_filter or i in impl_filter]
         case_records: Dict[str, Record] = {}
@@ -575,14 +614,19 @@ def run_op(
         for impl in impls:
             rec = Record(op.name, label, params, impl)
             case_records[impl] = rec
+            why = op.skip_reason(impl, params, device)
             est = op.estimate_bytes(impl, params)
-            if est > budget:
+            if why:
+                rec.status, rec.detail = "skipped", why
+            elif est > budget:
                 rec.status = "skipped"
                 rec.detail = f"needs ~{est / 1024**3:.1f} GiB > budget {budget / 1024**3:.1f} GiB"
             else:
                 runnable.append(impl)
+        if progress is not None:
+            progress(f"{op.name}: {label}")
         if not runnable:
-            log(f"[{op.name}] {label}: skipped (memory)")
+            log(f"[{op.name}] {label}: nothing runnable (memory / peers)")
             continue
 
         log(f"[{op.name}] {label}")
@@ -602,9 +646,13 @@ def run_op(
                 out = op.outputs(impl, params, inputs)
                 ok, msg = op.compare(ref, out, params, device)
                 del out
+            except Skip as exc:
+                rec.status, rec.detail = "skipped", str(exc)[:200]
+                log(f"    {impl:<16} skipped ({rec.detail})")
+                continue
             except NotImplementedError as exc:
-                rec.status, rec.detail = "unavailable", _short_error(exc)
-                log(f"    {impl:<16} unavailable ({rec.detail})")
+                rec.status, rec.detail = "skipped", _short_error(exc)
+                log(f"    {impl:<16} skipped ({rec.detail})")
                 continue
             except Exception as exc:
                 rec.status, rec.detail = "FAILED", _short_error(exc)
@@ -632,7 +680,7 @@ def run_op(
                     rec.memory = cuda_extra_peak(*steps[impl])
                 except Exception as exc:
                     rec.detail = "memory: " + _short_error(exc)
-            if measure_memory and device == "cpu":
+            if measure_memory and device == "cpu" and (op.memory_in_quick_cpu or not quick):
                 mem_jobs.append((rec, (op, impl, params, op.estimate_bytes(impl, params))))
         for _, setup in steps.values():
             setup()
@@ -716,7 +764,7 @@ def markdown_table(records: List[Record], info: Dict[str, Any]) -> str:
         prev_case = r.case
         if r.status != "ok":
             what = r.status if r.status != "FAILED" else "**FAILED**"
-            cells = [case, r.impl, what, r.detail[:90] or "", "", "", ""]
+            cells = [case, r.impl, what, (r.detail[:110] or "").replace("|", "/"), "", "", ""]
         else:
             t = r.timing
             mem = "–"

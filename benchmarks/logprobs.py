@@ -7,11 +7,20 @@ Implementations compared
     ``torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)``; entropy as
     ``-(p * logp).sum(-1)`` over the full log-softmax. The linear path first builds
     ``hidden @ weight.T``. This is the baseline every ratio is taken against.
-``trl``
-    TRL's ``selective_log_softmax`` semantics (written here from its description): fp32/fp64
-    logits take ``gather(logits) - logsumexp``, the logsumexp stacked from a loop over the batch
-    dimension; other dtypes loop over the batch dimension taking ``log_softmax(row.float())`` and
-    gathering. Entropy as TRL's ``entropy_from_logits``: log-softmax over chunks of 128 rows.
+``torch.compile``
+    ``torch.compile(dynamic=False)`` of the eager function, compiled once per case in warm-up.
+``trl`` (peer, when TRL imports)
+    TRL's own ``trl.trainer.utils.selective_log_softmax`` (fp32: ``gather − logsumexp`` with the
+    logsumexp from a loop over the batch dimension; bf16: a loop over the batch of
+    ``log_softmax(row.float())``) and ``entropy_from_logits`` (log-softmax over 128-row chunks).
+``flash-attn`` (peer, CUDA only)
+    flash-attn's Triton ``cross_entropy_loss(logits, labels)``: per-token loss = ``-logp``
+    (no entropy: skipped in entropy cases).
+``cce`` (peer, linear path, CUDA only)
+    cut-cross-entropy's ``linear_cross_entropy(hidden, weight, labels, reduction="none",
+    filter_eps=None)``: ``-logp`` without building the logits; ``filter_eps=None`` turns off its
+    gradient filtering, which would otherwise drop small softmax entries (an approximation the
+    correctness guard would reject). No entropy: skipped in entropy cases.
 ``fastpo``
     ``fastpo.token_logprobs`` / ``fastpo.linear_token_logprobs`` (CUDA: Triton; CPU: the CPU path,
     or whatever ``FASTPO_BACKEND`` forces).
@@ -33,6 +42,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .harness import MIB, BenchOp, cpu_extra_peak_many, memory_budget_bytes
+from .peers import COMPILE, compiled, require
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENS_PER_SEQ = 1024
@@ -73,35 +83,27 @@ def eager_logprobs(logits: torch.Tensor, labels: torch.Tensor, return_entropy: b
     return logp, entropy
 
 
-def trl_selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """TRL semantics: no full log-softmax tensor for fp32/fp64, a loop over the batch otherwise."""
-    if logits.dtype in (torch.float32, torch.float64):
-        picked = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
-        lse = torch.stack([torch.logsumexp(batch_logits, dim=-1) for batch_logits in logits])
-        return picked - lse
-    rows = []
-    for batch_logits, batch_labels in zip(logits, index):
-        batch_logp = torch.log_softmax(batch_logits.float(), dim=-1)
-        rows.append(batch_logp.gather(-1, batch_labels.unsqueeze(-1)).squeeze(-1))
-    return torch.stack(rows)
-
-
-def trl_entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
-    """TRL's chunked entropy: log-softmax over blocks of ``chunk_size`` rows."""
-    lead = logits.shape[:-1]
-    flat = logits.reshape(-1, logits.shape[-1])
-    parts = []
-    for block in flat.split(chunk_size, dim=0):
-        block_logp = torch.log_softmax(block.float(), dim=-1)
-        parts.append(-(block_logp.exp() * block_logp).sum(-1))
-    return torch.cat(parts).reshape(lead)
-
-
 def trl_logprobs(logits: torch.Tensor, labels: torch.Tensor, return_entropy: bool = False):
-    logp = trl_selective_log_softmax(logits, labels)
+    """TRL's own functions (the peer): ``selective_log_softmax`` and ``entropy_from_logits``."""
+    utils = require("trl", logits.device.type)
+    logp = utils.selective_log_softmax(logits, labels)
     if not return_entropy:
         return logp
-    return logp, trl_entropy_from_logits(logits)
+    return logp, utils.entropy_from_logits(logits)
+
+
+def flash_attn_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """flash-attn's Triton cross-entropy: its per-token loss is ``lse − logit[label] = −logp``."""
+    ce = require("flash-attn", logits.device.type)
+    v = logits.shape[-1]
+    losses, _ = ce.cross_entropy_loss(logits.reshape(-1, v), labels.reshape(-1))
+    return (-losses).reshape(labels.shape)
+
+
+def cce_linear_logprobs(hidden, weight, labels) -> torch.Tensor:
+    """cut-cross-entropy: per-token ``-logp`` from hidden states and the classifier weight."""
+    cce = require("cce", hidden.device.type)
+    return -cce.linear_cross_entropy(hidden, weight, labels, reduction="none", filter_eps=None)
 
 
 def eager_linear_logprobs(hidden, weight, labels, return_entropy: bool = False):
@@ -153,45 +155,73 @@ class TokenLogprobsOp(BenchOp):
     description = "token log-probs (and entropy) from [B, T, V] logits"
 
     def cases(self, quick: bool, device: str) -> List[Dict[str, Any]]:
-        def grid(shapes, entropy_shapes, entropy_fwdbwd_only=()):
-            out = []
-            for n, v, dt in shapes:
-                for mode in ("fwd", "fwdbwd"):
-                    out.append({"N": n, "V": v, "dtype": dt, "mode": mode, "entropy": False})
-            for n, v, dt in entropy_shapes:
-                for mode in ("fwd", "fwdbwd"):
-                    out.append({"N": n, "V": v, "dtype": dt, "mode": mode, "entropy": True})
-            for n, v, dt in entropy_fwdbwd_only:
-                out.append({"N": n, "V": v, "dtype": dt, "mode": "fwdbwd", "entropy": True})
-            return out
+        """A vocabulary sweep (32k / 128k / 152k at a fixed token count), a token-count sweep at 32k
+        vocabulary, and entropy cases; quick mode keeps the 32k vocabulary only."""
 
+        def case(n, v, dt, mode, ent=False):
+            return {"N": n, "V": v, "dtype": dt, "mode": mode, "entropy": ent}
+
+        out: List[Dict[str, Any]] = []
+
+        def add(c):
+            if c not in out:
+                out.append(c)
+
+        both = ("fwd", "fwdbwd")
         if device == "cuda":
             if quick:
-                return grid(
-                    [(4096, 32000, "float32"), (4096, 32000, "bfloat16"), (8192, 128256, "bfloat16")],
-                    [(4096, 32000, "bfloat16")],
-                )
-            return grid(
-                [(4096, 32000, "float32"), (4096, 32000, "bfloat16"), (8192, 128256, "float32"),
-                 (8192, 128256, "bfloat16"), (16384, 152064, "bfloat16")],
-                [(4096, 32000, "bfloat16"), (8192, 128256, "bfloat16")],
-            )
+                for v in (32000, 128256):
+                    for m in both:
+                        add(case(4096, v, "bfloat16", m))
+                for m in both:
+                    add(case(4096, 32000, "float32", m))
+                add(case(4096, 32000, "bfloat16", "fwdbwd", True))
+                return out
+            for dt in ("float32", "bfloat16"):
+                for v in (32000, 128256, 151936):
+                    for m in both:
+                        add(case(8192, v, dt, m))
+            for n in (2048, 4096, 16384):
+                for m in both:
+                    add(case(n, 128256, "bfloat16", m))
+            for m in both:
+                add(case(8192, 128256, "bfloat16", m, True))
+            return out
         if quick:
-            return grid([(2048, 32000, "float32"), (2048, 32000, "bfloat16")], [], [(1024, 32000, "float32")])
-        return grid(
-            [(4096, 32000, "float32"), (4096, 32000, "bfloat16"), (8192, 128256, "float32"),
-             (8192, 128256, "bfloat16")],
-            [(4096, 32000, "float32")],
-        )
+            for m in both:
+                add(case(2048, 32000, "float32", m))
+            add(case(2048, 32000, "bfloat16", "fwd"))
+            add(case(1024, 32000, "float32", "fwdbwd", True))
+            return out
+        for dt in ("float32", "bfloat16"):
+            for v in (32000, 128256, 151936):
+                for m in both:
+                    add(case(2048, v, dt, m))
+        for n in (1024, 4096, 8192):
+            for m in both:
+                add(case(n, 32000, "float32", m))
+        for m in both:
+            add(case(2048, 32000, "float32", m, True))
+        return out
+
+    def plot_keys(self, p: Dict[str, Any]):
+        what = f"{p['dtype']} {_mode_label(p)}"
+        return [(f"{what}, N={p['N']} tokens", "vocabulary size V", p["V"]),
+                (f"{what}, V={p['V']}", "tokens N", p["N"])]
 
     def label(self, p: Dict[str, Any]) -> str:
         return f"N={p['N']} V={p['V']} {p['dtype']} {_mode_label(p)}"
 
     def impls(self, p: Dict[str, Any], device: str) -> List[str]:
-        names = ["eager", "trl", "fastpo"]
+        names = ["eager", COMPILE, "trl", "flash-attn", "fastpo"]
         if p["mode"] == "fwdbwd":
             names.append("fastpo-inplace")
         return names
+
+    def skip_reason(self, impl: str, p: Dict[str, Any], device: str) -> Optional[str]:
+        if impl == "flash-attn" and p.get("entropy"):
+            return "flash-attn's cross-entropy returns no entropy"
+        return super().skip_reason(impl, p, device)
 
     def tiny(self, p: Dict[str, Any]) -> Dict[str, Any]:
         return dict(p, N=64, V=1000)
@@ -217,8 +247,12 @@ class TokenLogprobsOp(BenchOp):
         ent = bool(p.get("entropy"))
         if impl == "eager":
             return _split(eager_logprobs(logits, labels, ent), ent)
+        if impl == COMPILE:
+            return _split(compiled(eager_logprobs)(logits, labels, ent), ent)
         if impl == "trl":
             return _split(trl_logprobs(logits, labels, ent), ent)
+        if impl == "flash-attn":
+            return flash_attn_logprobs(logits, labels), None
         if impl in ("fastpo", "fastpo-inplace"):
             fastpo = _fastpo()
             res = fastpo.token_logprobs(
@@ -322,6 +356,8 @@ class TokenLogprobsOp(BenchOp):
         err = _max_abs(out["logp"], ref["logp"])
         msgs.append(f"logp err {err:.1e}")
         ok &= err <= atol + 1e-4 * ref["logp"].abs().max().item()
+        if out["logp"].dtype != torch.float32:  # e.g. TRL keeps bf16 logits in bf16
+            msgs.append(f"logp returned in {str(out['logp'].dtype).replace('torch.', '')}")
         if p.get("entropy"):
             if out["entropy"] is None:
                 return False, "no entropy returned"
@@ -351,7 +387,7 @@ class TokenLogprobsOp(BenchOp):
         bwd = p["mode"] == "fwdbwd"
         ent = bool(p.get("entropy"))
         grad = n * v * es if bwd else 0
-        if impl == "eager":
+        if impl in ("eager", COMPILE):
             extra = upcast + nv4 + (2 * nv4 if ent else 0) + ((3 * nv4 + upcast + grad) if bwd else 0)
         elif impl == "trl":
             extra = 3 * t * v * 4 + (3 * nv4 + grad if bwd else 0) + (nv4 if ent and bwd else 0)
@@ -392,14 +428,25 @@ class LinearLogprobsOp(BenchOp):
                 [(4096, 4096, 128256, "bfloat16")],
             )
         if quick:
-            return grid([(1024, 256, 32000, "float32")])
-        return grid([(8192, 256, 32768, "float32")], [(4096, 256, 32768, "float32")])
+            return [c for c in grid([(1024, 256, 32000, "float32")]) if c["mode"] == "fwdbwd"]
+        return grid([(2048, 256, 32000, "float32"), (8192, 256, 32768, "float32"),
+                     (2048, 256, 128256, "float32")], [(4096, 256, 32768, "float32")])
 
     def label(self, p: Dict[str, Any]) -> str:
         return f"linear N={p['N']} D={p['D']} V={p['V']} {p['dtype']} {_mode_label(p)}"
 
     def impls(self, p: Dict[str, Any], device: str) -> List[str]:
-        return ["eager", "fastpo"]
+        return ["eager", COMPILE, "cce", "fastpo"]
+
+    def skip_reason(self, impl: str, p: Dict[str, Any], device: str) -> Optional[str]:
+        if impl == "cce" and p.get("entropy"):
+            return "cut-cross-entropy returns no entropy"
+        return super().skip_reason(impl, p, device)
+
+    def plot_keys(self, p: Dict[str, Any]):
+        what = f"{p['dtype']} {_mode_label(p)}, D={p['D']}"
+        return [(f"{what}, N={p['N']} tokens", "vocabulary size V", p["V"]),
+                (f"{what}, V={p['V']}", "tokens N", p["N"])]
 
     def tiny(self, p: Dict[str, Any]) -> Dict[str, Any]:
         return dict(p, N=64, D=32, V=1000)
@@ -420,6 +467,10 @@ class LinearLogprobsOp(BenchOp):
         ent = bool(p.get("entropy"))
         if impl == "eager":
             return _split(eager_linear_logprobs(hidden, weight, labels, ent), ent)
+        if impl == COMPILE:
+            return _split(compiled(eager_linear_logprobs)(hidden, weight, labels, ent), ent)
+        if impl == "cce":
+            return cce_linear_logprobs(hidden, weight, labels), None
         if impl == "fastpo":
             fastpo = _fastpo()
             return _split(fastpo.linear_token_logprobs(hidden, weight, labels, return_entropy=ent), ent)
@@ -525,7 +576,7 @@ class LinearLogprobsOp(BenchOp):
         nv4 = n * v * 4
         bwd = p["mode"] == "fwdbwd"
         grads = (n + v) * d * 4 if bwd else 0
-        if impl == "eager":
+        if impl in ("eager", COMPILE):
             upcast = nv4 if es != 4 else 0
             extra = n * v * es + upcast + nv4 + (2 * nv4 if p.get("entropy") else 0)
             if bwd:

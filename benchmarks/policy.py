@@ -1,87 +1,154 @@
-"""Policy-loss benchmark: ``fastpo.policy_loss`` forward+backward against the eager composite that
-verl / TRL write today.
+"""Policy-loss benchmark: ``fastpo.policy_loss`` forward+backward for each preset (PPO, GRPO, DAPO,
+DR_GRPO, GSPO) against the eager composite that verl / TRL write today.
 
 Implementations compared
 ------------------------
 ``eager``
-    GRPO as verl's ``compute_policy_loss`` + ``kl_penalty("low_var_kl")`` + ``agg_loss`` compute it
-    (written here from their description): clamp the log-ratio to ±20, ``exp``, the two clipped
-    branches and their max, the k3 KL clamped to ±10, ``seq-mean-token-mean`` aggregation, and the
-    metrics verl logs (clip fraction, ppo_kl, ref KL, ratio mean) — about 30 small torch ops and a
-    dozen ``[B, T]`` temporaries; the backward is autograd's.
-``compiled``
-    ``torch.compile`` of the same function (CUDA only: on CPU its compile time dominates short runs).
+    The preset as verl's ``compute_policy_loss`` (vanilla; ``gspo`` for GSPO) +
+    ``kl_penalty("low_var_kl")`` + ``agg_loss`` compute it, written here from their description:
+    clamp the log-ratio to ±20, ``exp`` (GSPO: the sequence ratio ``exp(logp − sg(logp) +
+    sg(mean Δ))``), the two clipped branches and their max, the dual clip for PPO, the k3 KL clamped
+    to ±10 for GRPO, the aggregation, and the metrics verl logs (clip fraction, ppo_kl, ref KL) —
+    about 30 small torch ops and a dozen ``[B, T]`` temporaries; the backward is autograd's.
+``torch.compile``
+    ``torch.compile(dynamic=False)`` of that eager function, compiled once per shape in warm-up.
+``verl``
+    verl's own ``core_algos.get_policy_loss_fn("vanilla" | "gspo")`` with an ``ActorConfig`` holding
+    the preset's clip ranges, plus ``kl_penalty(..., "low_var_kl")`` aggregated by ``agg_loss`` for
+    GRPO (verl adds the KL loss to the policy loss in its actor the same way). Conventions: verl's
+    vanilla loss always applies the dual clip (``clip_ratio_c``); presets without one get
+    ``clip_ratio_c = 1e9`` (no token reaches it). fastpo's ``token_sum_norm`` (DR_GRPO) is verl's
+    ``seq-mean-token-sum-norm`` with the padded length as the norm (equal when every sequence has a
+    counted token, as here). verl's metric means add 1e-8 to their denominators.
 ``fastpo``
-    ``fastpo.policy_loss(..., config=fastpo.GRPO)`` (CUDA: one Triton forward kernel + its epilogue and
-    one backward kernel; CPU: one fused C++ pass per sequence, ``fastpo._C.token_loss_forward``).
+    ``fastpo.policy_loss(..., config=fastpo.<PRESET>)`` (CUDA: one Triton forward kernel + its
+    epilogue and one backward kernel; CPU: one fused C++ pass per sequence).
 
-Inputs are padded ``[B, T]`` float32 tensors with a mask whose rows have random lengths; the step is
-forward + ``loss.backward()`` into ``logp`` (the metrics are computed too).
+Inputs are padded ``[B, T]`` float32 tensors with a mask whose rows have random lengths (every row
+has counted tokens); the step is forward + ``loss.backward()`` into ``logp`` (metrics included).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .harness import BenchOp
+from .peers import COMPILE, Skip, compiled, require
 
-CLIP, KL_COEF = 0.2, 0.04
+PRESETS = ("PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO")
+_VERL_AGG = {"token_mean": "token-mean", "seq_mean_token_mean": "seq-mean-token-mean",
+             "token_sum_norm": "seq-mean-token-sum-norm"}
 
 
-def eager_grpo_loss(logp, old_logp, advantages, ref_logp, mask):
-    """verl-style GRPO loss: token-level clipped ratio + k3 KL, seq-mean-token-mean, verl's metrics."""
-    m = mask.float()
+def preset_knobs(preset: str) -> Dict[str, Any]:
+    """The numbers of a fastpo preset as plain Python values (what the eager code is given)."""
+    import fastpo
+
+    cfg = getattr(fastpo, preset)
+    return {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "dual_clip": cfg.dual_clip,
+            "kl_coef": cfg.kl_coef, "kl_clamp": cfg.kl_clamp, "aggregation": cfg.aggregation,
+            "sequence_ratio": cfg.ratio_level == "sequence"}
+
+
+def eager_policy_loss(logp, old_logp, advantages, ref_logp, mask, clip_low: float, clip_high: float,
+                      dual_clip: Optional[float], kl_coef: float, kl_clamp: float, aggregation: str,
+                      sequence_ratio: bool):
+    """verl-style clipped policy loss (+ k3 KL), its aggregation and its metrics."""
+    m = mask.to(logp.dtype)
+    count = m.sum().clamp_min(1.0)
 
     def masked_mean(x):
-        return (x * m).sum() / m.sum().clamp_min(1.0)
+        return (x * m).sum() / count
 
     neg_kl = torch.clamp(logp - old_logp, -20.0, 20.0)
-    ratio = torch.exp(neg_kl)
+    if sequence_ratio:  # GSPO: s_i = exp(mean_t Δ), token-gradient form
+        log_s = (neg_kl * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+        ratio = torch.exp(logp - logp.detach() + log_s.detach().unsqueeze(-1))
+    else:
+        ratio = torch.exp(neg_kl)
     ppo_kl = masked_mean(-neg_kl)
     pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - CLIP, 1.0 + CLIP)
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg_losses = torch.maximum(pg_losses1, pg_losses2)
-    clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).float())
-    kl = torch.clamp(ref_logp - logp, -20.0, 20.0)
-    kld = torch.clamp(torch.exp(kl) - kl - 1.0, -10.0, 10.0)
-    loss_mat = pg_losses + KL_COEF * kld
-    seq_len = m.sum(-1)
-    seq_losses = (loss_mat * m).sum(-1) / seq_len.clamp_min(1.0)
-    nonempty = (seq_len > 0).float()
-    loss = (seq_losses * nonempty).sum() / nonempty.sum().clamp_min(1.0)
-    metrics = {"clip_frac": clipfrac.detach(), "ppo_kl": ppo_kl.detach(), "ref_kl": masked_mean(kld).detach(),
-               "ratio_mean": masked_mean(ratio).detach()}
+    clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).to(logp.dtype))
+    if dual_clip is not None:
+        pg_losses3 = -advantages * dual_clip
+        pg_losses = torch.where(advantages < 0, torch.minimum(pg_losses3, pg_losses), pg_losses)
+    loss_mat = pg_losses
+    metrics = {"clip_frac": clipfrac.detach(), "ppo_kl": ppo_kl.detach()}
+    if kl_coef != 0.0:
+        kl = torch.clamp(ref_logp - logp, -20.0, 20.0)
+        kld = torch.clamp(torch.exp(kl) - kl - 1.0, -kl_clamp, kl_clamp)
+        loss_mat = loss_mat + kl_coef * kld
+        metrics["ref_kl"] = masked_mean(kld).detach()
+    if aggregation == "token_mean":
+        loss = (loss_mat * m).sum() / count
+    elif aggregation == "token_sum_norm":
+        loss = (loss_mat * m).sum() / (m.shape[0] * m.shape[-1])
+    elif aggregation == "seq_mean_token_mean":
+        seq_len = m.sum(-1)
+        seq_losses = (loss_mat * m).sum(-1) / seq_len.clamp_min(1.0)
+        nonempty = (seq_len > 0).to(logp.dtype)
+        loss = (seq_losses * nonempty).sum() / nonempty.sum().clamp_min(1.0)
+    else:
+        raise ValueError(f"aggregation {aggregation!r} is not benchmarked")
     return loss, metrics
 
 
-_compiled = None
+_verl_configs: Dict[str, Any] = {}
 
 
-def _compiled_loss():
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(eager_grpo_loss)
-    return _compiled
+def verl_policy_loss(logp, old_logp, advantages, ref_logp, mask, preset: str):
+    """verl's own functions for the preset (see the module docstring for the conventions)."""
+    core = require("verl", str(logp.device.type))
+    k = preset_knobs(preset)
+    cfg = _verl_configs.get(preset)
+    if cfg is None:
+        from verl.workers.config import ActorConfig
+
+        cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+                          clip_ratio=k["clip_low"], clip_ratio_low=k["clip_low"], clip_ratio_high=k["clip_high"],
+                          clip_ratio_c=k["dual_clip"] if k["dual_clip"] is not None else 1e9,
+                          loss_agg_mode=_VERL_AGG[k["aggregation"]])
+        _verl_configs[preset] = cfg
+    mode = _VERL_AGG[k["aggregation"]]
+    m = mask.to(logp.dtype)
+    fn = core.get_policy_loss_fn("gspo" if k["sequence_ratio"] else "vanilla")
+    loss, raw = fn(old_log_prob=old_logp, log_prob=logp, advantages=advantages, response_mask=m,
+                   loss_agg_mode=mode, config=cfg)
+    metrics = {"clip_frac": torch.tensor(float(raw["actor/pg_clipfrac"]), dtype=logp.dtype),
+               "ppo_kl": torch.as_tensor(raw["actor/ppo_kl"], dtype=logp.dtype).detach()}
+    if k["kl_coef"] != 0.0:
+        kld = core.kl_penalty(logp, ref_logp, "low_var_kl")
+        loss = loss + k["kl_coef"] * core.agg_loss(kld, m, mode)
+        metrics["ref_kl"] = ((kld * m).sum() / m.sum()).detach()
+    return loss, metrics
 
 
 class PolicyLossOp(BenchOp):
+    memory_in_quick_cpu = False  # a few MiB; measured in full mode
     name = "policy"
-    description = "policy_loss fwd+bwd (GRPO: clip 0.2, k3 KL 0.04, seq_mean_token_mean), padded [B, T] fp32"
+    description = "policy_loss fwd+bwd for each preset, padded [B, T] fp32"
 
     def cases(self, quick: bool, device: str) -> List[Dict[str, Any]]:
         if quick:
-            shapes = [(8, 512), (16, 2048)]
+            grid = [("GRPO", 8, 512)] + [(p, 16, 2048) for p in PRESETS]
+        elif device == "cuda":
+            grid = [("GRPO", 16, 1024), ("GRPO", 64, 2048)] + [(p, 64, 8192) for p in PRESETS] + [("GRPO", 256, 8192)]
         else:
-            shapes = [(16, 1024), (64, 8192)]
-        return [{"B": b, "T": t, "dtype": "float32", "mode": "fwdbwd"} for b, t in shapes]
+            grid = [("GRPO", 16, 1024), ("GRPO", 64, 2048)] + [(p, 64, 8192) for p in PRESETS]
+        return [{"preset": p, "B": b, "T": t, "dtype": "float32", "mode": "fwdbwd"} for p, b, t in grid]
 
     def label(self, p: Dict[str, Any]) -> str:
-        return f"B={p['B']} T={p['T']} fwd+bwd"
+        return f"{p['preset']} B={p['B']} T={p['T']} fwd+bwd"
 
     def impls(self, p: Dict[str, Any], device: str) -> List[str]:
-        return ["eager", "compiled", "fastpo"] if device == "cuda" else ["eager", "fastpo"]
+        return ["eager", COMPILE, "verl", "fastpo"]
+
+    def plot_keys(self, p: Dict[str, Any]):
+        return [(f"{p['preset']} fwd+bwd", "tokens B·T", p["B"] * p["T"])]
 
     def tiny(self, p: Dict[str, Any]) -> Dict[str, Any]:
         return dict(p, B=2, T=64)
@@ -106,15 +173,23 @@ class PolicyLossOp(BenchOp):
         n = p["B"] * p["T"]
         return self.input_bytes(p) + n * 4 * (30 if impl != "fastpo" else 6)
 
-    def _loss(self, impl: str, inputs: Dict[str, Any], logp: torch.Tensor):
-        args = (inputs["old_logp"], inputs["advantages"])
+    def _loss(self, impl: str, p: Dict[str, Any], inputs: Dict[str, Any], logp: torch.Tensor):
+        preset = p["preset"]
+        args = (inputs["old_logp"], inputs["advantages"], inputs["ref_logp"], inputs["mask"])
         if impl == "fastpo":
             import fastpo
 
-            out = fastpo.policy_loss(logp, *args, inputs["mask"], ref_logp=inputs["ref_logp"], config=fastpo.GRPO)
+            out = fastpo.policy_loss(logp, inputs["old_logp"], inputs["advantages"], inputs["mask"],
+                                     ref_logp=inputs["ref_logp"], config=getattr(fastpo, preset))
             return out.loss, out.metrics
-        fn = eager_grpo_loss if impl == "eager" else _compiled_loss()
-        return fn(logp, *args, inputs["ref_logp"], inputs["mask"])
+        if impl == "verl":
+            return verl_policy_loss(logp, *args, preset=preset)
+        k = preset_knobs(preset)
+        if impl == "eager":
+            return eager_policy_loss(logp, *args, **k)
+        if impl == COMPILE:
+            return compiled(eager_policy_loss)(logp, *args, **k)
+        raise ValueError(f"unknown impl {impl!r}")
 
     def make_step(self, impl: str, p: Dict[str, Any], inputs: Dict[str, Any]):
         logp = inputs["logp"].detach().clone().requires_grad_(True)
@@ -123,28 +198,36 @@ class PolicyLossOp(BenchOp):
             logp.grad = None
 
         def step():
-            loss, _ = self._loss(impl, inputs, logp)
+            loss, _ = self._loss(impl, p, inputs, logp)
             loss.backward()
 
         return step, setup
 
+    def _metric_keys(self, p: Dict[str, Any]) -> Tuple[str, ...]:
+        return ("clip_frac", "ppo_kl") + (("ref_kl",) if preset_knobs(p["preset"])["kl_coef"] else ())
+
     def outputs(self, impl: str, p: Dict[str, Any], inputs: Dict[str, Any]) -> Dict[str, Any]:
         logp = inputs["logp"].detach().clone().requires_grad_(True)
-        loss, metrics = self._loss(impl, inputs, logp)
+        loss, metrics = self._loss(impl, p, inputs, logp)
         loss.backward()
-        return {"loss": loss.detach(), "grad": logp.grad, **{k: metrics[k] for k in ("clip_frac", "ppo_kl", "ref_kl")}}
+        missing = [k for k in self._metric_keys(p) if k not in metrics]
+        if missing:
+            raise Skip(f"{impl} returns no {', '.join(missing)}")
+        return {"loss": loss.detach(), "grad": logp.grad, **{k: metrics[k] for k in self._metric_keys(p)}}
 
     def reference(self, p: Dict[str, Any], inputs: Dict[str, Any]) -> Dict[str, Any]:
         """Eager in float64."""
         d = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
         logp = d["logp"].clone().requires_grad_(True)
-        loss, metrics = eager_grpo_loss(logp, d["old_logp"], d["advantages"], d["ref_logp"], d["mask"])
+        loss, metrics = eager_policy_loss(logp, d["old_logp"], d["advantages"], d["ref_logp"], d["mask"],
+                                          **preset_knobs(p["preset"]))
         loss.backward()
-        return {"loss": loss.detach(), "grad": logp.grad, **{k: metrics[k] for k in ("clip_frac", "ppo_kl", "ref_kl")}}
+        return {"loss": loss.detach(), "grad": logp.grad, **{k: metrics[k] for k in self._metric_keys(p)}}
 
     def compare(self, ref, out, p, device) -> Tuple[bool, str]:
-        errs = {k: (out[k].double().cpu() - ref[k].cpu()).abs().max().item() for k in ref}
+        errs = {k: (torch.as_tensor(out[k]).double().cpu() - ref[k].cpu()).abs().max().item() for k in ref}
         scale = ref["grad"].abs().max().item()
-        ok = errs["loss"] <= 1e-5 and errs["grad"] <= 1e-5 * max(scale, 1e-30) + 1e-9 \
-            and all(errs[k] <= 1e-5 for k in ("clip_frac", "ppo_kl", "ref_kl"))
+        loss_tol = 1e-5 * (1.0 + ref["loss"].abs().item())
+        ok = errs["loss"] <= loss_tol and errs["grad"] <= 1e-5 * max(scale, 1e-30) + 1e-9 \
+            and all(errs[k] <= 1e-5 for k in self._metric_keys(p))
         return ok, f"loss err {errs['loss']:.1e}, grad err {errs['grad']:.1e}"

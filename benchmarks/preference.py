@@ -6,6 +6,10 @@ Implementations compared
     What TRL's DPOTrainer writes (from its description): padded: ``(logp * mask).sum(-1)`` (or
     ``/ mask.sum(-1)`` for IPO-style averages); packed: a Python loop over the ``cu_seqlens``
     ranges (as packed trainers split the flat batch); then ``-logsigmoid(β·x)`` and the reward metrics.
+``torch.compile``
+    ``torch.compile(dynamic=False)`` of the eager function, padded layout only: on the packed
+    layout dynamo unrolls the Python loop over the sequences (and graph-breaks on
+    ``cu_seqlens.tolist()``), compiling for minutes per batch.
 ``fastpo``
     ``fastpo.sequence_logprobs`` (CUDA: the Triton segment kernels; CPU: the vectorised torch path)
     then ``fastpo.dpo_loss`` with its metrics.
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .harness import BenchOp
+from .peers import COMPILE, compiled
 
 BETA = 0.1
 
@@ -46,6 +51,7 @@ def eager_dpo(token_logp, mask, cu_seqlens, ref_logp, average):
 
 
 class SequenceDpoOp(BenchOp):
+    memory_in_quick_cpu = False  # a few MiB; measured in full mode
     name = "dpo"
     description = "sequence_logprobs + dpo_loss fwd+bwd from token log-probs (padded with a mask, or packed)"
 
@@ -58,7 +64,15 @@ class SequenceDpoOp(BenchOp):
         return f"B={p['B']} T={p['T']} {p['layout']}{' mean' if p['average'] else ' sum'} fwd+bwd"
 
     def impls(self, p: Dict[str, Any], device: str) -> List[str]:
-        return ["eager", "fastpo"]
+        return ["eager", COMPILE, "fastpo"]
+
+    def skip_reason(self, impl: str, p: Dict[str, Any], device: str):
+        if impl == COMPILE and p["layout"] == "packed":
+            return "not timed: dynamo unrolls the per-sequence Python loop of the packed eager code"
+        return super().skip_reason(impl, p, device)
+
+    def plot_keys(self, p: Dict[str, Any]):
+        return [(f"{p['layout']} {'mean' if p['average'] else 'sum'} fwd+bwd", "tokens B·T", p["B"] * p["T"])]
 
     def tiny(self, p: Dict[str, Any]) -> Dict[str, Any]:
         return dict(p, B=4, T=16)
@@ -86,6 +100,8 @@ class SequenceDpoOp(BenchOp):
         mask, cu, ref = inputs["mask"], inputs["cu_seqlens"], inputs["ref_logp"]
         if impl == "eager":
             return eager_dpo(logp, mask, cu, ref, p["average"])
+        if impl == COMPILE:
+            return compiled(eager_dpo)(logp, mask, cu, ref, p["average"])
         import fastpo
 
         seq = fastpo.sequence_logprobs(logp, mask, cu_seqlens=cu, average=p["average"])

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from benchmarks.logprobs import LinearLogprobsOp, TokenLogprobsOp
+from benchmarks.microbench import bench_case
+from benchmarks.peers import COMPILE
 
 fastpo = pytest.importorskip("fastpo")
 if not hasattr(fastpo, "token_logprobs"):
@@ -31,17 +33,10 @@ def _ids(cases, keys):
 
 
 def _run(benchmark, op, impl, params, rounds):
-    """Checks ``impl`` against eager once, then benchmarks one step per round."""
-    inputs = op.make_inputs(params, "cpu")
-    ok, msg = op.compare(op.reference(params, inputs), op.outputs(impl, params, inputs), params, "cpu")
-    assert ok, f"{impl} disagrees with eager: {msg}"
-    step, setup = op.make_step(impl, params, inputs)
-    benchmark.group = op.label(params)
-    benchmark.extra_info.update(params)
-    benchmark.pedantic(step, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
+    bench_case(benchmark, op, impl, params, rounds=rounds)
 
 
-@pytest.mark.parametrize("impl", ["eager", "trl", "fastpo"])
+@pytest.mark.parametrize("impl", ["eager", COMPILE, "trl", "fastpo"])
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("case", TOKEN_CASES, ids=_ids(TOKEN_CASES, ["N", "V", "dtype"]))
 def test_token_logprobs(benchmark, case, mode, impl):
@@ -58,7 +53,7 @@ def test_token_logprobs_inplace_backward(benchmark):
          {"N": 2048, "V": 32000, "dtype": "float32", "mode": "fwdbwd", "entropy": False}, rounds=5)
 
 
-@pytest.mark.parametrize("impl", ["eager", "fastpo"])
+@pytest.mark.parametrize("impl", ["eager", COMPILE, "fastpo"])
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=_ids(LINEAR_CASES, ["N", "D", "V", "dtype"]))
 def test_linear_token_logprobs(benchmark, case, mode, impl):

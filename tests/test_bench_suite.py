@@ -1,0 +1,87 @@
+"""The benchmark suite end to end: ``fastpo bench --quick`` on its smallest case prints the table,
+writes the JSON (device, versions, commit, every figure) and a PNG plot; the correctness guard
+refuses to time a wrong implementation; a missing peer is skipped with the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from fastpo.cli import main as fastpo_main
+
+pytest.importorskip("matplotlib")
+
+
+def test_fastpo_bench_quick_smallest_case(tmp_path, capsys):
+    out_json = tmp_path / "run.json"
+    rc = fastpo_main(["bench", "--quick", "--ops", "logprobs", "--max-cases", "1", "--impls", "eager,fastpo",
+                      "--device", "cpu", "--no-progress", "--json", str(out_json)])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "## fastpo benchmarks (quick, cpu)" in stdout
+    assert "| case | impl | time ms (median)" in stdout
+    assert "N=2048 V=32000 float32 fwd" in stdout
+    rows = [line for line in stdout.splitlines() if line.startswith("|  | fastpo |")]
+    assert rows and "FAILED" not in rows[0]
+
+    payload = json.loads(out_json.read_text())
+    info = payload["info"]
+    for key in ("device", "device_name", "torch", "python", "commit", "date", "mode", "peers", "loadavg_start"):
+        assert key in info, key
+    assert info["device"] == "cpu" and info["mode"] == "quick"
+    assert info["torch"] == torch.__version__
+    recs = {r["impl"]: r for r in payload["ops"]["logprobs"]}
+    assert set(recs) == {"eager", "fastpo"}
+    for impl, rec in recs.items():
+        assert rec["status"] == "ok", (impl, rec["detail"])
+        assert rec["timing"]["median_ms"] > 0 and rec["timing"]["repeats"] >= 3
+        assert rec["memory"] is not None and rec["memory"]["extra_peak_mib"] >= 0
+        assert "logp err" in rec["check"]
+    assert recs["eager"]["speedup_vs_eager"] == pytest.approx(1.0)
+    assert recs["fastpo"]["speedup_vs_eager"] > 0 and recs["fastpo"]["memory_vs_eager"] >= 0
+
+    assert payload["plots"], "no plot written"
+    for path in payload["plots"]:
+        assert os.path.getsize(path) > 1000
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_guard_refuses_to_time_a_wrong_result():
+    from benchmarks.harness import run_op
+    from benchmarks.policy import PolicyLossOp
+
+    class WrongFastpo(PolicyLossOp):
+        name = "policy-wrong"
+
+        def cases(self, quick, device):
+            return super().cases(quick, device)[:1]
+
+        def outputs(self, impl, p, inputs):
+            out = super().outputs(impl, p, inputs)
+            if impl == "fastpo":
+                out["grad"] = out["grad"] * 1.01
+            return out
+
+    records = run_op(WrongFastpo(), "cpu", quick=True, measure_memory=False, impl_filter=["eager", "fastpo"],
+                     log=lambda msg: None)
+    by_impl = {r.impl: r for r in records}
+    assert by_impl["eager"].status == "ok" and by_impl["eager"].timing
+    assert by_impl["fastpo"].status == "FAILED"
+    assert by_impl["fastpo"].detail.startswith("wrong result")
+    assert by_impl["fastpo"].timing is None and "speedup_vs_eager" not in by_impl["fastpo"].derived
+
+
+def test_missing_peer_is_skipped_with_the_reason(monkeypatch):
+    from benchmarks import peers
+
+    monkeypatch.setitem(peers.PEERS, "nopeer", peers.Peer("nopeer", "fastpo_no_such_module", "no-such-dist"))
+    monkeypatch.setattr(peers, "_import_cache", {})
+    assert peers.skip_reason("nopeer", "cpu") == "no-such-dist not installed (pip install no-such-dist)"
+    assert peers.status("cpu")["nopeer"]["available"] is False
+    with pytest.raises(peers.Skip, match="not installed"):
+        peers.require("nopeer", "cpu")
+    assert "CUDA only" in peers.skip_reason("cce", "cpu")
