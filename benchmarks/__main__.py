@@ -2,7 +2,8 @@
 
 Examples::
 
-    python -m benchmarks --quick                     # ~1-3 min on a 2-core CPU
+    python -m benchmarks --quick                     # ~3 min on a 2-core CPU (mostly torch.compile)
+    python -m benchmarks --quick --threads 1         # on a CPU shared with other work
     python -m benchmarks                             # full sizes (+ the linear memory check)
     python -m benchmarks --ops linear-memory         # only the CPU memory check
     python -m benchmarks --device cuda --json out.json
@@ -28,8 +29,9 @@ from .plots import plot_run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (~1-3 min on a 2-core CPU)")
+    prog = "fastpo bench" if os.path.basename(sys.argv[0] or "") == "fastpo" else "python -m benchmarks"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (~3 min on a 2-core CPU, most of it torch.compile)")
     ap.add_argument(
         "--device",
         choices=["cpu", "cuda"],
@@ -46,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default=None, metavar="PATH",
                     help="where to write every figure (default: benchmarks/results/bench-<device>[-quick][-<ops>].json)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="CPU: torch intra-op threads, also in the memory subprocesses (default: torch's). "
+                         "On a machine shared with other work, 1 avoids OpenMP regions that stall on a "
+                         "descheduled thread (milliseconds per small op)")
     ap.add_argument("--max-cases", type=int, default=None, metavar="K",
                     help="run only the first (smallest) K cases of each op (a smoke test)")
     ap.add_argument("--plots", default=None, metavar="DIR",
@@ -73,6 +79,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if impl_filter and "eager" not in impl_filter:
         impl_filter.append("eager")  # the ratios need the baseline
 
+    if args.threads is not None:
+        if args.threads < 1:
+            print("--threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the memory subprocesses
     t_start = time.perf_counter()
     info = device_info(args.device)
     info["mode"] = "quick" if args.quick else "full"

@@ -37,10 +37,13 @@ def collect_panels(op, records) -> Dict[str, Dict[str, Any]]:
     """{panel title: {"xlabel": ..., "series": {impl: [(x, median ms, extra peak MiB or None)]}}}
     from the records of one op that were timed (FAILED / skipped rows are not plotted)."""
     panels: Dict[str, Dict[str, Any]] = {}
+    first_panel: Dict[str, str] = {}  # panel title -> "yes" when it is some case's first panel
     for r in records:
         if r.status != "ok" or not r.timing:
             continue
-        for title, xlabel, x in op.plot_keys(r.params):
+        for k, (title, xlabel, x) in enumerate(op.plot_keys(r.params)):
+            if k == 0:
+                first_panel[title] = "yes"
             panel = panels.setdefault(title, {"xlabel": xlabel, "series": defaultdict(list)})
             mem = r.memory["extra_peak_mib"] if r.memory and "extra_peak_mib" in r.memory else None
             panel["series"][r.impl].append((x, r.timing["median_ms"], mem))
@@ -51,7 +54,7 @@ def collect_panels(op, records) -> Dict[str, Dict[str, Any]]:
     # or every panel when none does (a run of a single size per op).
     swept = {t: p for t, p in panels.items()
              if len({x for pts in p["series"].values() for x, _, _ in pts}) >= 2}
-    return swept or panels
+    return swept or {t: p for t, p in panels.items() if t in first_panel}
 
 
 def plot_op(op, records, info: Dict[str, Any], out_dir: str) -> Optional[str]:
@@ -91,7 +94,7 @@ def plot_op(op, records, info: Dict[str, Any], out_dir: str) -> Optional[str]:
     dev = info.get("device_name", info.get("device", ""))
     fig.suptitle(f"{op.description}\n{dev} · {info.get('mode', '')} · commit {info.get('commit', '?')} · "
                  f"{info.get('date', '')}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{op.name}-{info['device']}.png")
     fig.savefig(path, dpi=72)
@@ -111,3 +114,36 @@ def plot_run(ops_records: Sequence[Tuple[Any, List[Any]]], info: Dict[str, Any],
         if path:
             paths.append(path)
     return paths, ""
+
+
+class _Rec:
+    """A record as read back from a run's JSON (what :func:`plot_op` reads of it)."""
+
+    def __init__(self, d: Dict[str, Any]):
+        self.params, self.impl, self.status = d["params"], d["impl"], d["status"]
+        self.timing, self.memory = d.get("timing"), d.get("memory")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m benchmarks.plots RUN.json [OUT_DIR]``: redraw a finished run's plots."""
+    import json
+    import sys
+
+    from . import OPS
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    with open(args[0]) as f:
+        payload = json.load(f)
+    out_dir = args[1] if len(args) > 1 else os.path.splitext(args[0])[0] + "-plots"
+    pairs = [(OPS[name], [_Rec(d) for d in recs]) for name, recs in payload["ops"].items()
+             if name in OPS and isinstance(recs, list)]
+    paths, why = plot_run(pairs, payload["info"], out_dir)
+    print("\n".join(paths) if paths else f"nothing plotted {why}".strip())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
