@@ -96,7 +96,8 @@ def flash_attn_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     """flash-attn's Triton cross-entropy: its per-token loss is ``lse − logit[label] = −logp``."""
     ce = require("flash-attn", logits.device.type)
     v = logits.shape[-1]
-    losses, _ = ce.cross_entropy_loss(logits.reshape(-1, v), labels.reshape(-1))
+    res = ce.cross_entropy_loss(logits.reshape(-1, v), labels.reshape(-1))
+    losses = res[0] if isinstance(res, tuple) else res  # (losses, z_losses) in flash-attn 2.x
     return (-losses).reshape(labels.shape)
 
 
