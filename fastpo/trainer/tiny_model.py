@@ -290,6 +290,13 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, steps: int | None = 
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
+    # transformers 5 records its own class name ("TokenizersBackend"), which transformers 4 (e.g. in a
+    # vLLM environment sharing this cache) does not know; both load the generic fast tokenizer name.
+    tok_config = out_dir / "tokenizer_config.json"
+    tok_config.write_text(
+        json.dumps({**json.loads(tok_config.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2)
+        + "\n"
+    )
     model.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "fastpo_tiny.json").write_text(json.dumps(report, indent=2) + "\n")
     if log is not None:
