@@ -14,6 +14,9 @@ in a folder named by a hash of the build settings, so changing them rebuilds.
   only, for a fixed, deliberately short number of AdamW steps, so the model is *partly* right: the
   format (a bare integer, then ``<eos>``) is learnt, most answers are close, and sampling at temperature
   1.0 is right on a minority of prompts, leaving GRPO both a reward signal and room to improve.
+  Measured (seed 0, 512 held-out prompts): greedy 46% exact, sampled at T=1 32%, built in ~17 s on one
+  CPU thread. Plain GRPO from it (16 prompts x 8 samples, T=1, AdamW lr 1.5e-4) raises the mean
+  exact-answer reward from ~0.40 to ~0.60 in 800 steps; lr >= 5e-4 is unstable, 1e-3 collapses it.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 from .tasks import ArithmeticTask, Example
 
 # Bump when the build procedure changes in a way the settings do not capture: cached models rebuild.
-TINY_MODEL_VERSION = 1
+TINY_MODEL_VERSION = 2
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -256,7 +259,8 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, steps: int | None = 
     """Builds the tokenizer and warm-started model into ``out_dir`` (created; ``save_pretrained``
     layout, float32 safetensors) and returns the build report (also saved as ``fastpo_tiny.json``).
 
-    Deterministic given ``seed`` (and the machine: CPU float results can depend on the thread count).
+    Deterministic given ``seed`` on a given CPU and torch build (it trains on one thread, so the core
+    count does not matter).
     ``steps`` overrides ``settings.steps`` (for tests); ``eval_examples=0`` skips the accuracy check.
     The caller's global torch RNG state is left untouched."""
     from transformers import GenerationConfig, LlamaForCausalLM
@@ -266,10 +270,17 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, steps: int | None = 
     t0 = time.perf_counter()
     tokenizer = build_tokenizer(settings.task().alphabet)
     config = build_config(settings, tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).float()
-        losses = warm_start(model, tokenizer, settings, seed=seed, steps=steps, log=log)
+    threads = torch.get_num_threads()
+    # One intra-op thread: the result does not depend on the machine's core count, and on a shared CPU
+    # it is faster than two (OpenMP regions stall under load); ops this small gain little from more.
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config).float()
+            losses = warm_start(model, tokenizer, settings, seed=seed, steps=steps, log=log)
+    finally:
+        torch.set_num_threads(threads)
     build_s = time.perf_counter() - t0
     report = {
         "version": TINY_MODEL_VERSION,
