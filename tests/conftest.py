@@ -36,3 +36,17 @@ def backend(request, monkeypatch):
 def cpu_backend(monkeypatch):
     monkeypatch.setenv("FASTPO_BACKEND", "cpu")
     return "cpu"
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A ``FASTPO_CACHE`` folder shared by the tests that need the built-in tiny model."""
+    return tmp_path_factory.mktemp("fastpo-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_cache):
+    """The built-in tiny model (``fastpo train``'s default policy), built once for the session."""
+    from fastpo.trainer.tiny_model import tiny_model_path
+
+    return tiny_model_path(tiny_cache, log=None)

@@ -25,17 +25,6 @@ from fastpo.trainer.tiny_model import (  # noqa: E402
 )
 
 
-@pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("fastpo-cache")
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tiny_cache):
-    """The default tiny model, built once for the session."""
-    return tiny_model_path(tiny_cache, log=None)
-
-
 def test_tokenizer_round_trip(tmp_path):
     tok = build_tokenizer()
     tok.save_pretrained(tmp_path)
