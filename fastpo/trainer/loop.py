@@ -200,6 +200,7 @@ class Trainer:
     def train_step(self, step: int):
         t0 = time.perf_counter()
         exp = self.algo.experience(step)
+        t_experience = time.perf_counter()
         metrics: Dict[str, Optional[float]] = dict(exp.metrics)
         updated = True
         losses = []
@@ -225,9 +226,13 @@ class Trainer:
             losses.append(loss_value)
             metrics.update(loss_metrics)
             metrics["grad_norm"] = grad_norm
+        t_update = time.perf_counter()
         if updated and self.rollout is not None:
             self.rollout.sync_weights(self.lm)
-        elapsed = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        elapsed = t_end - t0
+        # where the step's time went: rollout + scoring, the optimiser passes, the engine's weight sync
+        metrics.update(experience_s=t_experience - t0, update_s=t_update - t_experience, sync_s=t_end - t_update)
         metrics["loss"] = sum(losses) / len(losses) if losses else None
         metrics = {k: (None if v is None else float(v)) for k, v in metrics.items()}
         for key in ("reward_mean", "loss", "kl", "entropy"):  # report the average over ranks

@@ -12,6 +12,8 @@ from .errors import UserInputError
 
 # Always present in every metrics.jsonl line (None -> JSON null where an algorithm has no such thing).
 REQUIRED_KEYS = ("step", "reward_mean", "loss", "kl", "clip_frac", "entropy", "tokens_per_s")
+# Wall-clock figures of a step: they differ between otherwise identical runs (resume comparisons skip them).
+TIMING_KEYS = ("tokens_per_s", "step_time_s", "experience_s", "update_s", "sync_s")
 BAR_KEYS = (("reward_mean", "reward"), ("kl", "kl"), ("clip_frac", "clip"), ("tokens_per_s", "tok/s"))
 
 
