@@ -89,6 +89,21 @@ def test_grpo_with_vllm_rollout_records_parity_and_raises_the_reward(tiny_cache,
 
 
 @needs_vllm
+def test_resume_with_vllm_repeats_an_uninterrupted_run(tiny_cache, tiny_dir, tmp_path):
+    """vLLM's samples are seeded per request from (seed, step), and a resumed run pushes the
+    checkpoint's weights into its fresh engine, so the resumed steps repeat the uninterrupted ones."""
+    from fastpo.trainer.reporting import TIMING_KEYS
+
+    common = ["--max-steps", "4", "--save-every", "2", "--prompts-per-step", "4", "--group-size", "4"]
+    whole = train(common, tmp_path / "a", tiny_cache)
+    train(["--max-steps", "2", *common[2:]], tmp_path / "b", tiny_cache)
+    resumed = train([*common, "--resume"], tmp_path / "b", tiny_cache)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert strip(resumed) == strip(whole)
+
+
+@needs_vllm
 @pytest.mark.parametrize("algo,extra", [("ppo", ["--rollout-is", "token_truncate"]),
                                         ("remax", ["--rollout-is", "sequence_mask", "--top-p", "0.9"]),
                                         ("online_dpo", [])])
