@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_type(f)
-        help_text = f.metadata.get("help", "") + f" (default: {f.default})"
+        help_text = f.metadata.get("help", "")
+        if "default:" not in help_text:  # fields whose default needs words say it themselves
+            help_text += f" (default: {f.default})"
         if kind is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
