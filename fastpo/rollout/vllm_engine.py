@@ -13,7 +13,7 @@
   engine with the worker's ``reload_weights`` (``collective_rpc``), which reloads *and* re-runs
   vLLM's post-load processing. On CPU vLLM repacks linear weights at load time, so the model's plain
   ``load_weights`` would leave the repacked copies stale; ``reload_weights`` does not (~15 ms for the
-  tiny model). Versions without it fall back to ``load_weights`` through ``apply_model``.
+  tiny model; vLLM 0.32's workers have it, on CPU and GPU).
 - Sleep mode (GPU, ``sleep=True``): the engine is built with ``enable_sleep_mode``; after each
   generation it sleeps at level 1 (weights offloaded to CPU memory, KV cache freed) so the training
   step has the GPU memory; ``sync_weights`` wakes the weights only, and the next ``generate`` wakes
@@ -169,10 +169,7 @@ class VLLMRollout(RolloutEngine):
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Stream ``model``'s parameters and buffers (Hugging Face names) into the engine."""
         self._wake(("weights",))
-        try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _named_tensors(model)})
-        except AttributeError:  # a vLLM without reload_weights: the model's own loader
-            self.llm.apply_model(lambda m: m.load_weights(_named_tensors(model)))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _named_tensors(model)})
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
