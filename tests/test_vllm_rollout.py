@@ -152,3 +152,15 @@ def test_sleep_mode_needs_a_gpu(tmp_path, tiny_cache, tiny_dir, monkeypatch, cap
                  "--output-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "sleep mode needs a CUDA device" in err
+
+
+@needs_vllm
+def test_rollout_benchmark_runs(tmp_path, tiny_cache):
+    """``python -m benchmarks.rollout`` end to end at its tiny size: a row per backend, and the JSON."""
+    out = tmp_path / "rollout.json"
+    proc = _run([sys.executable, "-m", "benchmarks.rollout", "--sizes", "tiny", "--repeats", "1", "--json", str(out)],
+                tiny_cache, 600)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 2 and "generate" in rows[0] and "vllm" in rows[1]
+    result = json.loads(out.read_text())["results"][0]
+    assert len(result["generate"]) == 1 and len(result["vllm"]) == 1 and result["vllm"][0] > 0
