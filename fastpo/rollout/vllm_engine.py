@@ -12,7 +12,7 @@
 - Weight sync: after each optimiser step, ``sync_weights`` streams the policy's state dict into the
   engine with the worker's ``reload_weights`` (``collective_rpc``), which reloads *and* re-runs
   vLLM's post-load processing. On CPU vLLM repacks linear weights at load time, so the model's plain
-  ``load_weights`` would leave the repacked copies stale; ``reload_weights`` does not (~15 ms for the
+  ``load_weights`` would leave the repacked copies stale; ``reload_weights`` does not (~10 ms for the
   tiny model; vLLM 0.32's workers have it, on CPU and GPU).
 - Sleep mode (GPU, ``sleep=True``): the engine is built with ``enable_sleep_mode``; after each
   generation it sleeps at level 1 (weights offloaded to CPU memory, KV cache freed) so the training
