@@ -110,10 +110,7 @@ def time_vllm(path: str, size: RolloutSize, device: str, repeats: int) -> List[f
     params = vllm.SamplingParams(n=size.samples, temperature=1.0, max_tokens=size.new_tokens, ignore_eos=True,
                                  logprobs=0, seed=0, detokenize=False)
     requests = [{"prompt_token_ids": p} for p in prompt_ids(size)]
-    try:
-        return _median_time(lambda: llm.generate(requests, params, use_tqdm=False), repeats)
-    finally:
-        del llm
+    return _median_time(lambda: llm.generate(requests, params, use_tqdm=False), repeats)
 
 
 def main(argv=None) -> int:

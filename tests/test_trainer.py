@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -70,7 +69,7 @@ def test_training_changes_the_policy_and_the_checkpoint_reloads(small_lm, tmp_pa
 
 def test_resume_repeats_an_uninterrupted_run(small_lm, tmp_path):
     common = ["--model", small_lm, "--max-steps", "4", "--save-every", "2", *QUICK]
-    whole = run(common, tmp_path / "a")
+    run(common, tmp_path / "a")
     run(common[:3] + ["2"] + common[4:], tmp_path / "b")  # stopped after step 2
     resumed = run(common + ["--resume"], tmp_path / "b")
     assert [r["step"] for r in resumed] == [3, 4]

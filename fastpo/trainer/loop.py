@@ -9,7 +9,6 @@ repeats an uninterrupted one."""
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import shutil
