@@ -164,3 +164,20 @@ def test_rollout_benchmark_runs(tmp_path, tiny_cache):
     assert len(rows) == 2 and "generate" in rows[0] and "vllm" in rows[1]
     result = json.loads(out.read_text())["results"][0]
     assert len(result["generate"]) == 1 and len(result["vllm"]) == 1 and result["vllm"][0] > 0
+
+
+def test_vllm_under_torchrun_is_refused_before_loading_a_model(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "fastpo", "train", "--rollout", "vllm", "--model", str(tmp_path / "no-such-model"),
+           "--output-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    # the torchrun refusal comes first: the missing model directory is never looked at
+    assert proc.stderr.count("--rollout vllm runs one colocated engine in a single process") == 2
+    assert "no such directory" not in proc.stderr

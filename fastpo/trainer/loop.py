@@ -53,6 +53,9 @@ class Trainer:
         self.dist = init_distributed(cfg.device)
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise UserInputError("--device cuda: torch sees no CUDA device")
+        if cfg.rollout == "vllm" and self.dist.enabled:  # before any model is loaded
+            raise UserInputError("--rollout vllm runs one colocated engine in a single process; under torchrun "
+                                 "use --rollout hf")
         self.device = self.dist.device
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
         self.output_dir = Path(cfg.output_dir)
@@ -136,9 +139,6 @@ class Trainer:
         from ..rollout.vllm_engine import VLLMRollout, VLLMUnavailable
 
         cfg = self.cfg
-        if self.dist.enabled:
-            raise UserInputError("--rollout vllm runs one colocated engine in a single process; under torchrun "
-                                 "use --rollout hf")
         kv_gib = cfg.vllm_kv_cache_gib if cfg.vllm_kv_cache_gib is not None else (
             1.0 if self.device.type == "cpu" else None)
         try:
