@@ -20,6 +20,15 @@ GRAD_TOLERANCES = {
 }
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def make_labels(shape, vocab, *, ignore_index=-100, ignore_fraction=0.25, generator=None, device="cpu"):
     labels = torch.randint(0, vocab, shape, generator=generator)
     drop = torch.rand(shape, generator=generator) < ignore_fraction

@@ -14,6 +14,7 @@ from fastpo.trainer.cli import parse_config
 from fastpo.trainer.config import ALGORITHMS
 from fastpo.trainer.loop import NonFiniteLossWarning, Trainer
 from fastpo.trainer.reporting import REQUIRED_KEYS, TIMING_KEYS, read_metrics
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "4", "--no-progress"]
@@ -184,11 +185,7 @@ def test_reward_rises_on_the_builtin_task(tiny_cache, tiny_dir, tmp_path, monkey
 
 
 def torchrun(script_args, tmp_path, timeout=240):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     tmp_path.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),

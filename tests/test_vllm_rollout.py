@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fastpo.trainer.reporting import read_metrics
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -167,11 +168,7 @@ def test_rollout_benchmark_runs(tmp_path, tiny_cache):
 
 
 def test_vllm_under_torchrun_is_refused_before_loading_a_model(tmp_path):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "fastpo", "train", "--rollout", "vllm", "--model", str(tmp_path / "no-such-model"),
            "--output-dir", str(tmp_path / "run")]

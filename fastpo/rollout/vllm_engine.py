@@ -172,12 +172,11 @@ class VLLMRollout(RolloutEngine):
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _named_tensors(model)})
 
     def close(self) -> None:
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            del llm
-            import gc
+        """Drop the engine (its KV cache and weight copy go with it)."""
+        import gc
 
-            gc.collect()
+        self.llm = None
+        gc.collect()
 
 
 def _named_tensors(model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:

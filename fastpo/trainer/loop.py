@@ -148,7 +148,6 @@ class Trainer:
                                  sleep=cfg.vllm_sleep, device=self.device.type)
         except (VLLMUnavailable, ValueError) as exc:
             raise UserInputError(str(exc)) from None
-        engine.sync_weights(self.lm)  # the engine loaded the source; the policy may differ (e.g. dtype casts)
         return engine
 
     def seed_for(self, step: int, purpose: int = 0) -> int:

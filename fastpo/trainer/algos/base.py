@@ -14,8 +14,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+import fastpo
+
 from ...rollout.base import Rollout, SamplingSettings
-from ..batch import TokenBatch, make_token_batch, packed_rollout_logp, token_logprobs
+from ..batch import TokenBatch, make_token_batch, token_logprobs
 
 
 @dataclass
@@ -89,9 +91,10 @@ class Algorithm(ABC):
         return token_logprobs(self.trainer.ref, batch)
 
     def rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor, old_logp: torch.Tensor,
-                        entropy: torch.Tensor, batch: TokenBatch) -> Dict[str, Optional[float]]:
-        """Reward and length statistics, and the train/rollout log-prob gap over sampled tokens."""
-        rollout_logp = packed_rollout_logp(rollout.rollout_logp, old_logp.device)
+                        entropy: torch.Tensor, rollout_logp: torch.Tensor,
+                        batch: TokenBatch) -> Dict[str, Optional[float]]:
+        """Reward and length statistics, and the train/rollout log-prob gap over sampled tokens
+        (``rollout_logp``: the engine's log-probs, packed like ``old_logp``)."""
         gap = (old_logp - rollout_logp).abs()
         n_tok = max(batch.num_response_tokens, 1)
         is_stats = importance_weight_stats(old_logp, rollout_logp, batch, cap=self.cfg.rollout_is_cap,
@@ -130,10 +133,8 @@ def importance_weight_stats(old_logp: torch.Tensor, rollout_logp: torch.Tensor, 
                                   "rollout_is_seq_max", "rollout_is_over_cap_frac")}
     log_w = (old_logp.float() - rollout_logp.float()).clamp(-20.0, 20.0)
     w = log_w.exp()
-    non_empty = batch.lengths > 0
-    seq_ids = torch.repeat_interleave(torch.arange(batch.num_sequences, device=w.device), batch.lengths)
-    seq_log_w = torch.zeros(batch.num_sequences, device=w.device).index_add_(0, seq_ids, log_w)
-    seq_w = (seq_log_w[non_empty] / batch.lengths[non_empty]).exp()
+    seq_log_w = fastpo.sequence_logprobs(log_w, cu_seqlens=batch.cu_seqlens, average=True)
+    seq_w = seq_log_w[batch.lengths > 0].exp()
     level = seq_w if sequence_level else w
     return {
         "rollout_is_mean": float(w.mean()),

@@ -72,15 +72,15 @@ class GroupPolicyGradient(Algorithm):
         examples, rollout, rewards = self.rollout(step, self.cfg.group_size)
         batch = self.token_batch(rollout)
         old_logp, entropy = self.old_policy(batch)
-        metrics = self.rollout_metrics(rollout, rewards, old_logp, entropy, batch)
+        rollout_logp = packed_rollout_logp(rollout.rollout_logp, self.trainer.device)
+        metrics = self.rollout_metrics(rollout, rewards, old_logp, entropy, rollout_logp, batch)
         baseline = self.baseline(step, examples)
         if baseline is not None:
             baseline = baseline.repeat_interleave(self.cfg.group_size)
             metrics["baseline_reward_mean"] = float(baseline.mean())
         adv = fastpo.group_advantages(rewards, group_size=self.cfg.group_size, method=self.method,
                                       baseline=baseline)
-        tensors = {"old_logp": old_logp, "advantages": batch.per_token(adv),
-                   "rollout_logp": packed_rollout_logp(rollout.rollout_logp, self.trainer.device)}
+        tensors = {"old_logp": old_logp, "advantages": batch.per_token(adv), "rollout_logp": rollout_logp}
         if self.needs_reference:
             tensors["ref_logp"] = self.reference_logp(batch)
         keep = self.keep_sequences(rewards)

@@ -39,7 +39,8 @@ class PPO(Algorithm):
         _, rollout, scores = self.rollout(step, self.cfg.group_size)
         batch = self.token_batch(rollout)
         old_logp, entropy = self.old_policy(batch)
-        metrics = self.rollout_metrics(rollout, scores, old_logp, entropy, batch)
+        rollout_logp = packed_rollout_logp(rollout.rollout_logp, self.trainer.device)
+        metrics = self.rollout_metrics(rollout, scores, old_logp, entropy, rollout_logp, batch)
         old_values = values_of(self.trainer.critic_eval, batch)
         token_rewards = torch.zeros_like(old_logp)
         ref_logp = self.reference_logp(batch)
@@ -55,7 +56,7 @@ class PPO(Algorithm):
         adv = fastpo.whiten(adv)
         metrics["value_mean"] = float(old_values.mean()) if old_values.numel() else 0.0
         tensors = {"old_logp": old_logp, "advantages": adv, "returns": returns, "old_values": old_values,
-                   "rollout_logp": packed_rollout_logp(rollout.rollout_logp, self.trainer.device)}
+                   "rollout_logp": rollout_logp}
         return Experience(batch, tensors, metrics, rollout.num_tokens)
 
     def loss(self, exp: Experience) -> Tuple[torch.Tensor, Dict[str, Optional[float]]]:
