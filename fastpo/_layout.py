@@ -6,6 +6,11 @@ boundaries are ``cu_seqlens [B+1]`` (int64; sequence i is tokens ``cu_seqlens[i]
 and an optional ``mask [N]``. A padded batch ``[B, T]`` is the packed batch with
 ``cu_seqlens = [0, T, 2T, ..., BT]``, so one kernel serves both layouts.
 
+Strides: the flat views are contiguous whatever the caller's strides (1-D strided views such as
+``x[:, 0]``, ``.expand()``-ed stride-0 tensors, transposes): :meth:`TokenLayout.flat` and
+:func:`flat_inputs` copy only when the input is not contiguous, and ``cu_seqlens`` and ``mask`` are
+made contiguous here, so every kernel may read its ``[N]`` inputs with unit stride.
+
 Static checks (shapes, dtypes, devices) run in :func:`token_layout`; the data-dependent check of the
 ``cu_seqlens`` values (:func:`check_cu_seqlens_values`) belongs inside the custom op, where
 ``torch.compile`` does not trace it (as the label range check of the log-prob ops).
@@ -23,7 +28,7 @@ from fastpo._validation import shape_of
 
 __all__ = [
     "TokenLayout", "token_layout", "check_like_layout", "check_cu_seqlens_values", "accumulation_dtype",
-    "segment_ids", "segment_sum", "flat_mask",
+    "segment_ids", "segment_sum", "flat_mask", "flat_inputs",
 ]
 
 
@@ -36,8 +41,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 class TokenLayout:
     """Where the tokens of a batch are: ``flat(x)`` gives ``[N]``, ``unflatten(y)`` the caller's shape.
 
-    ``cu_seqlens`` is int64 ``[B+1]`` on the tokens' device; ``mask`` is the caller's mask flattened to
-    ``[N]`` (any dtype, non-zero = counted) or None when every token counts; ``padded_len`` is ``T``
+    ``cu_seqlens`` is int64 ``[B+1]`` on the tokens' device, contiguous; ``mask`` is the caller's mask
+    flattened to a contiguous ``[N]`` (any dtype, non-zero = counted) or None when every token counts; ``padded_len`` is ``T``
     for a padded batch and None for a packed one.
     """
 
@@ -58,8 +63,9 @@ class TokenLayout:
     def is_padded(self) -> bool:
         return self.padded_len is not None
 
-    def flat(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1)
+    def flat(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``x`` as a contiguous ``[N]`` (differentiable: the gradient flows back to ``x``'s strides)."""
+        return None if x is None else x.reshape(-1).contiguous()
 
     def unflatten(self, y: torch.Tensor) -> torch.Tensor:
         return y.reshape(self.shape)
@@ -94,7 +100,7 @@ def token_layout(x, name: str, mask=None, cu_seqlens=None) -> TokenLayout:
             raise ValueError(f"with cu_seqlens (packed layout) {name} must be 1-D [N], got shape {shape_of(x)}")
         check.check_same_device(**{name: x, "cu_seqlens": cu_seqlens})
         b = cu_seqlens.numel() - 1
-        cu = cu_seqlens.to(torch.int64)
+        cu = cu_seqlens.to(torch.int64).contiguous()
         padded_len = None
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
@@ -104,8 +110,13 @@ def token_layout(x, name: str, mask=None, cu_seqlens=None) -> TokenLayout:
         if tuple(mask.shape) != tuple(x.shape):
             raise ValueError(f"mask must have the shape of {name}, got mask {shape_of(mask)} and {name} {shape_of(x)}")
         check.check_same_device(**{name: x, "mask": mask})
-        mask = mask.reshape(-1)
+        mask = mask.reshape(-1).contiguous()
     return TokenLayout(shape=tuple(x.shape), cu_seqlens=cu, mask=mask, num_seqs=b, padded_len=padded_len)
+
+
+def flat_inputs(layout: TokenLayout, *tensors):
+    """Detached contiguous ``[N]`` views of per-token constants (None stays None)."""
+    return [None if t is None else layout.flat(t.detach()) for t in tensors]
 
 
 def check_like_layout(layout: TokenLayout, y, name: str, ref_name: str, *, floating: bool = True) -> None:

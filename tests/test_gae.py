@@ -193,6 +193,8 @@ def test_opcheck():
     rewards, values, mask = _batch(3, 5, seed=23)
     cu = torch.tensor([0, 5, 10, 15])
     torch.library.opcheck(torch.ops.fastpo.gae.default,
-                          (rewards.reshape(-1), values.reshape(-1), mask.reshape(-1), cu, 0.9, 0.95, 5, "cpu"))
+                          (rewards.reshape(-1), values.reshape(-1), mask.reshape(-1), cu,
+                           torch.tensor([0.9, 0.95], dtype=torch.float64), 5, "cpu"))
     torch.library.opcheck(torch.ops.fastpo.gae.default,
-                          (rewards.reshape(-1).double(), values.reshape(-1).double(), None, cu, 1.0, 1.0, 15, "cpu"))
+                          (rewards.reshape(-1).double(), values.reshape(-1).double(), None, cu,
+                           torch.tensor([1.0, 1.0], dtype=torch.float64), 15, "cpu"))

@@ -81,11 +81,12 @@ def test_gradcheck_float64(aggregation, monkeypatch):
 
 def test_custom_op_registration():
     values, old, returns, mask = make_batch(seed=3)
-    spec = value_spec(0.2, "seq_mean_token_mean", T)
+    spec = value_spec(None, "seq_mean_token_mean", 0)
     cu = torch.arange(0, (len(LENGTHS) + 1) * T, T)
     torch.library.opcheck(torch.ops.fastpo.value_loss_fwd.default,
                           (values.reshape(-1).clone().requires_grad_(), old.reshape(-1), returns.reshape(-1),
-                           mask.reshape(-1), cu, spec.floats(), spec.ints(), False, "cpu"))
+                           mask.reshape(-1), cu, torch.tensor(0.2, dtype=torch.float64), spec.floats(), spec.ints(), False,
+                           "cpu"))
 
 
 @pytest.mark.parametrize("case", [

@@ -119,6 +119,24 @@ def _backward(ctx, grad_out, _grad_count):
 torch.library.register_autograd("fastpo::sequence_logprobs_fwd", _backward, setup_context=_setup_context)
 
 
+# Double backward. The backward is linear in grad_out: grad_t = m_t·g_i (÷ n_i when averaging) for t in
+# sequence i, so its adjoint maps an upstream gg [token shape] to Σ_{t ∈ i} m_t·gg_t (÷ n_i): the
+# forward itself, applied to gg (the mask, cu_seqlens and counts are constants).
+def _bwd_setup_context(ctx, inputs, output):
+    _, _, mask, cu_seqlens, _, _, average, backend = inputs
+    ctx.save_for_backward(mask, cu_seqlens)
+    ctx.average, ctx.backend = average, backend
+
+
+def _bwd_backward(ctx, grad_grad):
+    mask, cu_seqlens = ctx.saved_tensors
+    grad_grad_out, _ = _sequence_logprobs_fwd(grad_grad.contiguous(), mask, cu_seqlens, ctx.average, ctx.backend)
+    return grad_grad_out, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastpo::sequence_logprobs_bwd", _bwd_backward, setup_context=_bwd_setup_context)
+
+
 def sequence_logprobs(
     token_logp: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
@@ -134,7 +152,8 @@ def sequence_logprobs(
 
         seq_i = Σ_{t ∈ i} m_t·logp_t          average=True:  seq_i / n_i,  n_i = Σ_{t ∈ i} m_t
 
-    An empty (or fully masked) sequence gives 0, also when averaging. Returns ``[B]`` float32
+    An empty (or fully masked) sequence gives 0, also when averaging. The op is linear, so double
+    backward (``create_graph=True``) is supported. Returns ``[B]`` float32
     (float64 for float64 input), differentiable w.r.t. ``token_logp`` (gradient in its dtype).
 
     ``linear_token_logprobs`` already gives 0 at ``ignore_index`` labels, so a plain sum needs no
