@@ -14,13 +14,15 @@ from fastpo.ops.gae import gae
 from fastpo.ops.group_advantages import group_advantages, process_advantages
 from fastpo.ops.whiten import whiten
 from fastpo.ops.sequence_logprobs import sequence_logprobs
-from fastpo.preference import dpo_loss, kto_loss, orpo_loss, simpo_loss
+from fastpo.preference import (cpo_loss, dpo_loss, kto_kl_ref_point, kto_loss, ld_sequence_logprobs, nll_loss,
+                               orpo_loss, simpo_loss, wpo_weights)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "gae", "group_advantages", "process_advantages", "whiten",
     "sequence_logprobs", "dpo_loss", "simpo_loss", "orpo_loss", "kto_loss",
+    "cpo_loss", "nll_loss", "kto_kl_ref_point", "ld_sequence_logprobs", "wpo_weights",
     "token_logprobs", "linear_token_logprobs",
     "LossOutput", "reference", "__version__",
     "policy_loss", "value_loss", "PolicyLossConfig", "PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO",

@@ -93,7 +93,8 @@ def test_dpo_metrics_and_constant_references():
     out = fastpo.dpo_loss(*leaves, beta=0.2)
     reward_c, reward_r = 0.2 * (c - rc), 0.2 * (r - rr)
     want = {"reward_chosen": reward_c.mean(), "reward_rejected": reward_r.mean(),
-            "reward_accuracy": (reward_c > reward_r).double().mean(), "reward_margin": (reward_c - reward_r).mean()}
+            "reward_accuracy": (reward_c > reward_r).double().mean(), "reward_margin": (reward_c - reward_r).mean(),
+            "logps_chosen": c.mean(), "logps_rejected": r.mean()}
     assert set(out.metrics) == set(want)
     for key, value in want.items():
         assert not out.metrics[key].requires_grad

@@ -1,7 +1,8 @@
 """Reference preference optimisation: per-sequence log-probs and the DPO family of losses.
 
-The spec of ``fastpo.sequence_logprobs``, ``dpo_loss``, ``simpo_loss``, ``orpo_loss`` and
-``kto_loss``. The losses act on one value per pair (or sample) and are small composites of
+The spec of ``fastpo.sequence_logprobs``, ``simpo_loss``, ``orpo_loss``, ``kto_loss``, ``cpo_loss``
+and ``nll_loss`` (``dpo_loss`` is in ``fastpo.reference.dpo``). The losses act on one value per
+pair (or sample) and are small composites of
 numerically stable torch ops (log-sigmoid, ``log1p``/``expm1`` forms): the public functions validate
 their arguments and run these same functions, which trace under ``torch.compile``.
 
@@ -21,9 +22,11 @@ import torch.nn.functional as F
 from fastpo._layout import accumulation_dtype
 from fastpo.loss_output import LossOutput
 
-__all__ = ["sequence_logprobs", "dpo_loss", "simpo_loss", "orpo_loss", "kto_loss", "DPO_LOSS_TYPES"]
+__all__ = ["sequence_logprobs", "simpo_loss", "orpo_loss", "kto_loss", "cpo_loss", "nll_loss", "kto_kl_ref_point",
+           "KTO_LOSS_TYPES", "CPO_LOSS_TYPES"]
 
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 
 
 def sequence_logprobs(token_logp: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -56,8 +59,8 @@ def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 
 
 def _mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over all elements; 0 (not NaN) for an empty tensor."""
-    return x.sum() / max(x.numel(), 1)
+    """Mean over all elements; 0 (not NaN) for an empty tensor (no guard on a symbolic size)."""
+    return x.sum() / torch.sym_max(x.numel(), 1)
 
 
 def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -73,43 +76,6 @@ def _pair_metrics(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) ->
         "reward_accuracy": _mean((rc > rr).to(rc.dtype)),
         "reward_margin": _mean(rc - rr),
     }
-
-
-def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor,
-             ref_chosen_logp: Optional[torch.Tensor] = None, ref_rejected_logp: Optional[torch.Tensor] = None,
-             beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> LossOutput:
-    """DPO and its variants, averaged over pairs.
-
-    With x = (chosen − ref_chosen) − (rejected − ref_rejected) (reference-free: refs are 0), z = βx, ε
-    the label smoothing::
-
-        sigmoid = −(1−ε)·logσ(z) − ε·logσ(−z)             (DPO; cDPO for ε > 0)
-        robust  = ((1−ε)·(−logσ(z)) + ε·logσ(−z)) / (1−2ε)
-        hinge   = relu(1 − z)                             (SLiC)
-        ipo     = (x − 1/(2β))²                           (IPO: pass length-averaged log-probs)
-
-    Implicit rewards: β·(chosen − ref_chosen) and β·(rejected − ref_rejected).
-    """
-    dtype = _compute_dtype(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
-    chosen, rejected = chosen_logp.to(dtype), rejected_logp.to(dtype)
-    if ref_chosen_logp is not None:
-        chosen = chosen - ref_chosen_logp.detach().to(dtype)
-    if ref_rejected_logp is not None:
-        rejected = rejected - ref_rejected_logp.detach().to(dtype)
-    x = chosen - rejected
-    z = beta * x
-    eps = label_smoothing
-    if loss_type == "sigmoid":
-        losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    elif loss_type == "robust":
-        losses = ((1 - eps) * -F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - z)
-    elif loss_type == "ipo":
-        losses = (x - 1 / (2 * beta)).square()
-    else:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    return LossOutput(_mean(losses), _pair_metrics(beta * chosen, beta * rejected))
 
 
 def simpo_loss(chosen_avg_logp: torch.Tensor, rejected_avg_logp: torch.Tensor,
@@ -153,29 +119,37 @@ def orpo_loss(chosen_avg_logp: torch.Tensor, rejected_avg_logp: torch.Tensor, be
     return LossOutput(_mean(-beta * log_ratio), metrics)
 
 
-def kto_loss(logp: torch.Tensor, ref_logp: torch.Tensor, desirable: torch.Tensor, beta: float = 0.1,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-             kl_ref_point: Union[None, float, torch.Tensor] = None) -> LossOutput:
-    """KTO on unpaired samples: mean over the batch of the per-sample loss
+def kto_loss(logp: torch.Tensor, ref_logp: torch.Tensor, desirable: torch.Tensor, beta=0.1,
+             desirable_weight=1.0, undesirable_weight=1.0,
+             kl_ref_point: Union[None, float, torch.Tensor] = None, loss_type: str = "kto") -> LossOutput:
+    """KTO on unpaired samples: mean over the batch of the per-sample loss, with ℓ = logp − ref_logp
 
-        desirable:    w_d·(1 − σ(β·(ℓ − z0))) = w_d·σ(β·(z0 − ℓ))
-        undesirable:  w_u·(1 − σ(β·(z0 − ℓ))) = w_u·σ(β·(ℓ − z0))
+        kto                desirable: w_d·(1 − σ(β·(ℓ − z0)))    undesirable: w_u·(1 − σ(β·(z0 − ℓ)))
+        apo_zero_unpaired  desirable: w_d·(1 − σ(β·ℓ))           undesirable: w_u·σ(β·ℓ)
 
-    with ℓ = logp − ref_logp and z0 = max(kl_ref_point, 0), detached (None: 0). Metrics: mean
-    rewards β·ℓ of the desirable (``reward_chosen``) and undesirable (``reward_rejected``) samples
-    (0 when there are none), their difference (``reward_margin``), the fraction of samples whose
-    β·(ℓ − z0) has the sign of their label (``reward_accuracy``) and z0 (``kl_ref_point``).
+    z0 = max(kl_ref_point, 0), detached (None: 0; apo_zero_unpaired has no reference point). Metrics:
+    mean rewards β·ℓ and log-probs of the desirable (``reward_chosen``, ``logps_chosen``) and
+    undesirable (``reward_rejected``, ``logps_rejected``) samples (0 when there are none), their
+    difference (``reward_margin``), the fraction of samples whose β·(ℓ − z0) has the sign of their
+    label (``reward_accuracy``) and z0 (``kl_ref_point``, TRL's ``kl``).
     """
     dtype = _compute_dtype(logp, ref_logp)
-    ratio = logp.to(dtype) - ref_logp.detach().to(dtype)
-    if kl_ref_point is None:
-        z0 = torch.zeros((), dtype=dtype, device=ratio.device)
-    else:
-        z0 = torch.as_tensor(kl_ref_point, dtype=dtype, device=ratio.device).detach().reshape(()).clamp(min=0)
+    policy = logp.to(dtype)
+    ratio = policy - ref_logp.detach().to(dtype)
+    z0 = torch.zeros((), dtype=dtype, device=ratio.device)
+    if kl_ref_point is not None:
+        z0 = (z0 + (kl_ref_point.detach().to(dtype).reshape(()) if isinstance(kl_ref_point, torch.Tensor)
+                    else kl_ref_point)).clamp(min=0)
     good = desirable != 0
     shifted = beta * (ratio - z0)
-    losses = torch.where(good, desirable_weight * torch.sigmoid(-shifted),
-                         undesirable_weight * torch.sigmoid(shifted))
+    if loss_type == "kto":
+        losses = torch.where(good, desirable_weight * torch.sigmoid(-shifted),
+                             undesirable_weight * torch.sigmoid(shifted))
+    elif loss_type == "apo_zero_unpaired":
+        losses = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * ratio)),
+                             undesirable_weight * torch.sigmoid(beta * ratio))
+    else:
+        raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
     rewards = (beta * ratio).detach()
     reward_chosen, reward_rejected = _masked_mean(rewards, good), _masked_mean(rewards, ~good)
     shifted = shifted.detach()
@@ -185,6 +159,94 @@ def kto_loss(logp: torch.Tensor, ref_logp: torch.Tensor, desirable: torch.Tensor
         "reward_rejected": reward_rejected,
         "reward_accuracy": _mean(right.to(dtype)),
         "reward_margin": reward_chosen - reward_rejected,
+        "logps_chosen": _masked_mean(policy.detach(), good),
+        "logps_rejected": _masked_mean(policy.detach(), ~good),
         "kl_ref_point": z0,
     }
     return LossOutput(_mean(losses), metrics)
+
+
+def kto_kl_ref_point(kl_logp: torch.Tensor, ref_kl_logp: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 as TRL estimates it: max(mean(kl_logp − ref_kl_logp), 0), detached.
+
+    ``kl_logp`` / ``ref_kl_logp``: policy / reference sequence log-probs of mismatched (prompt,
+    completion) pairs, the completions rotated by one within the batch: (x_1, y_n), (x_2, y_1), ...,
+    (x_n, y_{n−1}). 0 for an empty batch. Under data parallelism TRL averages the per-rank means
+    (``gather_for_metrics(kl).mean()``) before the clamp: all-reduce the mean yourself, then clamp.
+    """
+    dtype = _compute_dtype(kl_logp, ref_kl_logp)
+    diff = kl_logp.detach().to(dtype) - ref_kl_logp.detach().to(dtype)
+    return _mean(diff).clamp(min=0)
+
+
+def nll_loss(token_logp: torch.Tensor, mask: Optional[torch.Tensor] = None,
+             cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """−Σ counted logp / (number of counted tokens): the token-mean NLL over the whole batch, 0-d.
+
+    The normalisation of TRL's NLL terms (DPO's ``sft`` loss type, hence RPO, and CPO's
+    ``cpo_alpha`` term, a ``CrossEntropyLoss`` over the chosen tokens): one mean over every counted
+    token of the batch, not a mean of per-sequence means. 0 when nothing is counted.
+    """
+    seq = sequence_logprobs(token_logp, mask, cu_seqlens)
+    return token_mean_nll(seq, token_logp, mask)
+
+
+def token_mean_nll(seq: torch.Tensor, token_logp: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """−Σ seq / max(counted tokens, 1), from the per-sequence sums ``seq`` of ``token_logp``."""
+    if mask is None:
+        return -seq.sum() / torch.sym_max(token_logp.numel(), 1)
+    return -seq.sum() / (mask != 0).sum().clamp(min=1).to(seq.dtype)
+
+
+def alphapo_rewards(logp: torch.Tensor, alpha) -> torch.Tensor:
+    """AlphaPO's reward shape (Gupta et al. 2025): (1 − p^(−α))/α = −expm1(−α·logp)/α, with p = e^logp.
+
+    The exponent is clamped to ≤ 80 (700 in float64), so logp = −1e4 gives a large finite reward.
+    Call with α ≠ 0 (α = 0 is the log-prob itself).
+    """
+    top = 700.0 if logp.dtype == torch.float64 else 80.0
+    return -torch.expm1((-alpha * logp).clamp(max=top)) / alpha
+
+
+def cpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, beta=0.1, loss_type: str = "sigmoid",
+             label_smoothing=0.0, simpo_gamma=0.5, alpha=0.0, nll: Optional[torch.Tensor] = None,
+             cpo_alpha=0.0) -> LossOutput:
+    """CPO (Xu et al. 2024) and its SimPO / AlphaPO forms, as TRL's ``CPOTrainer``: no reference model.
+
+    With u = c − r (or the AlphaPO rewards' difference when α ≠ 0)::
+
+        sigmoid  −(1−ε)·logσ(βu) − ε·logσ(−βu)
+        simpo    the same with u − γ/β (alphapo is simpo, with no NLL term)
+        hinge    relu(1 − βu)
+        ipo      (u − 1/(2β))²
+
+    loss = mean(·) + cpo_alpha·nll. Rewards (metrics): β·logp, or β·AlphaPO reward.
+    """
+    dtype = _compute_dtype(chosen_logp, rejected_logp)
+    chosen, rejected = chosen_logp.to(dtype), rejected_logp.to(dtype)
+    if loss_type == "alphapo":
+        loss_type = "simpo"
+    if isinstance(alpha, (int, float)) and alpha == 0:
+        reward_c, reward_r = chosen, rejected
+    else:
+        reward_c, reward_r = alphapo_rewards(chosen, alpha), alphapo_rewards(rejected, alpha)
+    u = reward_c - reward_r
+    if loss_type == "simpo":
+        u = u - simpo_gamma / beta
+    if loss_type in ("sigmoid", "simpo"):
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * u) - label_smoothing * F.logsigmoid(-beta * u)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * u)
+    elif loss_type == "ipo":
+        losses = (u - 1 / (2 * beta)).square()
+    else:
+        raise ValueError(f"loss_type must be one of {CPO_LOSS_TYPES}, got {loss_type!r}")
+    loss = _mean(losses)
+    metrics = _pair_metrics(beta * reward_c, beta * reward_r)
+    metrics["logps_chosen"] = _mean(chosen.detach())
+    metrics["logps_rejected"] = _mean(rejected.detach())
+    if nll is not None:
+        nll = nll.to(dtype)
+        loss = loss + cpo_alpha * nll
+        metrics["nll_loss"] = nll.detach()
+    return LossOutput(loss, metrics)
