@@ -1,6 +1,6 @@
 """fastpo.group_advantages: every method against the reference (a loop over groups) and against
 hand-computed values; contiguous and shuffled ids, uneven groups, singletons, zero variance, token
-rewards, errors, torch.compile and opcheck."""
+rewards, errors and torch.compile. NaN/inf semantics and strided inputs: test_advantages_nan.py."""
 
 import pytest
 import torch
@@ -9,7 +9,8 @@ import fastpo
 from fastpo.reference.advantages import GROUP_METHODS
 from helpers import assert_raises_unmodified
 
-GROUPED = [m for m in GROUP_METHODS if m != "remax"]
+GROUPED = [m for m in GROUP_METHODS if m not in ("remax", "opo")]  # methods of [B] scores with groups
+TOKEN_ONLY = ("opo",)  # needs response lengths: [B, T] token rewards only
 
 
 def _close(got, want, dtype=torch.float32):
@@ -67,6 +68,23 @@ def test_hand_computed_values(backend):
     _close(fastpo.group_advantages(s, method="remax", baseline=base), torch.tensor([1.0, 1.0, 1.0, 2.0, 1.0, 4.0]))
 
 
+def test_hand_computed_opo_gpg_passk(backend):
+    s = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 9.0], device=backend)
+    _close(fastpo.group_advantages(s, group_size=3, method="dr_grpo_passk"), torch.tensor([0, 0, 1.0, 0, 0, 4.0]))
+    std1 = torch.tensor([5.0, 5.0, 9.0]).std()
+    _close(fastpo.group_advantages(s, group_size=3, method="grpo_passk", eps=0.0),
+           torch.tensor([0, 0, 1.0, 0, 0, 4.0 / float(std1)]))
+    tie = torch.tensor([3.0, 1.0, 3.0], device=backend)  # a tie for the best: nobody gets an advantage
+    assert (fastpo.group_advantages(tie, group_size=3, method="grpo_passk") == 0).all()
+    z = torch.tensor([0.0, 2.0, 4.0, 0.0, 0.0, 6.0], device=backend)  # α = 6 / 3 non-zero = 2
+    _close(fastpo.group_advantages(z, group_size=3, method="gpg"), torch.tensor([-4.0, 0.0, 4.0, -4.0, -4.0, 8.0]))
+    # opo: lengths 1 and 3, scores 1 and 3 → baseline (1·1 + 3·3)/4 = 2.5
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]], device=backend)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]], device=backend)
+    _close(fastpo.group_advantages(rewards, mask, group_size=2, method="opo"),
+           torch.tensor([[-1.5, 0.0, 0.0], [0.5, 0.5, 0.5]]))
+
+
 @pytest.mark.parametrize("method", GROUP_METHODS)
 def test_token_rewards_with_mask(backend, method):
     g = torch.Generator().manual_seed(3)
@@ -80,7 +98,7 @@ def test_token_rewards_with_mask(backend, method):
     assert got.shape == (6, 5)
     _close(got, want)
     assert (got.cpu()[~mask] == 0).all()
-    if method != "reinforce_pp":  # broadcast of the [B] advantage of the summed rewards
+    if method not in ("reinforce_pp",) + TOKEN_ONLY:  # broadcast of the [B] advantage of the summed rewards
         seq = fastpo.group_advantages((rewards * mask).sum(-1).to(backend), method=method, **dev_extra)
         _close(got, seq.cpu()[:, None] * mask)
 
@@ -112,6 +130,8 @@ def test_float64_and_never_nan(backend):
     for method in GROUPED:  # zero variance with eps = 0: 0/0 must give 0
         out = fastpo.group_advantages(flat, group_size=2, method=method, eps=0.0)
         assert (out == 0).all(), method
+    out = fastpo.group_advantages(flat[:, None].expand(4, 3), group_size=2, method="opo", eps=0.0)
+    assert (out == 0).all()
 
 
 ERROR_CASES = [
@@ -131,6 +151,7 @@ ERROR_CASES = [
     ("baseline shape", dict(method="remax", baseline=torch.zeros(3)), ValueError, "baseline"),
     ("baseline without remax", dict(baseline=torch.zeros(4)), ValueError, "baseline"),
     ("negative eps", dict(eps=-1.0), ValueError, "eps"),
+    ("opo with [B] scores", dict(method="opo"), ValueError, "opo"),
 ]
 
 
@@ -157,17 +178,6 @@ def test_compile_fullgraph(cpu_backend):
     compiled = torch.compile(fn, fullgraph=True)
     for got, want in zip(compiled(rewards, mask), fn(rewards, mask)):
         _close(got, want)
-
-
-@pytest.mark.parametrize("method", GROUP_METHODS)
-def test_opcheck(method):
-    s = _scores(6, 6)
-    ids = torch.tensor([2, 0, 2, 0, 1, 1]) if method != "remax" else None
-    weights = torch.tensor([1.0, 2.0, 3.0, 1.0, 0.0, 4.0]) if method == "reinforce_pp" else None
-    baseline = _scores(6, 7) if method == "remax" else None
-    torch.library.opcheck(torch.ops.fastpo.group_advantages.default, (s, ids, 0, weights, baseline, method, 1e-6))
-    if method != "remax":
-        torch.library.opcheck(torch.ops.fastpo.group_advantages.default, (s, None, 3, None, None, method, 1e-6))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

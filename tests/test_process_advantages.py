@@ -98,9 +98,8 @@ def test_compile_and_opcheck(cpu_backend):
 
     torch._dynamo.reset()
     _close(torch.compile(fn, fullgraph=True)(rewards), fn(rewards))
-    torch.library.opcheck(torch.ops.fastpo.process_advantages.default, (rewards, ends, mask, None, 2, 6, 1e-6))
-    torch.library.opcheck(torch.ops.fastpo.process_advantages.default,
-                          (rewards.double(), ends, mask, torch.tensor([0, 5, 0, 5]), 0, 6, 0.0))
+    torch.library.opcheck(torch.ops.fastpo.process_step_ends.default, (ends, mask, 6))
+    torch.library.opcheck(torch.ops.fastpo.process_step_ends.default, (ends.int(), torch.zeros_like(mask), 1))
 
 
 def test_bfloat16_step_rewards(backend):

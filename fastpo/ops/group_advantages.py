@@ -1,13 +1,18 @@
 """``fastpo.group_advantages`` and ``fastpo.process_advantages``: group-relative advantages as
-vectorised segment reductions (no Python loop over groups).
+vectorised segment reductions (no Python loop over groups, no host sync, no data-dependent shape).
 
-Groups are dense indices g(i) ∈ [0, G): ``i // group_size`` for contiguous runs, or the inverse of
-``torch.unique(group_ids)`` for arbitrary (unsorted, uneven) ids. Per-group counts, means and
-Bessel-corrected variances are ``index_add`` segment sums (two passes: mean, then centred squares).
-The data-dependent parts (unique, range checks) live inside ``torch.library`` custom ops, so the
-public functions trace under ``torch.compile(fullgraph=True)``. The ops have no autograd: advantages
-are targets, computed from detached scores. One implementation serves CPU and CUDA tensors (a handful
-of elementwise/segment kernels; there is no per-group launch to fuse away).
+The statistics are :mod:`fastpo.ops.group_stats`: dense group indices by a stable sort, ``index_add``
+segment sums into B bins, two passes (mean, then centred squares). Token rewards ``[B, T]`` are summed
+per sequence by ``fastpo.sequence_logprobs`` (the C++/torch CPU path or the Triton segment kernel),
+which never reads a masked value. Everything else is a plain composition of torch ops, so the public
+functions trace under ``torch.compile(dynamic=True, fullgraph=True)`` with ``eps`` a symbolic float (no
+recompile when it changes); the one data-dependent check (the range of ``step_ends``) is a
+``torch.library`` custom op. No gradient flows: advantages are targets, computed from detached scores.
+
+NaN semantics (TRL 1.16's ``GRPOTrainer``): a NaN score means "this reward does not apply to this
+sample". It is left out of every group and batch statistic, and its own advantage is 0; a group with
+fewer than two scored members gives 0 (an all-NaN group too). A NaN at a masked position is ignored
+entirely. ±inf counted scores are not rewards: they propagate (their group's advantages are NaN).
 """
 
 from __future__ import annotations
@@ -21,84 +26,96 @@ from fastpo import reference
 from fastpo._backend import select_backend
 from fastpo._layout import accumulation_dtype
 from fastpo._validation import shape_of
+from fastpo.ops.group_stats import dense_groups, group_moments, group_sum, masked_std, safe_div
 from fastpo.ops.whiten import check_eps, weighted_whiten
 from fastpo.reference.advantages import GROUP_METHODS
 
-__all__ = ["group_advantages", "process_advantages"]
+__all__ = ["group_advantages", "process_advantages", "sequence_scores", "sequence_advantages", "check_grouping"]
+
+# Methods that need the response length of each sequence (token rewards with a mask).
+_NEEDS_LENGTHS = ("opo",)
 
 
 # --------------------------------------------------------------------------------------------
-# Segment statistics
+# Per-method advantages of per-sequence scores (shared with fastpo.integrations.verl_advantages)
 # --------------------------------------------------------------------------------------------
 
 
-def _dense_groups(batch: int, group_ids: Optional[torch.Tensor], group_size: int, device) -> tuple:
-    """(g [B] int64 in [0, G), G)."""
-    if group_ids is None:
-        return torch.arange(batch, device=device) // group_size, batch // group_size
-    uniq, inverse = torch.unique(group_ids, return_inverse=True)
-    return inverse.reshape(-1).to(torch.int64), uniq.numel()
+def _passk(x, valid, g, count):
+    """(r_max − r_2nd at the unique best member of each group, 0 elsewhere)."""
+    neg_inf = torch.full_like(x, float("-inf"))
+    gmax = neg_inf.scatter_reduce(0, g, torch.where(valid, x, neg_inf), "amax")[g]
+    is_max = valid & (x == gmax)
+    nmax = group_sum(is_max.to(x.dtype), g)
+    second = neg_inf.scatter_reduce(0, g, torch.where(valid & ~is_max, x, neg_inf), "amax")[g]
+    unique = is_max & (nmax == 1.0) & (count >= 2.0)
+    return torch.where(unique, gmax - torch.where(unique, second, gmax), torch.zeros_like(x))
 
 
-def _segment_moments(x: torch.Tensor, g: torch.Tensor, num_groups: int, w: torch.Tensor):
-    """Per element: (count of its group, x − group mean, Bessel-corrected group variance), weights w ∈ {0, 1}."""
-    zeros = x.new_zeros(num_groups)
-    count = zeros.index_add(0, g, w)
-    mean = zeros.index_add(0, g, w * x) / count.clamp(min=1.0)
-    centred = x - mean[g]
-    var = zeros.index_add(0, g, w * centred.square()) / (count - 1.0).clamp(min=1.0)
-    return count[g], centred, var[g]
+def sequence_advantages(s: torch.Tensor, g: Optional[torch.Tensor], method: str, eps, *,
+                        lengths: Optional[torch.Tensor] = None, baseline: Optional[torch.Tensor] = None,
+                        singleton_raw: bool = False) -> torch.Tensor:
+    """Advantages ``[B]`` of per-sequence scores ``s [B]`` (float32/float64, NaN = not scored).
 
-
-def _scaled(centred: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
-    """centred / denom, and 0 where denom is 0 (a flat group with eps = 0: 0/0)."""
-    ok = denom > 0
-    return torch.where(ok, centred / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(centred))
-
-
-def _batch_std(x: torch.Tensor) -> torch.Tensor:
-    n = x.numel()
-    if n < 2:
-        return x.new_zeros(())
-    return ((x - x.mean()).square().sum() / (n - 1)).sqrt()
-
-
-# --------------------------------------------------------------------------------------------
-# group_advantages
-# --------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("fastpo::group_advantages", mutates_args=())
-def _group_advantages_op(
-    scores: torch.Tensor, group_ids: Optional[torch.Tensor], group_size: int, weights: Optional[torch.Tensor],
-    baseline: Optional[torch.Tensor], method: str, eps: float,
-) -> torch.Tensor:
-    """Advantages [B] of per-sequence scores [B] (float32/float64). ``weights`` [B]: the REINFORCE++
-    whitening weight of each sequence (its counted tokens), None = 1."""
+    ``lengths [B]``: counted tokens per sequence (REINFORCE++ whitens over tokens, OPO weights by
+    length), None = 1 each. ``singleton_raw``: verl's convention for a group of one (mean 0, std 1),
+    instead of fastpo's (advantage 0).
+    """
+    valid = ~torch.isnan(s)
     if method == "remax":
-        return scores - baseline
-    g, num_groups = _dense_groups(scores.numel(), group_ids, group_size, scores.device)
-    count, centred, var = _segment_moments(scores, g, num_groups, torch.ones_like(scores))
+        ok = valid & ~torch.isnan(baseline)
+        return torch.where(ok, s - torch.where(ok, baseline, torch.zeros_like(baseline)), torch.zeros_like(s))
+    mo = group_moments(s, valid, g, singleton_raw=singleton_raw)
+    count, centred = mo.count, mo.centred
     if method == "grpo":
-        adv = _scaled(centred, var.sqrt() + eps)
-    elif method == "dr_grpo":
+        adv = safe_div(centred, mo.var.sqrt() + eps)
+    elif method in ("dr_grpo", "reinforce_pp"):
         adv = centred
     elif method == "grpo_batch_std":
-        adv = _scaled(centred, (_batch_std(scores) + eps).expand_as(centred))
+        adv = safe_div(centred, (masked_std(s, valid) + eps).expand_as(centred))
     elif method == "rloo":
         adv = centred * count / (count - 1.0).clamp(min=1.0)
-    else:  # reinforce_pp
-        w = torch.ones_like(scores) if weights is None else weights
-        adv = weighted_whiten(centred, w, 1e-8)
-    return torch.where(count > 1.0, adv, torch.zeros_like(adv))
+    elif method == "opo":  # s − Σ_g |y|·s / Σ_g |y|
+        w = torch.where(valid, lengths, torch.zeros_like(lengths))
+        bsl = safe_div(group_sum(w * mo.x, g), group_sum(w, g))
+        if singleton_raw:
+            bsl = torch.where(count == 1.0, torch.zeros_like(bsl), bsl)
+        adv = torch.where(valid, mo.x - bsl, torch.zeros_like(s))
+    elif method == "gpg":  # α·(s − mean_g), α = (scored sequences) / (scored sequences with s ≠ 0)
+        nonzero = (valid & (mo.x != 0)).to(s.dtype).sum()
+        adv = centred * valid.to(s.dtype).sum() / nonzero.clamp(min=1.0)
+    elif method in ("grpo_passk", "dr_grpo_passk"):
+        adv = _passk(mo.x, valid, g, count)
+        if method == "grpo_passk":
+            adv = safe_div(adv, mo.var.sqrt() + eps)
+    else:
+        raise ValueError(f"method must be one of {GROUP_METHODS}, got {method!r}")
+    keep = valid & ((count >= 1.0) if singleton_raw else (count > 1.0))
+    adv = torch.where(keep, adv, torch.zeros_like(adv))
+    if method == "reinforce_pp":
+        w = torch.ones_like(s) if lengths is None else lengths
+        adv = weighted_whiten(adv, torch.where(valid, w, torch.zeros_like(w)), 1e-8)
+        adv = torch.where(keep, adv, torch.zeros_like(adv))
+    return adv
 
 
-@_group_advantages_op.register_fake
-def _(scores, group_ids, group_size, weights, baseline, method, eps):
-    return torch.empty_like(scores)
+def sequence_scores(scores: torch.Tensor, mask: Optional[torch.Tensor]):
+    """(s [B] in the accumulation dtype, counted tokens [B] or None, mask as bool [B, T] or None).
+
+    ``[B]`` scores are upcast; ``[B, T]`` token rewards are summed over the counted tokens by
+    ``fastpo.sequence_logprobs`` (masked values are never read).
+    """
+    from fastpo.ops.sequence_logprobs import sequence_logprobs
+
+    dtype = accumulation_dtype(scores.dtype)
+    if scores.dim() == 1:
+        return scores.detach().to(dtype), None, None
+    m = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.detach() != 0
+    s = sequence_logprobs(scores.detach(), m).to(dtype)
+    return s, m.sum(-1).to(dtype), m
 
 
-def _check_grouping(batch: int, group_size, group_ids, device, *, required: bool):
+def check_grouping(batch: int, group_size, group_ids, device, *, required: bool):
     """Exactly one of group_size / group_ids (or neither when not ``required``)."""
     if group_size is not None and group_ids is not None:
         raise ValueError("pass either group_size or group_ids, not both")
@@ -119,29 +136,57 @@ def _check_grouping(batch: int, group_size, group_ids, device, *, required: bool
                              f"scores on {device}")
 
 
+def _check_token_mask(scores, mask):
+    if mask is None:
+        return
+    if scores.dim() != 2:
+        raise ValueError(f"mask is only accepted with [B, T] token rewards, got scores {shape_of(scores)}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(scores.shape):
+        raise ValueError(f"mask must have the shape of scores, got mask {shape_of(mask)} and scores {shape_of(scores)}")
+    check.check_same_device(scores=scores, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# group_advantages
+# --------------------------------------------------------------------------------------------
+
+
 def group_advantages(scores: torch.Tensor, mask: Optional[torch.Tensor] = None, *, group_size: Optional[int] = None,
                      group_ids: Optional[torch.Tensor] = None, method: str = "grpo", eps: float = 1e-6,
                      baseline: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Group-relative outcome advantages: GRPO, Dr.GRPO, GRPO with batch std, RLOO, REINFORCE++, ReMax.
+    """Group-relative outcome advantages: GRPO, Dr.GRPO, RLOO, REINFORCE++, ReMax, OPO, GPG, pass@k.
 
     ``scores [B]`` (one outcome reward per sequence) or token rewards ``[B, T]`` with an optional
-    ``mask [B, T]``, summed per sequence first. Groups are contiguous runs of ``group_size`` (which
-    must divide B) or arbitrary integer ``group_ids [B]`` (unsorted, uneven sizes); pass exactly one.
-    With s the sequence score, per group g (Bessel-corrected std)::
+    ``mask [B, T]``, summed over the counted tokens first (a masked value, NaN or ±inf included, is
+    never read). Groups are contiguous runs of ``group_size`` (which must divide B) or arbitrary
+    integer ``group_ids [B]`` (unsorted, uneven sizes); pass exactly one. With s the sequence score,
+    per group g (Bessel-corrected std)::
 
         grpo            (s − mean_g) / (std_g + eps)
         dr_grpo         s − mean_g
         grpo_batch_std  (s − mean_g) / (std_batch + eps)
         rloo            s − mean of the other members  = n_g/(n_g − 1)·(s − mean_g)
         reinforce_pp    s − mean_g, then whitened over the batch (eps 1e-8; for [B, T] input over the
-                        counted tokens, i.e. each sequence weighted by its length, as verl)
+                        counted tokens, i.e. each sequence weighted by its length): verl's
+                        reinforce_plus_plus_baseline
         remax           s − baseline     (``baseline [B]``, e.g. the greedy response's reward; groups
                                            optional and unused)
+        opo             s − Σ_g |y|·s / Σ_g |y|      (|y| = counted tokens; needs [B, T] input)
+        gpg             α·(s − mean_g),  α = #scored / #(scored with s ≠ 0) over the batch (f_norm 1)
+        grpo_passk      the unique best member of a group gets (s_max − s_2nd)/(std_g + eps), every
+                        other member 0 (a tie for the best gives 0 to all)
+        dr_grpo_passk   the same without the std: s_max − s_2nd
 
-    A group of one gets 0; a zero-variance group gets 0 (never NaN). Returns float32 (float64 for
-    float64 scores): ``[B]`` for ``[B]`` scores, and for ``[B, T]`` token rewards the sequence
-    advantage broadcast over the counted tokens, ``[B, T]`` (0 where masked), as verl returns it.
-    No gradient flows (the scores are detached).
+    A group of one gets 0; a zero-variance group gets 0 (never NaN). NaN scores follow TRL: a NaN
+    (counted) score means "this reward does not apply": that sequence gets 0 and is left out of its
+    group's and the batch's statistics; a group with fewer than two scored members gives 0. A NaN at
+    a counted token makes its sequence's score NaN. ±inf counted scores propagate.
+
+    Returns float32 (float64 for float64 scores): ``[B]`` for ``[B]`` scores, and for ``[B, T]``
+    token rewards the sequence advantage broadcast over the counted tokens, ``[B, T]`` (0 where
+    masked), as verl returns it. No gradient flows (the scores are detached).
     """
     check.check_float_tensor(scores, "scores")
     if scores.dim() not in (1, 2):
@@ -149,17 +194,12 @@ def group_advantages(scores: torch.Tensor, mask: Optional[torch.Tensor] = None, 
     if not isinstance(method, str) or method not in GROUP_METHODS:
         raise ValueError(f"method must be one of {GROUP_METHODS}, got {method!r}")
     eps = check_eps(eps)
-    token_level = scores.dim() == 2
+    _check_token_mask(scores, mask)
+    if method in _NEEDS_LENGTHS and scores.dim() != 2:
+        raise ValueError(f"method={method!r} weights by response length: pass token rewards [B, T] (with their "
+                         f"mask), got scores {shape_of(scores)}")
     batch = scores.shape[0]
-    if mask is not None:
-        if not token_level:
-            raise ValueError(f"mask is only accepted with [B, T] token rewards, got scores {shape_of(scores)}")
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if tuple(mask.shape) != tuple(scores.shape):
-            raise ValueError(f"mask must have the shape of scores, got mask {shape_of(mask)} and scores {shape_of(scores)}")
-        check.check_same_device(scores=scores, mask=mask)
-    _check_grouping(batch, group_size, group_ids, scores.device, required=method != "remax")
+    check_grouping(batch, group_size, group_ids, scores.device, required=method != "remax")
     if method == "remax":
         if baseline is None:
             raise ValueError("method='remax' needs baseline [B] (the reward of the greedy response)")
@@ -173,18 +213,11 @@ def group_advantages(scores: torch.Tensor, mask: Optional[torch.Tensor] = None, 
     if select_backend(scores) == "reference":
         return reference.group_advantages(scores, mask, group_size=group_size, group_ids=group_ids, method=method,
                                           eps=eps, baseline=baseline)
-
-    dtype = accumulation_dtype(scores.dtype)
-    x = scores.detach().to(dtype)
-    m = None
-    if token_level:
-        m = torch.ones_like(x) if mask is None else (mask.detach() != 0).to(dtype)
-        x = (x * m).sum(-1)
-    weights = m.sum(-1) if (token_level and method == "reinforce_pp") else None
-    adv = _group_advantages_op(
-        x, None if group_ids is None else group_ids.detach(), group_size or 0, weights,
-        None if baseline is None else baseline.detach().to(dtype), method, eps)
-    return adv[:, None] * m if token_level else adv
+    s, lengths, m = sequence_scores(scores, mask)
+    g = None if method == "remax" else dense_groups(batch, group_ids, group_size, s.device)
+    adv = sequence_advantages(s, g, method, eps, lengths=lengths,
+                              baseline=None if baseline is None else baseline.detach().to(s.dtype))
+    return adv if m is None else torch.where(m, adv[:, None], torch.zeros((), dtype=adv.dtype, device=adv.device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,30 +225,20 @@ def group_advantages(scores: torch.Tensor, mask: Optional[torch.Tensor] = None, 
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastpo::process_advantages", mutates_args=())
-def _process_advantages_op(
-    step_rewards: torch.Tensor, step_ends: torch.Tensor, step_mask: torch.Tensor, group_ids: Optional[torch.Tensor],
-    group_size: int, num_tokens: int, eps: float,
-) -> torch.Tensor:
-    """[B, num_tokens] advantages from step rewards [B, S] (float32/float64), ends [B, S] int64, mask [B, S] bool."""
-    batch, steps = step_rewards.shape
-    ends = torch.where(step_mask, step_ends, torch.zeros_like(step_ends))
-    if ends.numel() and bool(((ends < 0) | (ends >= num_tokens)).any()):
-        bad = step_ends[step_mask & ((step_ends < 0) | (step_ends >= num_tokens))][0].item()
-        raise ValueError(f"step_ends of counted steps must lie in [0, num_tokens={num_tokens}), found {bad} "
-                         f"in step_ends of shape {shape_of(step_ends)}")
-    g, num_groups = _dense_groups(batch, group_ids, group_size, step_rewards.device)
-    w = step_mask.to(step_rewards.dtype).reshape(-1)
-    count, centred, var = _segment_moments(step_rewards.reshape(-1), g.repeat_interleave(steps), num_groups, w)
-    normalised = torch.where(count >= 2.0, _scaled(centred, var.sqrt() + eps), torch.zeros_like(centred)) * w
-    at_end = step_rewards.new_zeros(batch, num_tokens).scatter_add_(1, ends, normalised.reshape(batch, steps))
-    # Token t collects every step ending at or after t: a reverse cumulative sum over tokens.
-    return at_end.flip(1).cumsum(1).flip(1)
+@torch.library.custom_op("fastpo::process_step_ends", mutates_args=())
+def _process_step_ends(step_ends: torch.Tensor, step_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The int64 step ends with masked steps set to 0, after checking counted ends lie in [0, num_tokens)."""
+    ends = torch.where(step_mask, step_ends.to(torch.int64), torch.zeros((), dtype=torch.int64))
+    bad = step_mask & ((step_ends < 0) | (step_ends >= num_tokens))
+    if bool(bad.any()):
+        raise ValueError(f"step_ends of counted steps must lie in [0, num_tokens={num_tokens}), found "
+                         f"{step_ends[bad][0].item()} in step_ends of shape {shape_of(step_ends)}")
+    return ends
 
 
-@_process_advantages_op.register_fake
-def _(step_rewards, step_ends, step_mask, group_ids, group_size, num_tokens, eps):
-    return step_rewards.new_empty(step_rewards.shape[0], num_tokens)
+@_process_step_ends.register_fake
+def _(step_ends, step_mask, num_tokens):
+    return torch.empty_like(step_ends, dtype=torch.int64)
 
 
 def process_advantages(step_rewards: torch.Tensor, step_ends: torch.Tensor, step_mask: torch.Tensor, *,
@@ -228,8 +251,10 @@ def process_advantages(step_rewards: torch.Tensor, step_ends: torch.Tensor, step
     counted). All counted step rewards of a group (every step of every member) are normalised together,
     r̃ = (r − mean_g)/(std_g + eps) (Bessel, as grpo; a group with fewer than two counted steps gives 0).
     Token t of sequence i gets Σ r̃_{i,j} over the counted steps with ``step_ends[i, j] ≥ t``, so tokens
-    after the last step end get 0. Returns ``[B, num_tokens]`` float32 (float64 for float64 rewards);
-    multiply by your response mask as needed. Counted step ends must lie in ``[0, num_tokens)``.
+    after the last step end get 0. A masked step is ignored whatever its reward and end hold (NaN,
+    ±inf, out of range); a NaN counted step reward means "not scored" (TRL's semantics): it is left out
+    of the group statistics and contributes 0. Returns ``[B, num_tokens]`` float32 (float64 for float64
+    rewards); multiply by your response mask as needed. Counted step ends must lie in ``[0, num_tokens)``.
     """
     check.check_float_tensor(step_rewards, "step_rewards")
     if step_rewards.dim() != 2:
@@ -246,7 +271,7 @@ def process_advantages(step_rewards: torch.Tensor, step_ends: torch.Tensor, step
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     eps = check_eps(eps)
-    _check_grouping(step_rewards.shape[0], group_size, group_ids, step_rewards.device, required=True)
+    check_grouping(step_rewards.shape[0], group_size, group_ids, step_rewards.device, required=True)
 
     if select_backend(step_rewards) == "reference":
         counted = step_mask != 0
@@ -254,8 +279,14 @@ def process_advantages(step_rewards: torch.Tensor, step_ends: torch.Tensor, step
             raise ValueError(f"step_ends of counted steps must lie in [0, num_tokens={num_tokens})")
         return reference.process_advantages(step_rewards, step_ends, step_mask, group_size=group_size,
                                             group_ids=group_ids, num_tokens=num_tokens, eps=eps)
-    dtype = accumulation_dtype(step_rewards.dtype)
-    return _process_advantages_op(
-        step_rewards.detach().to(dtype).contiguous(), step_ends.detach().to(torch.int64).contiguous(),
-        (step_mask.detach() != 0).contiguous(), None if group_ids is None else group_ids.detach(),
-        group_size or 0, num_tokens, eps)
+    batch, steps = step_rewards.shape
+    counted = step_mask.detach() != 0
+    ends = _process_step_ends(step_ends.detach(), counted, num_tokens)
+    r = step_rewards.detach().to(accumulation_dtype(step_rewards.dtype))
+    valid = (counted & ~torch.isnan(r)).reshape(-1)
+    g = dense_groups(batch, group_ids, group_size, r.device).repeat_interleave(steps)
+    mo = group_moments(r.reshape(-1), valid, g)
+    normalised = torch.where(mo.count >= 2.0, safe_div(mo.centred, mo.var.sqrt() + eps), torch.zeros_like(mo.centred))
+    at_end = r.new_zeros(batch, num_tokens).scatter_add(1, ends, normalised.reshape(batch, steps))
+    # Token t collects every step ending at or after t: a reverse cumulative sum over tokens.
+    return at_end.flip(1).cumsum(1).flip(1)

@@ -29,15 +29,26 @@ def check_eps(eps, name: str = "eps") -> float:
 
 
 def weighted_whiten(x: torch.Tensor, w: torch.Tensor, eps: float, shift_mean: bool = True) -> torch.Tensor:
-    """(x − μ)·rsqrt(σ² + eps), μ = Σwx/Σw, σ² = Σw(x − μ)²/(Σw − 1); x − μ when Σw < 2 or σ² + eps = 0."""
+    """(x − μ)·rsqrt(σ² + eps), μ = Σwx/Σw, σ² = Σw(x − μ)²/(Σw − 1); x − μ when Σw < 2 or σ² + eps = 0.
+
+    Positions with w = 0 are selected out of the statistics (``torch.where``, not a product with 0), so
+    a NaN or ±inf there never reaches μ or σ²; such a non-finite value is passed through unchanged
+    (it is what (x − μ)·s gives) without entering the arithmetic, so it cannot poison the gradient.
+    """
+    counted = w != 0
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     n = w.sum()
-    mean = (w * x).sum() / n.clamp(min=1.0)
-    centred = x - mean
-    var = (w * centred.square()).sum() / (n - 1.0).clamp(min=1.0)
+    xs = torch.where(counted, x, zero)
+    mean = (w * xs).sum() / n.clamp(min=1.0)
+    var = (w * torch.where(counted, xs - mean, zero).square()).sum() / (n - 1.0).clamp(min=1.0)
     scale = var + eps
     ok = (n >= 2.0) & (scale > 0)  # scale 0: a flat input with eps = 0
-    out = torch.where(ok, centred * torch.rsqrt(torch.where(ok, scale, torch.ones_like(scale))), centred)
-    return out if shift_mean else out + mean
+    rs = torch.where(ok, torch.rsqrt(torch.where(ok, scale, torch.ones_like(scale))), torch.ones_like(scale))
+    passthrough = ~counted & ~torch.isfinite(x)
+    out = (torch.where(passthrough, zero, x) - mean) * rs
+    if not shift_mean:
+        out = out + mean
+    return torch.where(passthrough, x, out)
 
 
 def whiten(x: torch.Tensor, mask: Optional[torch.Tensor] = None, *, shift_mean: bool = True,
@@ -48,9 +59,10 @@ def whiten(x: torch.Tensor, mask: Optional[torch.Tensor] = None, *, shift_mean: 
     ones included, with the statistics of the counted ones (multiply by the mask if you want zeros
     there). ``shift_mean=False`` adds the mean back. With fewer than two counted elements the result
     is ``x − mean`` (``x`` itself when none is counted), and so is a flat input with ``eps=0``: no NaN,
-    no exception. ``mask`` (bool, integer
-    or floating, non-zero = counted) has the shape of ``x``. Returns float32 (float64 for float64
-    input); differentiable.
+    no exception. ``mask`` (bool, integer or floating, non-zero = counted) has the shape of ``x``.
+    Masked positions never enter the statistics, whatever they hold: a NaN or ±inf there stays at its
+    own (masked) position and reaches no counted output, nor the gradient. A non-finite *counted*
+    element is data, and propagates. Returns float32 (float64 for float64 input); differentiable.
     """
     check.check_float_tensor(x, "x")
     check.check_bool(shift_mean, "shift_mean")

@@ -14,7 +14,8 @@ from fastpo._layout import accumulation_dtype, flat_mask, token_layout
 
 __all__ = ["gae", "group_advantages", "process_advantages", "whiten", "GROUP_METHODS"]
 
-GROUP_METHODS = ("grpo", "dr_grpo", "grpo_batch_std", "rloo", "reinforce_pp", "remax")
+GROUP_METHODS = ("grpo", "dr_grpo", "grpo_batch_std", "rloo", "reinforce_pp", "remax", "opo", "gpg", "grpo_passk",
+                 "dr_grpo_passk")
 
 
 def gae(rewards, values, mask=None, *, gamma: float = 1.0, lam: float = 0.95, cu_seqlens=None):
@@ -68,62 +69,99 @@ def _std(x: torch.Tensor) -> torch.Tensor:
     return x.std() if x.numel() > 1 else x.new_zeros(())
 
 
+def _passk(x: torch.Tensor) -> torch.Tensor:
+    """r_max − r_2nd at the unique best element, 0 elsewhere (a tie for the best gives 0 to all)."""
+    out = torch.zeros_like(x)
+    best = x.max()
+    if int((x == best).sum()) == 1:
+        i = int(x.argmax())
+        out[i] = best - torch.cat([x[:i], x[i + 1:]]).max()
+    return out
+
+
 def group_advantages(scores, mask=None, *, group_size=None, group_ids=None, method: str = "grpo",
                      eps: float = 1e-6, baseline=None):
     """Group-relative outcome advantages (one scalar per sequence, written group by group).
 
-    s_i = scores[i] (or Σ_t mask·rewards[i, t] for token rewards ``[B, T]``); per group g, n_g members::
+    s_i = scores[i] (or the sum of rewards[i, t] over the counted tokens for token rewards ``[B, T]``;
+    masked values are never read); per group g, n_g scored members (Bessel std)::
 
-        grpo            (s − mean_g) / (std_g + eps)          std with Bessel's correction
+        grpo            (s − mean_g) / (std_g + eps)
         dr_grpo         s − mean_g
         grpo_batch_std  (s − mean_g) / (std_batch + eps)
         rloo            s − mean of the other n_g − 1 members = n_g/(n_g − 1)·(s − mean_g)
         reinforce_pp    whiten(s − mean_g) over the batch (over counted tokens for ``[B, T]`` input, as verl)
         remax           s − baseline                          (no groups)
+        opo             s − Σ_g |y|·s / Σ_g |y|               (|y| = counted tokens)
+        gpg             α·(s − mean_g), α = #scored / #(scored with s ≠ 0)
+        grpo_passk      (s_max − s_2nd)/(std_g + eps) at the unique best member, 0 elsewhere
+        dr_grpo_passk   s_max − s_2nd at the unique best member, 0 elsewhere
 
-    A group of one gets 0 (every grouped method). ``[B]`` scores give ``[B]``; ``[B, T]`` token rewards
-    give the sequence advantage broadcast over the counted tokens, ``[B, T]`` (0 at masked positions).
+    NaN scores are "not scored" (TRL): advantage 0, and left out of every statistic. A group with
+    fewer than two scored members gets 0. ``[B]`` scores give ``[B]``; ``[B, T]`` token rewards give
+    the sequence advantage broadcast over the counted tokens, ``[B, T]`` (0 at masked positions).
     """
     dtype = accumulation_dtype(scores.dtype)
     token_level = scores.dim() == 2
+    lengths = None
     if token_level:
-        m = torch.ones_like(scores, dtype=dtype) if mask is None else (mask != 0).to(dtype)
-        s = (scores.detach().to(dtype) * m).sum(-1)
+        m = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask != 0
+        s = torch.where(m, scores.detach().to(dtype), torch.zeros((), dtype=dtype)).sum(-1)
+        lengths = m.sum(-1).to(dtype)
     else:
         s = scores.detach().to(dtype)
     batch = s.numel()
+    valid = ~torch.isnan(s)
     out = torch.zeros_like(s)
     if method == "remax":
-        out = s - baseline.detach().to(dtype)
+        b = baseline.detach().to(dtype)
+        ok = valid & ~torch.isnan(b)
+        out[ok] = s[ok] - b[ok]
     else:
         gidx, num_groups = _group_index(batch, group_size, group_ids, s.device)
         centred = torch.zeros_like(s)
+        scored = s[valid]
+        nonzero = max(int((scored != 0).sum()), 1)
         for g in range(num_groups):
-            members = (gidx == g).nonzero().flatten()
+            members = ((gidx == g) & valid).nonzero().flatten()
             x = s[members]
             n = x.numel()
             if n < 2:
-                continue  # a group of one: advantage 0
+                continue  # a group of one scored member: advantage 0
             if method == "grpo":
                 out[members] = _scale(x - x.mean(), _std(x) + eps)
             elif method == "dr_grpo" or method == "reinforce_pp":
                 centred[members] = x - x.mean()
                 out[members] = centred[members]
             elif method == "grpo_batch_std":
-                out[members] = _scale(x - x.mean(), _std(s) + eps)
+                out[members] = _scale(x - x.mean(), _std(scored) + eps)
             elif method == "rloo":
                 out[members] = x - (x.sum() - x) / (n - 1)
+            elif method == "opo":
+                ln = lengths[members]
+                out[members] = x - ((ln * x).sum() / ln.sum() if float(ln.sum()) > 0 else 0.0)
+            elif method == "gpg":
+                out[members] = (x - x.mean()) * scored.numel() / nonzero
+            elif method in ("grpo_passk", "dr_grpo_passk"):
+                out[members] = _passk(x)
+                if method == "grpo_passk":
+                    out[members] = _scale(out[members], _std(x) + eps)
             else:
                 raise ValueError(f"unknown method {method!r}")
         if method == "reinforce_pp":
-            counts = torch.bincount(gidx, minlength=num_groups)[gidx]
+            counts = torch.zeros(batch, dtype=torch.int64)
+            for g in range(num_groups):
+                sel = (gidx == g) & valid
+                counts[sel] = int(sel.sum())
+            keep = counts > 1
             if token_level:
-                out = whiten(centred[:, None] * m, m, eps=1e-8) * m
-                return torch.where(counts[:, None] > 1, out, torch.zeros_like(out))
-            out = whiten(centred, eps=1e-8)
-            out = torch.where(counts > 1, out, torch.zeros_like(out))
+                w = m & valid[:, None]
+                out = whiten(centred[:, None] * m, w, eps=1e-8) * m
+                return torch.where(keep[:, None], out, torch.zeros_like(out))
+            out = whiten(centred, valid, eps=1e-8)
+            out = torch.where(keep, out, torch.zeros_like(out))
     if token_level:
-        return out[:, None] * m
+        return torch.where(m, out[:, None], torch.zeros((), dtype=dtype))
     return out
 
 
@@ -134,12 +172,14 @@ def process_advantages(step_rewards, step_ends, step_mask, *, group_size=None, g
     The counted step rewards of each group (all its sequences' steps together) are normalised to
     r̃ = (r − mean_g)/(std_g + eps) (Bessel, as grpo; a group with fewer than two counted steps gives
     r̃ = 0). Token t of sequence i gets Σ r̃_{i,j} over the counted steps j with step_ends[i, j] ≥ t.
+    Masked steps are never read; a NaN counted reward is left out of the statistics and contributes 0.
     """
     dtype = accumulation_dtype(step_rewards.dtype)
     batch, steps = step_rewards.shape
     gidx, num_groups = _group_index(batch, group_size, group_ids, step_rewards.device)
     counted = step_mask != 0
     r = step_rewards.detach().to(dtype)
+    counted = counted & ~torch.isnan(r)  # a NaN counted step reward is "not scored" (TRL's semantics)
     normalised = torch.zeros_like(r)
     for g in range(num_groups):
         sel = (gidx == g)[:, None] & counted
@@ -161,14 +201,14 @@ def whiten(x, mask=None, *, shift_mean: bool = True, eps: float = 1e-8):
     As verl's ``masked_whiten``: every position is transformed (masked ones too) with the statistics of
     the counted ones; ``shift_mean=False`` adds the mean back. With fewer than two counted elements it
     returns x − mean (x itself with none counted; + mean when ``shift_mean=False``), as it does for a
-    flat input with eps = 0.
+    flat input with eps = 0. Masked elements never enter the statistics (a NaN there stays where it is).
     """
     dtype = accumulation_dtype(x.dtype)
     xf = x.to(dtype)
-    m = torch.ones_like(xf) if mask is None else (mask != 0).to(dtype)
-    n = m.sum()
-    mean = (xf * m).sum() / n.clamp(min=1)
-    var = ((xf - mean).square() * m).sum() / (n - 1).clamp(min=1)
+    counted = torch.ones_like(xf, dtype=torch.bool) if mask is None else mask != 0
+    n = counted.sum()
+    mean = xf[counted].sum() / n.clamp(min=1)
+    var = (xf[counted] - mean).square().sum() / (n - 1).clamp(min=1)
     if float(n) < 2 or float(var.detach() + eps) == 0:
         out = xf - mean
     else:
