@@ -6,17 +6,21 @@
 //
 //   Δ  = clamp(x − old, ±C)                         d = clamp(ref − x, ±C)
 //   r  = e^Δ (token ratio) or s_i = exp(mean_i Δ) (GSPO sequence ratio, token-gradient form)
-//   pg = max(−A·r, −A·clip(r, 1 − ε_low, 1 + ε_high)); with dual clip c and A < 0: min(pg, −c·A)
+//   pg = the surrogate (spec.surrogate, one inline function each below; "clip" is
+//        max(−A·r, −A·clip(r, 1 − ε_low, 1 + ε_high)); with dual clip c and A < 0: min(pg, −c·A))
 //   w  = rollout IS weight: e^{clamp(old − roll, ±C)} per token, or exp(its mean) per sequence;
 //        truncated min(w, cap) or masked w·1[w <= cap]; a constant
-//   k  = k1: −d,  k2: d²/2,  k3: e^d − d − 1, then clamped to ±kl_clamp
+//   k  = k1: −d,  k2: d²/2,  k3: e^d − d − 1,  abs: |d|, then clamped to ±kl_clamp; kX+ keeps that value
+//        with the gradient of k2; kl_bias multiplies it by r (TRL's use_bias_correction_kl)
 //   l  = w·pg + β·k − η·entropy
 //
 // Backward, derived per token (everything but x and entropy is a constant):
 //   ∂r/∂x   = r·1[|x − old| <= C]   (token ratio),   s_i   (sequence ratio, token-gradient form)
 //   ∂pg/∂x  = 0 where a clip branch is active (the clipped value or the dual cap is the max/min),
 //             else −A·∂r/∂x; times w
-//   ∂k/∂x   = −∂k/∂d · 1[|ref − x| <= C] · 1[|k| <= kl_clamp], with ∂k/∂d = −1, d, e^d − 1 for k1/k2/k3
+//   ∂k/∂x   = −∂k/∂d · 1[|ref − x| <= C] · 1[|k| <= kl_clamp], with ∂k/∂d = −1, d, e^d − 1, sgn d for
+//             k1/k2/k3/abs (kX+: d, and no kl_clamp gate); with kl_bias ∂(k·r)/∂x = r·∂k/∂x + k·∂r/∂x
+//   each surrogate's derivative is derived above its function (sur_*)
 //   ∂l/∂entropy = −η
 // The aggregation multiplies each token's l by a per-sequence weight (1/n_i for seq_mean_token_mean,
 // else 1) and the sum by a global scale 1/den. The kernel writes unit = ∂(Σ weighted l)/∂x per token,
@@ -30,16 +34,21 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "numerics.h"
 
 namespace fastpo {
 
-enum class Aggregation { kTokenMean, kSeqMeanTokenMean, kSeqMeanTokenSum, kTokenSumNorm };
+enum class Aggregation { kTokenMean, kSeqMeanTokenMean, kSeqMeanTokenSum, kTokenSumNorm, kTokenSum };
+
+// fastpo.ops.loss_spec.SURROGATE_CODES
+enum Surrogate { kClip, kCispo, kSapo, kReinforce, kDppoTv, kDppoKl, kDro, kGeoMean, kVespo, kNumSurrogates };
 
 struct TokenLossSpec {
   bool value = false;             // the value loss instead of the policy loss
@@ -58,6 +67,14 @@ struct TokenLossSpec {
   double num_tokens = -1.0;       // token_mean's denominator; < 0: the counted tokens
   double value_clip = std::numeric_limits<double>::infinity();
   double log_ratio_clamp = 20.0;
+  int surrogate = kClip;
+  bool rollout_given = false;     // the rollout array holds the caller's weights (not log-probs)
+  double delta = std::numeric_limits<double>::infinity();  // TRL's cap on the unclipped ratio
+  double tau_pos = 1.0, tau_neg = 1.05;                      // SAPO
+  double ratio_cap = 20.0;                                   // DPPO's truncation
+  double dro_beta = 0.0;
+  double vespo_k_pos = 2.0, vespo_l_pos = 3.0, vespo_k_neg = 3.0, vespo_l_neg = 2.0;
+  bool kl_st = false, kl_bias = false, count_empty = false;
 };
 
 // The stats vector, in fastpo.ops.loss_spec.STATS order (value loss: kClipFrac holds vf_clip_frac).
@@ -91,7 +108,140 @@ constexpr int64_t kLossParallelMinTokens = int64_t(1) << 18;
 template <class T>
 struct TokenConsts {
   T C, lo, hi, dual_c, kl_coef, kl_clamp, c1, c2, c3, ent_coef, cap, cap_value, weight, is_seq, seq_ratio, seq_w;
+  T c4, kl_st, kl_clamp_gate, kl_bias;                 // abs KL; straight-through; the clamp's gradient gate; KL·r
+  T clip_low, clip_high, delta, tau_pos, tau_neg, ratio_cap, dro_beta;
+  T geo_loss;                                          // geo_mean: the sequence's L_i (times its weight)
+  T vespo_log_w, vk_pos, vl_pos, vk_neg, vl_neg;       // vespo: the sequence's clamped Σ Δ and φ's parameters
 };
+
+// One token's policy term: l, ∂l/∂x and the 0/1 flags behind clip_frac_low / _high / dual_clip_frac.
+template <class T>
+struct SurOut {
+  T loss, dloss, low, high, dual;
+};
+
+// Per-token inputs of a surrogate: x = logp, the clamped and raw log-ratio, the ratio r and ∂r/∂x.
+template <class T>
+struct SurIn {
+  T x, old, A, raw_delta, delta, ratio, d_ratio;
+};
+
+// clip: r' = min(r, δ); l = max(−A·r', −A·clip(r, lo, hi)); ∂l/∂x = 0 where the clipped branch is the max
+// or r > δ, else −A·∂r/∂x; dual cap c (A < 0): min(l, −c·A), ∂ = 0 where the cap binds (c = +inf: off).
+template <class T>
+inline SurOut<T> sur_clip(const TokenConsts<T>& k, const SurIn<T>& in) {
+  const T A = in.A, r = in.ratio;
+  const T unclipped = -A * std::min(r, k.delta);
+  const T clipped_value = -A * std::min(std::max(r, k.lo), k.hi);
+  const bool clipped = clipped_value > unclipped;
+  const T pg_clip = clipped ? clipped_value : unclipped;
+  const T dual_cap = -k.dual_c * A;
+  const bool dual = (A < T(0)) & (pg_clip > dual_cap);
+  const T pg = std::min(pg_clip, A < T(0) ? dual_cap : pg_clip);
+  T d = clipped ? T(0) : -A * in.d_ratio;
+  d = r > k.delta ? T(0) : d;
+  d = dual ? T(0) : d;
+  const T neg = A < T(0) ? T(1) : T(0), pos = A > T(0) ? T(1) : T(0);
+  return {pg, d, clipped ? neg : T(0), clipped ? pos : T(0), dual ? T(1) : T(0)};
+}
+
+// cispo: l = −sg(clip(r, lo, hi))·A·x, ∂l/∂x = −clip(r, lo, hi)·A (lo = 0 for TRL's upper-only form).
+template <class T>
+inline SurOut<T> sur_cispo(const TokenConsts<T>& k, const SurIn<T>& in) {
+  const T w = std::min(std::max(in.ratio, k.lo), k.hi);
+  return {-w * in.A * in.x, -w * in.A, in.ratio < k.lo ? T(1) : T(0), in.ratio > k.hi ? T(1) : T(0), T(0)};
+}
+
+// sapo: s = σ(τ(r − 1)), τ = tau_pos for A > 0 else tau_neg; l = −s·(4/τ)·A, ∂l/∂x = −4·A·s·(1 − s)·∂r/∂x.
+template <class T>
+inline SurOut<T> sur_sapo(const TokenConsts<T>& k, const SurIn<T>& in) {
+  const T tau = in.A > T(0) ? k.tau_pos : k.tau_neg;
+  const T s = T(1) / (T(1) + exp_fast(-tau * (in.ratio - T(1))));
+  return {-s * (T(4) / tau) * in.A, T(-4) * in.A * s * (T(1) - s) * in.d_ratio, T(0), T(0), T(0)};
+}
+
+// reinforce (verl gpg / bypass REINFORCE): l = −A·x, ∂l/∂x = −A.
+template <class T>
+inline SurOut<T> sur_reinforce(const TokenConsts<T>&, const SurIn<T>& in) {
+  return {-in.A * in.x, -in.A, T(0), T(0), T(0)};
+}
+
+// dppo: l = −A·sg(min(r, C))·x·valid, ∂l/∂x = −A·min(r, C)·valid, with valid the trust region of the token
+// probability p = e^x: TV: p − p_old <= ε_high (A > 0), >= −ε_low (else); KL: the binary KL
+// D = p_old·(old − x) + (1 − p_old)·log((1 − p_old + 1e-8)/(1 − p + 1e-8)) <= ε_high or p <= p_old (A > 0),
+// D <= ε_low or p >= p_old (else).
+template <class T, bool KL_REGION>
+inline SurOut<T> sur_dppo(const TokenConsts<T>& k, const SurIn<T>& in) {
+  const T p = exp_fast(in.x), p_old = exp_fast(in.old), A = in.A;
+  bool valid;
+  if (KL_REGION) {
+    const T kl = p_old * (in.old - in.x) + (T(1) - p_old) * std::log((T(1) - p_old + T(1e-8)) / (T(1) - p + T(1e-8)));
+    valid = A > T(0) ? ((kl <= k.clip_high) | (p <= p_old)) : ((kl <= k.clip_low) | (p >= p_old));
+  } else {
+    const T diff = p - p_old;
+    valid = A > T(0) ? diff <= k.clip_high : diff >= -k.clip_low;
+  }
+  const T t = std::min(in.ratio, k.ratio_cap);
+  const T inv = valid ? T(0) : T(1);
+  return {valid ? -A * t * in.x : T(0), valid ? -A * t : T(0), A <= T(0) ? inv : T(0), A > T(0) ? inv : T(0),
+          valid && in.ratio > k.ratio_cap ? T(1) : T(0)};
+}
+
+// dro: l = −(A·x − ½β(x − old)²), ∂l/∂x = −A + β(x − old) (the raw log-ratio: no exp, so no clamp).
+template <class T>
+inline SurOut<T> sur_dro(const TokenConsts<T>& k, const SurIn<T>& in) {
+  const T lr = in.raw_delta;
+  return {-(in.A * in.x - T(0.5) * k.dro_beta * lr * lr), -in.A + k.dro_beta * lr, T(0), T(0), T(0)};
+}
+
+// GMPO's sign-aware clip of the log-ratio: Δ̃ = sgn(A)·min(sgn(A)·Δ, sgn(A)·clamp(Δ, −ε_low, ε_high)), with
+// ∂Δ̃/∂Δ = 1 on the unclipped side, 0 where the bound binds or A = 0.
+template <class T>
+inline T geo_log_ratio(T A, T delta, T clip_low, T clip_high, T* grad) {
+  const T bound = std::min(std::max(delta, -clip_low), clip_high);
+  const bool pos = A > T(0), neg = A < T(0);
+  const bool binds = (pos & (delta > clip_high)) | (neg & (delta < -clip_low));
+  *grad = (pos | neg) & !binds ? T(1) : T(0);
+  return pos ? std::min(delta, bound) : neg ? std::max(delta, bound) : T(0);
+}
+
+// geo_mean: every token carries its sequence's L_i = −Ā_i·exp(mean Δ̃)·w_i (k.geo_loss, from pass 1);
+// ∂L_i/∂x_t = L_i·g_t/n_i, g_t = ∂Δ̃_t/∂Δ_t·1[|x − old| <= C]. It returns ∂l/∂x = L_i·g_t: seq_mean_token_mean's
+// weight 1/n_i supplies the 1/n_i (other aggregations sum n_i copies of L_i, whose derivative is L_i·g_t too).
+template <class T>
+inline SurOut<T> sur_geo_mean(const TokenConsts<T>& k, const SurIn<T>& in) {
+  T g;
+  geo_log_ratio(in.A, in.delta, k.clip_low, k.clip_high, &g);
+  g = std::abs(in.raw_delta) <= k.C ? g : T(0);
+  const bool outside = in.delta != std::min(std::max(in.delta, -k.clip_low), k.clip_high);
+  return {k.geo_loss, k.geo_loss * g, outside & (in.A < T(0)) ? T(1) : T(0), outside & (in.A > T(0)) ? T(1) : T(0),
+          T(0)};
+}
+
+// vespo: l = −sg(φ)·A·x, ∂l/∂x = −φ·A, φ = exp(λ + k·log w − λ·w) with log w the sequence's clamped Σ Δ and
+// (k, λ) = (k_pos, λ_pos) for A >= 0 else (k_neg, λ_neg); a non-finite φ counts as 0 (TRL).
+template <class T>
+inline SurOut<T> sur_vespo(const TokenConsts<T>& k, const SurIn<T>& in) {
+  const bool pos = in.A >= T(0);
+  const T kk = pos ? k.vk_pos : k.vk_neg, lam = pos ? k.vl_pos : k.vl_neg;
+  T phi = std::exp(lam + kk * k.vespo_log_w - lam * std::exp(k.vespo_log_w));
+  phi = std::abs(phi) < std::numeric_limits<T>::infinity() ? phi : T(0);
+  return {-phi * in.A * in.x, -phi * in.A, T(0), T(0), T(0)};
+}
+
+// The surrogate of the compile-time code SURR.
+template <int SURR, class T>
+inline SurOut<T> surrogate(const TokenConsts<T>& k, const SurIn<T>& in) {
+  if constexpr (SURR == kClip) return sur_clip(k, in);
+  else if constexpr (SURR == kCispo) return sur_cispo(k, in);
+  else if constexpr (SURR == kSapo) return sur_sapo(k, in);
+  else if constexpr (SURR == kReinforce) return sur_reinforce(k, in);
+  else if constexpr (SURR == kDppoTv) return sur_dppo<T, false>(k, in);
+  else if constexpr (SURR == kDppoKl) return sur_dppo<T, true>(k, in);
+  else if constexpr (SURR == kDro) return sur_dro(k, in);
+  else if constexpr (SURR == kGeoMean) return sur_geo_mean(k, in);
+  else return sur_vespo(k, in);
+}
 
 // Tokens per block: the token loop writes its per-token terms for a block into L1-resident arrays,
 // and a second loop sums them.
@@ -112,10 +262,11 @@ struct TokenTerms {
 //   * the GSPO ratio: r = r_token·(1 − is_seq) + s_i·is_seq, with is_seq ∈ {0, 1} (exact: both finite);
 //   * dual clip: pg = min(pg, −c·A) for A < 0, with c = +inf when it is off (−inf·A = +inf);
 //   * the KL estimator: c1·k1 + c2·k2 + c3·k3 with one of c1, c2, c3 equal to 1;
-//   * which optional arrays exist: template arguments REF (ref_logp), IS (0: no rollout IS,
-//     1: per-token weights, 2: the sequence weight) and ENT (entropy).
+//   * which optional arrays exist: template arguments REF (ref_logp), IS (0: a per-sequence constant
+//     weight, 1 when there is none; 1: per-token weights from rollout log-probs; 2: the caller's
+//     per-token weights) and ENT (entropy); the surrogate SURR is one too.
 // Masked tokens are computed too and dropped by the selects, so whatever they hold reaches nothing.
-template <class T, bool REF, int IS, bool ENT>
+template <class T, int SURR, bool REF, int IS, bool ENT>
 void policy_tokens(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t begin, int64_t n,
                    TokenTerms<T>& out) {
   const uint8_t* __restrict m = a.mask + begin;
@@ -124,7 +275,7 @@ void policy_tokens(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t b
   const T* __restrict advs = a.adv + begin;
   const T* __restrict refs = REF ? a.ref + begin : nullptr;
   const T* __restrict ents = ENT ? a.ent + begin : nullptr;
-  const T* __restrict rolls = IS == 1 ? a.roll + begin : nullptr;
+  const T* __restrict rolls = IS != 0 ? a.roll + begin : nullptr;
   T* __restrict unit = a.unit + begin;
   T* __restrict unit_ent = ENT ? a.unit_ent + begin : nullptr;
   T* __restrict o_loss = out.loss;
@@ -137,8 +288,9 @@ void policy_tokens(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t b
   T* __restrict o_min = out.ratio_min;
   T* __restrict o_max = out.ratio_max;
   T* __restrict o_ent = out.entropy;
-  const T C = k.C, lo = k.lo, hi = k.hi, dual_c = k.dual_c, kl_coef = k.kl_coef, kl_clamp = k.kl_clamp;
-  const T c1 = k.c1, c2 = k.c2, c3 = k.c3, ent_coef = k.ent_coef, ent_unit = -k.ent_coef * k.weight;
+  const T C = k.C, kl_coef = k.kl_coef, kl_clamp = k.kl_clamp, kl_clamp_gate = k.kl_clamp_gate;
+  const T c1 = k.c1, c2 = k.c2, c3 = k.c3, c4 = k.c4, kl_st = k.kl_st, kl_bias = k.kl_bias;
+  const T ent_coef = k.ent_coef, ent_unit = -k.ent_coef * k.weight;
   const T cap = k.cap, cap_value = k.cap_value, weight = k.weight;
   const T is_seq = k.is_seq, seq_ratio = k.seq_ratio, seq_w = k.seq_w;
   const T inf = std::numeric_limits<T>::infinity();
@@ -153,21 +305,17 @@ void policy_tokens(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t b
     const T token_d_ratio = std::abs(raw_delta) <= C ? token_ratio : T(0);
     const T ratio = token_ratio * (T(1) - is_seq) + seq_ratio * is_seq;
     const T d_ratio = token_d_ratio * (T(1) - is_seq) + seq_ratio * is_seq;
-    const T unclipped = -A * ratio;
-    const T clipped_value = -A * std::min(std::max(ratio, lo), hi);
-    const bool clipped = clipped_value > unclipped;
-    const T pg_clip = clipped ? clipped_value : unclipped;
-    const T dual_cap = -dual_c * A;
-    const bool dual = (A < T(0)) & (pg_clip > dual_cap);
-    T pg = std::min(pg_clip, A < T(0) ? dual_cap : pg_clip);
-    T d_pg = clipped ? T(0) : -A * d_ratio;
-    d_pg = dual ? T(0) : d_pg;
+    const SurOut<T> sur = surrogate<SURR>(k, SurIn<T>{x, olds[t], A, raw_delta, delta, ratio, d_ratio});
+    T pg = sur.loss, d_pg = sur.dloss;
     if (IS == 1) {
       const T w = exp_fast(clamp_abs<T>(olds[t] - rolls[t], C));
       const T w_capped = w > cap ? cap_value : w;  // truncated to the cap, or masked to 0
       pg *= w_capped;
       d_pg *= w_capped;
     } else if (IS == 2) {
+      pg *= rolls[t];
+      d_pg *= rolls[t];
+    } else {
       pg *= seq_w;
       d_pg *= seq_w;
     }
@@ -176,12 +324,18 @@ void policy_tokens(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t b
       const T raw_d = refs[t] - x;
       const T d = clamp_abs(raw_d, C);
       const T ed = exp_fast(d);
-      const T kl_raw = c1 * (-d) + c2 * (T(0.5) * d * d) + c3 * (ed - d - T(1));
-      const T dk = c1 * T(-1) + c2 * d + c3 * (ed - T(1));  // ∂k/∂d
-      kl = clamp_abs(kl_raw, kl_clamp);
-      const T live_d = std::abs(raw_d) <= C ? kl_coef * dk : T(0);  // the clamps' derivatives
+      const T sgn = (d > T(0) ? T(1) : T(0)) - (d < T(0) ? T(1) : T(0));
+      const T kl_raw = c1 * (-d) + c2 * (T(0.5) * d * d) + c3 * (ed - d - T(1)) + c4 * std::abs(d);
+      const T dk_est = c1 * T(-1) + c2 * d + c3 * (ed - T(1)) + c4 * sgn;  // ∂k/∂d
+      const T dk = dk_est * (T(1) - kl_st) + d * kl_st;                   // kX+: the gradient of k2
+      const T k_val = clamp_abs(kl_raw, kl_clamp);
+      const T live_d = std::abs(raw_d) <= C ? dk : T(0);                  // the clamps' derivatives
+      const T dkx = std::abs(kl_raw) <= kl_clamp_gate ? -live_d : T(0);   // ∂k/∂x (∂d/∂x = −1)
+      // KL·r (kl_bias = 1): ∂ = r·∂k/∂x + k·∂r/∂x; a blend, exact since both terms are finite
+      const T bias = T(1) - kl_bias + kl_bias * ratio;
+      kl = k_val * bias;
       loss += kl_coef * kl;
-      d_loss -= std::abs(kl_raw) <= kl_clamp ? live_d : T(0);        // ∂d/∂x = −1
+      d_loss += kl_coef * (dkx * bias + kl_bias * k_val * d_ratio);
     }
     T entropy = T(0);
     if (ENT) {
@@ -191,10 +345,9 @@ void policy_tokens(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t b
     }
     unit[t] = counted ? d_loss * weight : T(0);
     o_loss[t] = counted ? loss : T(0);
-    const T clip_neg = A < T(0) ? T(1) : T(0), clip_pos = A > T(0) ? T(1) : T(0);
-    o_low[t] = counted ? (clipped ? clip_neg : T(0)) : T(0);
-    o_high[t] = counted ? (clipped ? clip_pos : T(0)) : T(0);
-    o_dual[t] = counted ? (dual ? T(1) : T(0)) : T(0);
+    o_low[t] = counted ? sur.low : T(0);
+    o_high[t] = counted ? sur.high : T(0);
+    o_dual[t] = counted ? sur.dual : T(0);
     o_neg_delta[t] = counted ? -delta : T(0);
     o_kl[t] = counted ? kl : T(0);
     o_ratio[t] = counted ? ratio : T(0);
@@ -223,12 +376,12 @@ void add_terms(const TokenTerms<T>& b, int64_t n, SeqSums& out) {
   out.ratio_min = std::min<double>(out.ratio_min, rmin), out.ratio_max = std::max<double>(out.ratio_max, rmax);
 }
 
-template <class T, bool REF, int IS, bool ENT>
+template <class T, int SURR, bool REF, int IS, bool ENT>
 void policy_blocks(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t begin, int64_t end, SeqSums& out) {
   TokenTerms<T> terms;
   for (int64_t b = begin; b < end; b += kLossBlock) {
     const int64_t n = std::min(kLossBlock, end - b);
-    policy_tokens<T, REF, IS, ENT>(k, a, b, n, terms);
+    policy_tokens<T, SURR, REF, IS, ENT>(k, a, b, n, terms);
     add_terms(terms, n, out);
   }
 }
@@ -252,39 +405,92 @@ double masked_log_ratio_sum(const T* __restrict p, const T* __restrict q, const 
   return static_cast<double>(sum);
 }
 
-// One sequence: pass 1 counts its tokens and forms the sequence means (GSPO ratio, sequence IS
-// weight); pass 2 (policy_blocks) computes every token's loss and derivative.
+// geo_mean's pass-1 sums over the counted tokens of [begin, end): Σ Δ̃ and Σ A (selects, so padding never leaks).
+template <class T>
+void geo_sums(const TokenLossArgs<T>& a, int64_t begin, int64_t end, T C, T clip_low, T clip_high, double* sum_tilde,
+              double* sum_adv) {
+  T st = 0, sa = 0;
+  for (int64_t t = begin; t < end; ++t) {
+    T g;
+    const T d = geo_log_ratio(a.adv[t], clamp_abs<T>(a.x[t] - a.old[t], C), clip_low, clip_high, &g);
+    st += a.mask[t] != 0 ? d : T(0);
+    sa += a.mask[t] != 0 ? a.adv[t] : T(0);
+  }
+  *sum_tilde = st, *sum_adv = sa;
+}
+
+// Σ log(w + 1e-10) over the counted tokens of given weights (geo_mean's geometric mean, as verl).
+template <class T>
+double masked_log_weight_sum(const T* __restrict w, const uint8_t* __restrict m, int64_t begin, int64_t end) {
+  double sum = 0;
+  for (int64_t t = begin; t < end; ++t) sum += m[t] != 0 ? std::log(static_cast<double>(w[t]) + 1e-10) : 0.0;
+  return sum;
+}
+
+// The token loops of one surrogate, by [REF][IS][ENT].
+template <class T, int SURR>
+struct SurrogateLoops {
+  using Fn = void (*)(const TokenConsts<T>&, const TokenLossArgs<T>&, int64_t, int64_t, SeqSums&);
+  static constexpr Fn kLoops[2][3][2] = {
+      {{policy_blocks<T, SURR, false, 0, false>, policy_blocks<T, SURR, false, 0, true>},
+       {policy_blocks<T, SURR, false, 1, false>, policy_blocks<T, SURR, false, 1, true>},
+       {policy_blocks<T, SURR, false, 2, false>, policy_blocks<T, SURR, false, 2, true>}},
+      {{policy_blocks<T, SURR, true, 0, false>, policy_blocks<T, SURR, true, 0, true>},
+       {policy_blocks<T, SURR, true, 1, false>, policy_blocks<T, SURR, true, 1, true>},
+       {policy_blocks<T, SURR, true, 2, false>, policy_blocks<T, SURR, true, 2, true>}}};
+};
+
+template <class T, int... S>
+constexpr auto surrogate_table(std::integer_sequence<int, S...>) {
+  using Fn = typename SurrogateLoops<T, 0>::Fn;
+  return std::array<const Fn (*)[3][2], sizeof...(S)>{SurrogateLoops<T, S>::kLoops...};
+}
+
+// One sequence: pass 1 counts its tokens and forms the sequence statistics (GSPO ratio, sequence IS
+// weight, geo_mean's L_i, vespo's Σ Δ); pass 2 (policy_blocks) computes every token's loss and derivative.
 template <class T>
 void policy_sequence(const TokenLossSpec& s, const TokenLossArgs<T>& a, int64_t begin, int64_t end, SeqSums& out) {
   const T C = static_cast<T>(s.log_ratio_clamp);
+  const bool geo = s.surrogate == kGeoMean, vespo = s.surrogate == kVespo;
   const double n = static_cast<double>(count_tokens(a.mask, begin, end));
-  const double sum_delta = s.seq_ratio ? masked_log_ratio_sum(a.x, a.old, a.mask, begin, end, C) : 0.0;
-  const double sum_log_w = s.rollout_seq ? masked_log_ratio_sum(a.old, a.roll, a.mask, begin, end, C) : 0.0;
+  const double sum_delta = s.seq_ratio || vespo ? masked_log_ratio_sum(a.x, a.old, a.mask, begin, end, C) : 0.0;
+  double sum_log_w = s.rollout_seq ? masked_log_ratio_sum(a.old, a.roll, a.mask, begin, end, C) : 0.0;
+  if (geo && s.rollout_given) sum_log_w = masked_log_weight_sum(a.roll, a.mask, begin, end);
   const double inv_n = n > 0 ? 1.0 / n : 0.0;
   TokenConsts<T> k;
   k.C = C;
   k.lo = static_cast<T>(1.0 - s.clip_low), k.hi = static_cast<T>(1.0 + s.clip_high);
+  k.clip_low = static_cast<T>(s.clip_low), k.clip_high = static_cast<T>(s.clip_high);
   k.dual_c = s.dual_clip > 0 ? static_cast<T>(s.dual_clip) : std::numeric_limits<T>::infinity();
+  k.delta = static_cast<T>(s.delta);
+  k.tau_pos = static_cast<T>(s.tau_pos), k.tau_neg = static_cast<T>(s.tau_neg);
+  k.ratio_cap = static_cast<T>(s.ratio_cap), k.dro_beta = static_cast<T>(s.dro_beta);
+  k.vk_pos = static_cast<T>(s.vespo_k_pos), k.vl_pos = static_cast<T>(s.vespo_l_pos);
+  k.vk_neg = static_cast<T>(s.vespo_k_neg), k.vl_neg = static_cast<T>(s.vespo_l_neg);
+  k.vespo_log_w = static_cast<T>(std::min(std::max(sum_delta, std::log(1e-8)), 20.0));  // TRL's clamp
   k.kl_coef = static_cast<T>(s.kl_coef), k.kl_clamp = static_cast<T>(s.kl_clamp);
-  k.c1 = s.kl == 1, k.c2 = s.kl == 2, k.c3 = s.kl == 3;
+  k.kl_clamp_gate = s.kl_st ? std::numeric_limits<T>::infinity() : k.kl_clamp;
+  k.c1 = s.kl == 1, k.c2 = s.kl == 2, k.c3 = s.kl == 3, k.c4 = s.kl == 4;
+  k.kl_st = s.kl_st ? T(1) : T(0), k.kl_bias = s.kl_bias ? T(1) : T(0);
   k.ent_coef = static_cast<T>(s.entropy_coef);
   k.cap = static_cast<T>(s.rollout_cap), k.cap_value = s.rollout_mask ? T(0) : k.cap;
   k.weight = s.aggregation == Aggregation::kSeqMeanTokenMean ? static_cast<T>(inv_n) : T(1);
   k.is_seq = s.seq_ratio ? T(1) : T(0);
   k.seq_ratio = static_cast<T>(std::exp(sum_delta * inv_n));
   const T seq_w = exp_fast(static_cast<T>(sum_log_w * inv_n));
-  k.seq_w = !s.rollout_seq ? T(1) : seq_w > k.cap ? k.cap_value : seq_w;
+  k.seq_w = s.rollout_seq ? (seq_w > k.cap ? k.cap_value : seq_w) : geo && s.rollout_given ? seq_w : T(1);
+  k.geo_loss = T(0);
+  if (geo) {
+    double sum_tilde, sum_adv;
+    geo_sums(a, begin, end, C, k.clip_low, k.clip_high, &sum_tilde, &sum_adv);
+    k.geo_loss = static_cast<T>(-(sum_adv * inv_n) * std::exp(sum_tilde * inv_n)) * k.seq_w;
+    k.seq_w = T(1);  // in geo_loss already
+  }
 
-  using Fn = void (*)(const TokenConsts<T>&, const TokenLossArgs<T>&, int64_t, int64_t, SeqSums&);
-  static constexpr Fn kLoops[2][3][2] = {
-      {{policy_blocks<T, false, 0, false>, policy_blocks<T, false, 0, true>},
-       {policy_blocks<T, false, 1, false>, policy_blocks<T, false, 1, true>},
-       {policy_blocks<T, false, 2, false>, policy_blocks<T, false, 2, true>}},
-      {{policy_blocks<T, true, 0, false>, policy_blocks<T, true, 0, true>},
-       {policy_blocks<T, true, 1, false>, policy_blocks<T, true, 1, true>},
-       {policy_blocks<T, true, 2, false>, policy_blocks<T, true, 2, true>}}};
-  const int is = !s.rollout ? 0 : s.rollout_seq ? 2 : 1;
-  kLoops[s.kl != 0][is][s.has_entropy](k, a, begin, end, out);
+  static constexpr auto kTable = surrogate_table<T>(std::make_integer_sequence<int, kNumSurrogates>{});
+  // IS 0: a per-sequence constant weight (seq_w); 1: per-token weights from rollout log-probs; 2: given weights
+  const int is = !s.rollout || s.rollout_seq || geo ? 0 : s.rollout_given ? 2 : 1;
+  kTable[s.surrogate][s.kl != 0][is][s.has_entropy](k, a, begin, end, out);  // kTable[i] -> its kLoops[REF]
   out.count = n;
   out.loss *= static_cast<double>(k.weight);
 }
@@ -354,7 +560,8 @@ void token_loss_forward(const TokenLossSpec& s, const TokenLossArgs<T>& args, T*
     case Aggregation::kTokenSumNorm:
       den = static_cast<double>(B) * static_cast<double>(s.norm_length > 0 ? s.norm_length : longest);
       break;
-    default: den = nonempty;
+    case Aggregation::kTokenSum: den = 1.0; break;
+    default: den = s.count_empty ? static_cast<double>(B) : nonempty;
   }
   const double scale = den > 0 ? 1.0 / den : 0.0;
   const double inv_total = total.count > 0 ? 1.0 / total.count : 0.0;

@@ -14,13 +14,19 @@ from numbers import Real
 from typing import Optional
 
 __all__ = [
-    "PolicyLossConfig", "PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO",
-    "RATIO_LEVELS", "KL_ESTIMATORS", "AGGREGATIONS", "ROLLOUT_IS_MODES",
+    "PolicyLossConfig", "PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO", "BNPO", "LUSPO", "CISPO", "CISPO_TRL", "SAPO",
+    "GMPO", "GPG", "DPPO_TV", "DPPO_KL", "DRO", "VESPO",
+    "SURROGATES", "RATIO_LEVELS", "KL_ESTIMATORS", "AGGREGATIONS", "ROLLOUT_IS_MODES",
 ]
 
+# The per-token objective; fastpo.reference.policy states each formula.
+SURROGATES = ("clip", "cispo", "cispo_upper", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro", "geo_mean", "vespo")
+# Surrogates whose ratio may be the GSPO sequence ratio (the others read log-probs, not a ratio).
+SEQUENCE_RATIO_SURROGATES = ("clip", "cispo", "cispo_upper", "sapo")
 RATIO_LEVELS = ("token", "sequence")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+# kX+: the value of kX with the gradient of k2 (verl's straight-through estimators).
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm", "token_sum")
 ROLLOUT_IS_MODES = ("none", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask")
 
 
@@ -44,6 +50,19 @@ def _choice(value, name: str, choices) -> str:
     return value
 
 
+def _positive(value, name: str, *, optional: bool = False) -> Optional[float]:
+    value = _real(value, name, optional=optional)
+    if value is not None and not value > 0.0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_aggregation(value, name: str = "aggregation") -> str:
     """``value`` is one of :data:`AGGREGATIONS` (shared with ``value_loss``)."""
     return _choice(value, name, AGGREGATIONS)
@@ -62,6 +81,19 @@ class PolicyLossConfig:
     ``norm_length`` (None or int >= 1): the L of token_sum_norm. ``rollout_is``: "none" |
     "token_truncate" | "sequence_truncate" | "token_mask" | "sequence_mask", with ``rollout_is_cap``
     (> 0) the truncation / rejection threshold.
+
+    ``surrogate`` picks the per-token objective (formulas in :func:`fastpo.policy_loss`): "clip"
+    (PPO, the default), "cispo" (verl, both bounds), "cispo_upper" (TRL: only the upper bound
+    1 + clip_high), "sapo", "reinforce" (−A·logp: verl's gpg and bypass REINFORCE), "dppo_tv",
+    "dppo_kl", "dro", "geo_mean" (GMPO) or "vespo". ``delta`` (None or > 1): TRL's two-sided clip,
+    the unclipped ratio capped at delta ("clip" only). ``sapo_tau_pos`` / ``sapo_tau_neg`` (> 0): SAPO's
+    gate temperatures for A > 0 / A <= 0. ``dppo_ratio_cap`` (> 0): the truncation of DPPO's detached
+    ratio (clip_low / clip_high are DPPO's divergence thresholds). ``dro_beta`` (> 0, needed by "dro"):
+    the weight of DRO's ½·(logp − old_logp)² penalty. ``vespo_k_pos``, ``vespo_lambda_pos``,
+    ``vespo_k_neg``, ``vespo_lambda_neg``: VESPO's gamma weight φ(w) = e^λ·w^k·e^(−λw) for A >= 0 / A < 0.
+    ``kl_bias_correction``: the KL term times the (differentiable) ratio, TRL's ``use_bias_correction_kl``.
+    ``count_empty_sequences``: the sequence means divide by every sequence of the batch, empty ones too
+    (TRL's grpo / luspo and verl's geo_mean), instead of by the non-empty ones (verl's agg_loss).
     """
 
     clip_low: float = 0.2
@@ -76,6 +108,18 @@ class PolicyLossConfig:
     norm_length: Optional[int] = None
     rollout_is: str = "none"
     rollout_is_cap: float = 2.0
+    surrogate: str = "clip"
+    delta: Optional[float] = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    dppo_ratio_cap: float = 20.0
+    dro_beta: Optional[float] = None
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    kl_bias_correction: bool = False
+    count_empty_sequences: bool = False
 
     def __post_init__(self):
         def put(name, value):
@@ -110,6 +154,37 @@ class PolicyLossConfig:
         put("rollout_is_cap", _real(self.rollout_is_cap, "rollout_is_cap"))
         if not self.rollout_is_cap > 0.0:
             raise ValueError(f"rollout_is_cap must be > 0, got {self.rollout_is_cap}")
+        _choice(self.surrogate, "surrogate", SURROGATES)
+        put("delta", _real(self.delta, "delta", optional=True))
+        if self.delta is not None and not self.delta > 1.0:
+            raise ValueError(f"delta must be None or > 1 (TRL recommends > 1 + epsilon_high), got {self.delta}")
+        for name in ("sapo_tau_pos", "sapo_tau_neg", "dppo_ratio_cap", "vespo_lambda_pos", "vespo_lambda_neg"):
+            put(name, _positive(getattr(self, name), name))
+        put("dro_beta", _positive(self.dro_beta, "dro_beta", optional=True))
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            put(name, _real(getattr(self, name), name))
+        _flag(self.kl_bias_correction, "kl_bias_correction")
+        _flag(self.count_empty_sequences, "count_empty_sequences")
+        self._check_combinations()
+
+    def _check_combinations(self):
+        """Options that only some surrogates read."""
+        sur = self.surrogate
+        if self.ratio_level == "sequence" and sur not in SEQUENCE_RATIO_SURROGATES:
+            raise ValueError(f"ratio_level='sequence' needs a ratio-based surrogate {SEQUENCE_RATIO_SURROGATES}, "
+                             f"got surrogate={sur!r}")
+        if self.dual_clip is not None and sur != "clip":
+            raise ValueError(f"dual_clip applies to surrogate='clip' only, got surrogate={sur!r}")
+        if self.delta is not None and sur != "clip":
+            raise ValueError(f"delta applies to surrogate='clip' only, got surrogate={sur!r}")
+        if sur == "dro" and self.dro_beta is None:
+            raise ValueError("surrogate='dro' needs dro_beta > 0 (got None)")
+        if sur == "geo_mean" and self.rollout_is.startswith("token"):
+            raise ValueError(f"surrogate='geo_mean' weighs whole sequences: use a sequence rollout_is mode, got "
+                             f"rollout_is={self.rollout_is!r}")
+        if sur == "vespo" and self.rollout_is != "none":
+            raise ValueError(f"surrogate='vespo' with rollout_is={self.rollout_is!r} is not supported (TRL folds the "
+                             f"rollout weight into VESPO's sequence weight; pass is_weights=None and rollout_is='none')")
 
 
 PPO = PolicyLossConfig(clip_low=0.2, clip_high=0.2, dual_clip=3.0, aggregation="token_mean")
@@ -136,3 +211,59 @@ GSPO = PolicyLossConfig(clip_low=3e-4, clip_high=4e-4, ratio_level="sequence", k
 """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): sequence ratio
 s_i = exp(mean_t Δ) in its token-gradient form, ε_low = 3e-4, ε_high = 4e-4, no KL term,
 seq_mean_token_mean."""
+
+BNPO = PolicyLossConfig(clip_low=0.2, clip_high=0.2, kl_coef=0.0, aggregation="token_mean")
+"""BNPO (TRL ``loss_type="bnpo"``, Xiao et al. 2025, "BNPO: Beta Normalization Policy Optimization"): the
+clipped ratio with ε = 0.2, Σl / Σmask over the local batch, no KL term (TRL 1.16 defaults: beta = 0)."""
+
+LUSPO = PolicyLossConfig(clip_low=3e-4, clip_high=4e-4, ratio_level="sequence", kl_coef=0.0,
+                         aggregation="seq_mean_token_sum", count_empty_sequences=True)
+"""LUSPO (arXiv 2602.05261, "Length-Unbiased Sequence Policy Optimization"; TRL ``loss_type="luspo"`` with
+``importance_sampling_level="sequence"``, which it requires): GSPO's sequence ratio and bounds, each
+sequence's token sum averaged over all B rows (TRL: ``(l·m).sum(-1).mean()``), no KL term."""
+
+CISPO = PolicyLossConfig(surrogate="cispo", clip_low=0.2, clip_high=0.2, kl_coef=0.0, aggregation="token_mean")
+"""CISPO (MiniMax 2025, "MiniMax-M1", arXiv 2506.13585) as verl's ``cispo``: −sg(clip(r, 1 − ε_low,
+1 + ε_high))·A·logp with verl's actor defaults ε = 0.2 both sides, token_mean."""
+
+CISPO_TRL = PolicyLossConfig(surrogate="cispo_upper", clip_high=4.0, kl_coef=0.0, aggregation="token_mean")
+"""CISPO as TRL 1.16 ``loss_type="cispo"``: only the upper bound, −sg(min(r, ε_max))·A·logp, with the
+ScaleRL recipe's ε_max = 5.0 (``epsilon_high=5.0``, i.e. clip_high = 4.0 here since the bound is
+1 + clip_high); token_mean (pass TRL's global token count as ``num_tokens``)."""
+
+SAPO = PolicyLossConfig(surrogate="sapo", sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_coef=0.0,
+                        aggregation="seq_mean_token_mean")
+"""SAPO (Gao et al. 2025, "Soft Adaptive Policy Optimization", arXiv 2511.20347): gate
+σ(τ(r − 1))·4/τ instead of the clip, τ_pos = 1.0, τ_neg = 1.05 (the verl and TRL defaults), per-sequence
+token mean (verl forces seq-mean-token-mean)."""
+
+GMPO = PolicyLossConfig(surrogate="geo_mean", clip_low=0.4, clip_high=0.4, kl_coef=0.0,
+                        aggregation="seq_mean_token_mean", count_empty_sequences=True)
+"""GMPO (Zhao et al. 2025, "Geometric-Mean Policy Optimization", arXiv 2507.20673), verl's ``geo_mean``:
+the sequence ratio is the geometric mean of the token ratios, each log-ratio clipped to [−0.4, 0.4]
+(the paper's and TRL's experimental GMPO default; verl reads its actor's clip_ratio), mean over all rows."""
+
+GPG = PolicyLossConfig(surrogate="reinforce", kl_coef=0.0, aggregation="token_mean")
+"""GPG (Chu et al. 2025, "GPG: A Simple and Strong Reinforcement Learning Baseline", arXiv 2504.02546),
+verl's ``gpg``: −A·logp with no ratio and no clip, token_mean (pair it with verl's gpg advantage)."""
+
+DPPO_TV = PolicyLossConfig(surrogate="dppo_tv", clip_low=0.2, clip_high=0.2, dppo_ratio_cap=20.0, kl_coef=0.0,
+                           aggregation="token_mean")
+"""DPPO-Binary-TV (arXiv 2602.04879, "Divergence PPO"), verl's ``dppo_tv``: −A·sg(min(r, 20))·logp on tokens
+whose probability moved by at most the threshold in the advantage's direction, thresholds 0.2 (verl
+reads clip_ratio) and the truncation 20 (verl's clip_ratio_c fallback for DPPO)."""
+
+DPPO_KL = PolicyLossConfig(surrogate="dppo_kl", clip_low=0.2, clip_high=0.2, dppo_ratio_cap=20.0, kl_coef=0.0,
+                           aggregation="token_mean")
+"""DPPO-Binary-KL (arXiv 2602.04879), verl's ``dppo_kl``: as DPPO_TV with the binary KL divergence of the
+token's probability as the trust region, thresholds 0.2 and truncation 20 (verl's defaults)."""
+
+DRO = PolicyLossConfig(surrogate="dro", dro_beta=0.1, kl_coef=0.0, aggregation="token_mean")
+"""DRO (Richemond et al. 2024, "Offline Regularised RL for LLM Alignment", and Kimi k1.5's squared
+log-ratio), verl's ``dro``: −(A·logp − ½β·(logp − old_logp)²); β = 0.1 here (verl has no default and
+requires ``dro_beta`` > 0)."""
+
+VESPO = PolicyLossConfig(surrogate="vespo", kl_coef=0.0, aggregation="token_mean")
+"""VESPO (arXiv 2602.10693, "Variational Sequence-Level Soft Policy Optimization"), TRL ``loss_type="vespo"``:
+−sg(φ(w))·A·logp with w = exp(Σ_t Δ) the sequence ratio and φ(w) = e^λ·w^k·e^(−λw), k/λ = 2/3 for A >= 0
+and 3/2 for A < 0 (TRL's defaults), token_mean (TRL normalises by the global token count)."""

@@ -1,5 +1,5 @@
-"""Per-token RL losses (PPO / GRPO / DAPO / Dr.GRPO / GSPO policy loss, clipped value loss) in one
-forward and one backward kernel.
+"""Per-token RL losses (every ``PolicyLossConfig.surrogate``: PPO clip, CISPO, SAPO, REINFORCE/GPG, DPPO,
+DRO, GMPO, VESPO; clipped value loss) in one forward and one backward kernel.
 
 Inputs are flat ``[N]`` tensors; sequence i is tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` (a padded
 ``[B, T]`` batch is ``cu_seqlens = [0, T, 2T, ...]``). Every mode is a ``tl.constexpr`` chosen from
@@ -44,54 +44,165 @@ def _counted(mask_ptr, offs, end, HAS_MASK: tl.constexpr):
     return m
 
 
+# Surrogates. Each takes the token block's advantage a, ratio r and ∂r/∂x (dr) (and what else it reads)
+# and returns (l, ∂l/∂x, low, high, dual): the policy term, its derivative and the 0/1 flags behind
+# clip_frac_low / clip_frac_high / dual_clip_frac. Derivations, per token:
+#   clip:      r' = min(r, δ); l = max(−A·r', −A·clip(r, lo, hi)); ∂l/∂x = 0 where the clipped branch is the
+#              max or r > δ, else −A·dr; dual cap c (A < 0): min(l, −c·A), ∂ = 0 where the cap binds
+#   cispo:     l = −sg(clip(r, lo, hi))·A·x, ∂l/∂x = −clip(r, lo, hi)·A
+#   sapo:      s = σ(τ(r − 1)), l = −s·(4/τ)·A, ∂l/∂x = −4·A·s·(1 − s)·dr
+#   reinforce: l = −A·x, ∂l/∂x = −A
+#   dppo:      l = −A·sg(min(r, C))·x·valid, ∂l/∂x = −A·min(r, C)·valid
+#   dro:       l = −(A·x − ½β(x − old)²), ∂l/∂x = −A + β(x − old)
+#   geo_mean:  every token carries its sequence's L_i = −Ā_i·exp(mean Δ̃)·w_i; ∂L_i/∂x_t = L_i·g_t/n_i with
+#              g_t = ∂Δ̃_t/∂Δ_t·1[|x − old| <= 20] (1 on the unclipped side of sgn(A)·min(·), 0 on the bound or
+#              for A = 0); the kernel writes ∂l/∂x = L_i·g_t and the 1/n_i is seq_mean_token_mean's weight
+#              (any other aggregation sums n_i copies of L_i, whose derivative is again L_i·g_t)
+#   vespo:     l = −sg(φ_i)·A·x, ∂l/∂x = −φ_i·A (φ from the sequence's Σ Δ, pass 1)
+@triton.jit
+def _sur_clip(a, r, dr, lo, hi, delta_cap, dual_clip, DUAL: tl.constexpr):
+    r1 = tl.minimum(r, delta_cap)
+    l_unc = -a * r1
+    l_clip = -a * tl.minimum(tl.maximum(r, lo), hi)
+    clipped = l_clip > l_unc
+    loss = tl.where(clipped, l_clip, l_unc)
+    dloss = tl.where(clipped | (r > delta_cap), 0.0, -a * dr)
+    dual = r != r
+    if DUAL:
+        cap = -dual_clip * a
+        dual = (a < 0.0) & (loss > cap)
+        loss = tl.where(dual, cap, loss)
+        dloss = tl.where(dual, 0.0, dloss)
+    return loss, dloss, clipped & (a < 0.0), clipped & (a > 0.0), dual
+
+
+@triton.jit
+def _sur_cispo(x, a, r, lo, hi):
+    w = tl.minimum(tl.maximum(r, lo), hi)
+    return -w * a * x, -w * a, r < lo, r > hi, r != r
+
+
+@triton.jit
+def _sur_sapo(a, r, dr, tau_pos, tau_neg):
+    tau = tl.where(a > 0.0, tau_pos, tau_neg)
+    s = tl.sigmoid(tau * (r - 1.0))
+    none = r != r
+    return -s * (4.0 / tau) * a, -4.0 * a * s * (1.0 - s) * dr, none, none, none
+
+
+@triton.jit
+def _sur_dppo(x, o, a, r, lo, hi, ratio_cap, KL_REGION: tl.constexpr):
+    p = tl.exp(x)
+    p_old = tl.exp(o)
+    if KL_REGION:
+        kl = p_old * (o - x) + (1.0 - p_old) * tl.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+        valid = tl.where(a > 0.0, (kl <= hi) | (p <= p_old), (kl <= lo) | (p >= p_old))
+    else:
+        diff = p - p_old
+        valid = tl.where(a > 0.0, diff <= hi, diff >= -lo)
+    t = tl.minimum(r, ratio_cap)
+    return (tl.where(valid, -a * t * x, 0.0), tl.where(valid, -a * t, 0.0), (~valid) & (a <= 0.0),
+            (~valid) & (a > 0.0), valid & (r > ratio_cap))
+
+
+@triton.jit
+def _geo_log_ratio(a, delta, lo, hi):
+    """(Δ̃, ∂Δ̃/∂Δ, outside the bounds) of GMPO's sign-aware clip."""
+    bound = tl.minimum(tl.maximum(delta, -lo), hi)
+    pos = a > 0.0
+    neg = a < 0.0
+    d_tilde = tl.where(pos, tl.minimum(delta, bound), tl.where(neg, tl.maximum(delta, bound), 0.0))
+    binds = (pos & (delta > hi)) | (neg & (delta < -lo))
+    grad = tl.where((pos | neg) & ~binds, 1.0, 0.0)
+    return d_tilde, grad, delta != bound
+
+
+@triton.jit
+def _vespo_phi(a, log_w, k_pos, l_pos, k_neg, l_neg):
+    pos = a >= 0.0
+    k = tl.where(pos, k_pos, k_neg)
+    lam = tl.where(pos, l_pos, l_neg)
+    phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
+    return tl.where(tl.abs(phi) < float("inf"), phi, 0.0)  # NaN / inf count as 0 (TRL's nan_to_num)
+
+
 # Forward. Per counted token (m = 1), Δ = clamp(x − old, ±20):
-#   policy: r = exp(Δ) (token) or s_i = exp(ΣΔ/n_i) (GSPO); pg = max(−A·r, −A·clip(r, 1−εl, 1+εh));
-#           dual clip: A < 0 → min(pg, −c·A); rollout IS: pg·w; + kl_coef·k(clamp(ref − x, ±20)); − β_H·H
+#   policy: r = exp(Δ) (token) or s_i = exp(ΣΔ/n_i) (GSPO); pg = the surrogate (above);
+#           rollout IS: pg·w (geo_mean: its sequence weight); + kl_coef·k(clamp(ref − x, ±20)); − β_H·H
 #   value:  0.5·max((x − R)², (clip(x, old ± clip) − R)²)
 # and ∂l/∂x (stored as ``unit``, see the backward):
-#   ∂pg/∂x = 0 where the clipped branch or the dual cap is active, else −A·∂r/∂x with
-#            ∂r/∂x = r·1[|x − old| ≤ 20] (token) or s_i (GSPO token-gradient form: r_t = exp(x − sg(x) + sg(log s_i)))
-#   ∂k/∂x  = −k'(δ)·1[|ref − x| ≤ 20]·1[|k| ≤ kl_clamp], k1' = −1, k2' = δ, k3' = e^δ − 1
+#   ∂r/∂x  = r·1[|x − old| ≤ 20] (token) or s_i (GSPO token-gradient form: r_t = exp(x − sg(x) + sg(log s_i)))
+#   ∂k/∂x  = −k'(δ)·1[|ref − x| ≤ 20]·1[|k| ≤ kl_clamp], k1' = −1, k2' = δ, k3' = e^δ − 1, abs' = sgn δ;
+#            kX+ (KL_ST): k2' = δ, with no kl_clamp gate; KL_BIAS: the term is k·r, ∂ = r·∂k/∂x + k·∂r/∂x
 #   value: ∂l/∂x = 0 where the clipped branch is active, else x − R.
 @triton.jit
 def _token_loss_fwd_kernel(
     x_ptr, old_ptr, a_ptr, ref_ptr, ent_ptr, roll_ptr, mask_ptr, cu_ptr,
     unit_ptr, unit_ent_ptr, part_ptr,
     clip_low, clip_high, dual_clip, kl_coef, kl_clamp, ent_coef, is_cap, value_clip,
+    delta_cap, tau_pos, tau_neg, ratio_cap, dro_beta, vk_pos, vl_pos, vk_neg, vl_neg,
     VALUE: tl.constexpr, SEQ_RATIO: tl.constexpr, KL: tl.constexpr, DUAL: tl.constexpr,
     HAS_ENTROPY: tl.constexpr, ROLLOUT: tl.constexpr, ROLLOUT_SEQ: tl.constexpr, ROLLOUT_MASK: tl.constexpr,
+    ROLLOUT_GIVEN: tl.constexpr, SURR: tl.constexpr, KL_ST: tl.constexpr, KL_BIAS: tl.constexpr,
     HAS_MASK: tl.constexpr, PER_SEQ_MEAN: tl.constexpr, BLOCK: tl.constexpr, NUM_PART: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     start = tl.load(cu_ptr + seq).to(tl.int64)
     end = tl.load(cu_ptr + seq + 1).to(tl.int64)
     lanes = tl.arange(0, BLOCK)
+    GEO: tl.constexpr = SURR == 7
+    VESPO: tl.constexpr = SURR == 8
+    lo = 1.0 - clip_low
+    hi = 1.0 + clip_high
 
     # pass 1: per-sequence statistics the per-token terms depend on
     n = 0.0
     sum_delta = 0.0
     sum_logw = 0.0
-    if SEQ_RATIO or ROLLOUT_SEQ or PER_SEQ_MEAN:
+    sum_geo = 0.0
+    sum_adv = 0.0
+    if SEQ_RATIO or ROLLOUT_SEQ or PER_SEQ_MEAN or GEO or VESPO:
         for off in range(start, end, BLOCK):
             offs = off + lanes
             inb = offs < end
             m = _counted(mask_ptr, offs, end, HAS_MASK)
+            on = m > 0.0
             n += tl.sum(m, axis=0)
-            if SEQ_RATIO:
+            if SEQ_RATIO or GEO or VESPO:
                 x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
                 o = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-                # a select, not m * (...): a masked token may hold NaN, and NaN * 0 is NaN
-                sum_delta += tl.sum(tl.where(m > 0.0, tl.minimum(tl.maximum(x - o, -CLAMP), CLAMP), 0.0), axis=0)
+                d = tl.minimum(tl.maximum(x - o, -CLAMP), CLAMP)
+                # selects, not m * (...): a masked token may hold NaN, and NaN * 0 is NaN
+                sum_delta += tl.sum(tl.where(on, d, 0.0), axis=0)
+                if GEO:
+                    a = tl.load(a_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+                    d_tilde, _g, _out = _geo_log_ratio(a, d, clip_low, clip_high)
+                    sum_geo += tl.sum(tl.where(on, d_tilde, 0.0), axis=0)
+                    sum_adv += tl.sum(tl.where(on, a, 0.0), axis=0)
             if ROLLOUT_SEQ:
                 o = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
                 ro = tl.load(roll_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-                sum_logw += tl.sum(tl.where(m > 0.0, tl.minimum(tl.maximum(o - ro, -CLAMP), CLAMP), 0.0), axis=0)
+                sum_logw += tl.sum(tl.where(on, tl.minimum(tl.maximum(o - ro, -CLAMP), CLAMP), 0.0), axis=0)
+            if GEO and ROLLOUT_GIVEN:
+                wg = tl.load(roll_ptr + offs, mask=inb, other=1.0).to(tl.float32)
+                sum_logw += tl.sum(tl.where(on, tl.log(wg + 1e-10), 0.0), axis=0)
     inv_n = 1.0 / tl.maximum(n, 1.0)
     log_s = sum_delta * inv_n
     seq_logw = sum_logw * inv_n
     unit_scale = 1.0
     if PER_SEQ_MEAN:
         unit_scale = inv_n
+    # the sequence's rollout weight (sequence modes; geo_mean's geometric mean of given weights)
+    seq_w = tl.exp(seq_logw)
+    if ROLLOUT_SEQ:
+        if ROLLOUT_MASK:
+            seq_w = tl.where(seq_w > is_cap, 0.0, seq_w)
+        else:
+            seq_w = tl.minimum(seq_w, is_cap)
+    geo_loss = -(sum_adv * inv_n) * tl.exp(sum_geo * inv_n)
+    if ROLLOUT:
+        geo_loss = geo_loss * seq_w
+    vespo_log_w = tl.minimum(tl.maximum(sum_delta, -18.420680743952367), 20.0)  # [log 1e-8, 20] as TRL
 
     # pass 2: per-token loss, ∂l/∂x and partial sums
     cnt = 0.0
@@ -131,27 +242,42 @@ def _token_loss_fwd_kernel(
             else:
                 r = tl.exp(delta)
                 dr = tl.where(tl.abs(draw) <= CLAMP, r, 0.0)
-            l_unc = -a * r
-            l_clip = -a * tl.minimum(tl.maximum(r, 1.0 - clip_low), 1.0 + clip_high)
-            clipped = l_clip > l_unc
-            loss = tl.where(clipped, l_clip, l_unc)
-            dloss = tl.where(clipped, 0.0, -a * dr)
-            if DUAL:
-                cap = -dual_clip * a
-                dual = (a < 0.0) & (loss > cap)
-                loss = tl.where(dual, cap, loss)
-                dloss = tl.where(dual, 0.0, dloss)
-                c_dual += tl.sum(tl.where(dual, m, 0.0), axis=0)
-            if ROLLOUT:
+            none = r != r
+            if SURR == 0:
+                loss, dloss, f_low, f_high, f_dual = _sur_clip(a, r, dr, lo, hi, delta_cap, dual_clip, DUAL)
+            elif SURR == 1:
+                loss, dloss, f_low, f_high, f_dual = _sur_cispo(x, a, r, lo, hi)
+            elif SURR == 2:
+                loss, dloss, f_low, f_high, f_dual = _sur_sapo(a, r, dr, tau_pos, tau_neg)
+            elif SURR == 3:
+                loss, dloss, f_low, f_high, f_dual = -a * x, -a, none, none, none
+            elif SURR == 4 or SURR == 5:
+                loss, dloss, f_low, f_high, f_dual = _sur_dppo(x, o, a, r, clip_low, clip_high, ratio_cap, SURR == 5)
+            elif SURR == 6:
+                loss, dloss, f_low, f_high, f_dual = (-(a * x - 0.5 * dro_beta * draw * draw), -a + dro_beta * draw,
+                                                      none, none, none)
+            elif SURR == 7:
+                _dt, g, outside = _geo_log_ratio(a, delta, clip_low, clip_high)
+                g = tl.where(tl.abs(draw) <= CLAMP, g, 0.0)
+                loss = tl.zeros([BLOCK], dtype=tl.float32) + geo_loss
+                dloss = loss * g
+                f_low, f_high, f_dual = outside & (a < 0.0), outside & (a > 0.0), none
+            else:
+                phi = _vespo_phi(a, vespo_log_w, vk_pos, vl_pos, vk_neg, vl_neg)
+                loss, dloss, f_low, f_high, f_dual = -phi * a * x, -phi * a, none, none, none
+            c_dual += tl.sum(tl.where(f_dual, m, 0.0), axis=0)
+            if ROLLOUT and not GEO:
                 if ROLLOUT_SEQ:
-                    w = tl.exp(tl.zeros([BLOCK], dtype=tl.float32) + seq_logw)
+                    w = tl.zeros([BLOCK], dtype=tl.float32) + seq_w
+                elif ROLLOUT_GIVEN:
+                    w = tl.load(roll_ptr + offs, mask=inb, other=0.0).to(tl.float32)
                 else:
                     ro = tl.load(roll_ptr + offs, mask=inb, other=0.0).to(tl.float32)
                     w = tl.exp(tl.minimum(tl.maximum(o - ro, -CLAMP), CLAMP))
-                if ROLLOUT_MASK:
-                    w = tl.where(w > is_cap, 0.0, w)
-                else:
-                    w = tl.minimum(w, is_cap)
+                    if ROLLOUT_MASK:
+                        w = tl.where(w > is_cap, 0.0, w)
+                    else:
+                        w = tl.minimum(w, is_cap)
                 loss = loss * w
                 dloss = dloss * w
             if KL != 0:
@@ -164,14 +290,25 @@ def _token_loss_fwd_kernel(
                 elif KL == 2:
                     k = 0.5 * d * d
                     dk = d
-                else:
+                elif KL == 3:
                     ed = tl.exp(d)
                     k = ed - d - 1.0
                     dk = ed - 1.0
-                keep = (tl.abs(draw_k) <= CLAMP) & (tl.abs(k) <= kl_clamp)
+                else:
+                    k = tl.abs(d)
+                    dk = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+                if KL_ST:
+                    keep = tl.abs(draw_k) <= CLAMP
+                    dk = d
+                else:
+                    keep = (tl.abs(draw_k) <= CLAMP) & (tl.abs(k) <= kl_clamp)
                 k = tl.minimum(tl.maximum(k, -kl_clamp), kl_clamp)
+                dkx = tl.where(keep, -dk, 0.0)  # ∂k/∂x
+                if KL_BIAS:
+                    dkx = dkx * r + k * dr
+                    k = k * r
                 loss += kl_coef * k
-                dloss -= tl.where(keep, kl_coef * dk, 0.0)
+                dloss += kl_coef * dkx
                 s_kl += tl.sum(tl.where(on, k, 0.0), axis=0)
             if HAS_ENTROPY:
                 h = tl.load(ent_ptr + offs, mask=inb, other=0.0).to(tl.float32)
@@ -179,8 +316,8 @@ def _token_loss_fwd_kernel(
                 s_ent += tl.sum(tl.where(on, h, 0.0), axis=0)
                 tl.store(unit_ent_ptr + offs, tl.where(on, -ent_coef * unit_scale, 0.0).to(unit_ent_ptr.dtype.element_ty),
                          mask=inb)
-            c_low += tl.sum(tl.where(clipped & (a < 0.0), m, 0.0), axis=0)
-            c_high += tl.sum(tl.where(clipped & (a > 0.0), m, 0.0), axis=0)
+            c_low += tl.sum(tl.where(f_low, m, 0.0), axis=0)
+            c_high += tl.sum(tl.where(f_high, m, 0.0), axis=0)
             s_negdelta -= tl.sum(tl.where(on, delta, 0.0), axis=0)
             s_ratio += tl.sum(tl.where(on, r, 0.0), axis=0)
             r_min = tl.minimum(r_min, tl.min(tl.where(on, r, float("inf")), axis=0))
@@ -204,13 +341,15 @@ def _token_loss_fwd_kernel(
 
 
 # Epilogue: loss = scale·Σ_i part[i, loss] with scale = 1/den of the aggregation
-#   token_mean: den = num_tokens or Σ n_i; seq_mean_*: den = #{i: n_i > 0}; token_sum_norm: den = B·L
+#   token_mean: den = num_tokens or Σ n_i; seq_mean_*: den = #{i: n_i > 0} (B with COUNT_EMPTY);
+#   token_sum_norm: den = B·L; token_sum: den = 1
 # (L = norm_length, or the longest sequence when 0); metrics = Σ_i part[i, ·] / Σ_i n_i. A zero den
 # (nothing counted) gives scale 0 and loss 0.
 @triton.jit
 def _token_loss_finalize_kernel(
     part_ptr, stats_ptr, loss_ptr, num_tokens_ptr, num_seqs, num_tokens, norm_length,
-    AGG: tl.constexpr, NUM_TOKENS_TENSOR: tl.constexpr, BLOCK_SEQS: tl.constexpr, NUM_PART: tl.constexpr,
+    AGG: tl.constexpr, NUM_TOKENS_TENSOR: tl.constexpr, COUNT_EMPTY: tl.constexpr, BLOCK_SEQS: tl.constexpr,
+    NUM_PART: tl.constexpr,
 ):
     lanes = tl.arange(0, BLOCK_SEQS).to(tl.int64)
     acc_n = tl.zeros([BLOCK_SEQS], dtype=tl.float32)
@@ -254,6 +393,10 @@ def _token_loss_finalize_kernel(
     elif AGG == 3:
         length = tl.where(norm_length > 0, norm_length + 0.0, tl.max(acc_len, axis=0))
         den = num_seqs * length
+    elif AGG == 4:
+        den = 1.0 + 0.0 * total
+    elif COUNT_EMPTY:
+        den = num_seqs + 0.0 * total
     else:
         den = tl.sum(acc_nonempty, axis=0)
     scale = tl.where(den > 0.0, 1.0 / tl.where(den > 0.0, den, 1.0), 0.0)
@@ -318,15 +461,18 @@ def token_loss_forward(x, old, adv, ref, ent, roll, mask, cu_seqlens, num_tokens
             roll if roll is not None else x, mask if mask is not None else x, cu_seqlens,
             unit, unit_ent if s.has_entropy else unit, part,
             s.clip_low, s.clip_high, s.dual_clip, s.kl_coef, s.kl_clamp, s.entropy_coef, s.rollout_cap,
-            s.value_clip,
+            s.value_clip, s.delta, s.tau_pos, s.tau_neg, s.ratio_cap, s.dro_beta, s.vespo_k_pos, s.vespo_l_pos,
+            s.vespo_k_neg, s.vespo_l_neg,
             VALUE=s.value, SEQ_RATIO=s.seq_ratio, KL=s.kl, DUAL=s.dual_clip > 0, HAS_ENTROPY=s.has_entropy,
             ROLLOUT=s.rollout > 0, ROLLOUT_SEQ=s.rollout > 0 and s.rollout_seq,
-            ROLLOUT_MASK=s.rollout > 0 and s.rollout_mask, HAS_MASK=mask is not None,
+            ROLLOUT_MASK=s.rollout > 0 and s.rollout_mask, ROLLOUT_GIVEN=s.rollout > 0 and s.rollout_given,
+            SURR=s.surrogate, KL_ST=s.kl_st, KL_BIAS=s.kl_bias, HAS_MASK=mask is not None,
             PER_SEQ_MEAN=s.per_seq_mean, BLOCK=_BLOCK, NUM_PART=K, num_warps=4,
         )
     _token_loss_finalize_kernel[(1,)](
         part, stats, loss, num_tokens if num_tokens is not None else stats, n_seq, s.num_tokens,
-        s.norm_length, AGG=s.aggregation, NUM_TOKENS_TENSOR=num_tokens is not None, BLOCK_SEQS=_BLOCK_SEQS,
+        s.norm_length, AGG=s.aggregation, NUM_TOKENS_TENSOR=num_tokens is not None, COUNT_EMPTY=s.count_empty,
+        BLOCK_SEQS=_BLOCK_SEQS,
         NUM_PART=K, num_warps=4,
     )
     return loss, stats, unit, unit_ent

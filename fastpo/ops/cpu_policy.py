@@ -24,8 +24,8 @@ __all__ = ["token_loss_forward", "token_loss_backward"]
 
 def _kernel_spec(s: TokenLossSpec, num_tokens: Optional[torch.Tensor]) -> dict:
     spec = s._asdict()
-    spec.update(rollout_seq=s.rollout_seq, rollout_mask=s.rollout_mask, aggregation=AGGREGATIONS[s.aggregation],
-                log_ratio_clamp=LOG_RATIO_CLAMP)
+    spec.update(rollout_seq=s.rollout_seq, rollout_mask=s.rollout_mask, rollout_given=s.rollout_given,
+                aggregation=AGGREGATIONS[s.aggregation], log_ratio_clamp=LOG_RATIO_CLAMP)
     if num_tokens is not None:
         spec["num_tokens"] = float(num_tokens)
     return spec

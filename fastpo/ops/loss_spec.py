@@ -11,15 +11,22 @@ from __future__ import annotations
 
 from typing import List, NamedTuple
 
-from fastpo.policy_config import AGGREGATIONS, ROLLOUT_IS_MODES, PolicyLossConfig
+from fastpo.policy_config import AGGREGATIONS, ROLLOUT_IS_MODES, SURROGATES, PolicyLossConfig
 
-__all__ = ["TokenLossSpec", "STATS", "POLICY_METRICS", "policy_spec", "value_spec"]
+__all__ = ["TokenLossSpec", "STATS", "POLICY_METRICS", "policy_spec", "value_spec", "SURROGATE_CODES",
+           "ROLLOUT_CODES"]
 
 # stats layout; for value_loss, slot 2 (clip_frac) holds vf_clip_frac
 STATS = ("loss", "scale", "clip_frac", "clip_frac_low", "clip_frac_high", "dual_clip_frac", "ppo_kl", "ref_kl",
          "ratio_mean", "ratio_min", "ratio_max", "entropy")
 POLICY_METRICS = STATS[2:]
-KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4}
+# One kernel per surrogate family: "cispo_upper" is "cispo" with the lower bound 0 (clip_low = 1).
+SURROGATE_CODES = {"clip": 0, "cispo": 1, "cispo_upper": 1, "sapo": 2, "reinforce": 3, "dppo_tv": 4, "dppo_kl": 5,
+                   "dro": 6, "geo_mean": 7, "vespo": 8}
+assert set(SURROGATE_CODES) == set(SURROGATES)
+# The rollout slot's meaning: a fastpo rollout_is mode (rollout_logp), or "weights" (the caller's is_weights).
+ROLLOUT_CODES = ROLLOUT_IS_MODES + ("weights",)
 INF = float("inf")
 
 
@@ -40,14 +47,31 @@ class TokenLossSpec(NamedTuple):
     norm_length: int = 0         # token_sum_norm's L; 0: the longest sequence
     num_tokens: float = -1.0     # token_mean's denominator; < 0: Σmask (or the num_tokens tensor)
     value_clip: float = INF
+    surrogate: int = 0           # SURROGATE_CODES
+    delta: float = INF           # TRL's two-sided clip of the unclipped ratio; inf: off
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    ratio_cap: float = 20.0      # DPPO's truncation of the detached ratio
+    dro_beta: float = 0.0
+    vespo_k_pos: float = 2.0
+    vespo_l_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_l_neg: float = 2.0
+    kl_st: bool = False          # kX+: the value of kX, the gradient of k2
+    kl_bias: bool = False        # KL·r (TRL's use_bias_correction_kl)
+    count_empty: bool = False    # sequence means over all sequences
 
     @property
     def rollout_seq(self) -> bool:
-        return ROLLOUT_IS_MODES[self.rollout].startswith("sequence")
+        return ROLLOUT_CODES[self.rollout].startswith("sequence")
 
     @property
     def rollout_mask(self) -> bool:
-        return ROLLOUT_IS_MODES[self.rollout].endswith("mask")
+        return ROLLOUT_CODES[self.rollout].endswith("mask")
+
+    @property
+    def rollout_given(self) -> bool:
+        return ROLLOUT_CODES[self.rollout] == "weights"
 
     @property
     def per_seq_mean(self) -> bool:
@@ -70,14 +94,20 @@ class TokenLossSpec(NamedTuple):
 
 
 def policy_spec(config: PolicyLossConfig, *, has_ref: bool, has_entropy: bool, norm_length: int,
-                num_tokens: float) -> TokenLossSpec:
+                num_tokens: float, has_is_weights: bool = False) -> TokenLossSpec:
+    c = config
     return TokenLossSpec(
-        seq_ratio=config.ratio_level == "sequence", clip_low=config.clip_low, clip_high=config.clip_high,
-        dual_clip=config.dual_clip or 0.0, kl=KL_CODES[config.kl_estimator] if has_ref else 0,
-        kl_coef=config.kl_coef, kl_clamp=INF if config.kl_clamp is None else config.kl_clamp,
-        entropy_coef=config.entropy_coef, has_entropy=has_entropy,
-        rollout=ROLLOUT_IS_MODES.index(config.rollout_is), rollout_cap=config.rollout_is_cap,
-        aggregation=AGGREGATIONS.index(config.aggregation), norm_length=norm_length, num_tokens=num_tokens)
+        seq_ratio=c.ratio_level == "sequence", clip_low=1.0 if c.surrogate == "cispo_upper" else c.clip_low,
+        clip_high=c.clip_high, dual_clip=c.dual_clip or 0.0, kl=KL_CODES[c.kl_estimator.rstrip("+")] if has_ref else 0,
+        kl_coef=c.kl_coef, kl_clamp=INF if c.kl_clamp is None else c.kl_clamp,
+        entropy_coef=c.entropy_coef, has_entropy=has_entropy,
+        rollout=len(ROLLOUT_IS_MODES) if has_is_weights else ROLLOUT_IS_MODES.index(c.rollout_is),
+        rollout_cap=c.rollout_is_cap, aggregation=AGGREGATIONS.index(c.aggregation), norm_length=norm_length,
+        num_tokens=num_tokens, surrogate=SURROGATE_CODES[c.surrogate], delta=INF if c.delta is None else c.delta,
+        tau_pos=c.sapo_tau_pos, tau_neg=c.sapo_tau_neg, ratio_cap=c.dppo_ratio_cap, dro_beta=c.dro_beta or 0.0,
+        vespo_k_pos=c.vespo_k_pos, vespo_l_pos=c.vespo_lambda_pos, vespo_k_neg=c.vespo_k_neg,
+        vespo_l_neg=c.vespo_lambda_neg, kl_st=c.kl_estimator.endswith("+") and has_ref,
+        kl_bias=c.kl_bias_correction and has_ref, count_empty=c.count_empty_sequences)
 
 
 def value_spec(clip, aggregation: str, norm_length: int) -> TokenLossSpec:

@@ -14,38 +14,32 @@ import torch
 from fastpo._layout import accumulation_dtype, flat_mask, segment_ids, segment_sum, token_layout
 from fastpo.loss_output import LossOutput
 from fastpo.policy_config import GRPO, PolicyLossConfig
+from fastpo.reference.surrogates import SURROGATE_FNS, Ctx, safe_div, seq_mean
 
 __all__ = ["policy_loss", "value_loss", "LOG_RATIO_CLAMP"]
 
 LOG_RATIO_CLAMP = 20.0  # every log-ratio is clamped to ±20 before exp
 
 
-def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den, and 0 where den == 0 (then num is 0 as well: nothing was counted)."""
-    return num / torch.where(den > 0, den, torch.ones_like(den))
-
-
-def _seq_mean(x, m, seg, num_seqs):
-    """Masked mean of ``x`` within each sequence, [B] (0 for sequences with no counted token)."""
-    return _safe_div(segment_sum(x * m, seg, num_seqs), segment_sum(m, seg, num_seqs))
-
-
-def _aggregate(per_token, m, seg, layout, aggregation, num_tokens, norm_length):
-    """The four aggregations of DESIGN.md over the counted tokens (``per_token`` is 0 elsewhere)."""
+def _aggregate(per_token, m, seg, layout, aggregation, num_tokens, norm_length, count_empty=False):
+    """The aggregations of DESIGN.md over the counted tokens (``per_token`` is 0 elsewhere)."""
     dt = per_token.dtype
     total = per_token.sum()
+    if aggregation == "token_sum":
+        return total
     if aggregation == "token_mean":
         den = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=dt, device=m.device)
-        return _safe_div(total, den)
+        return safe_div(total, den)
     if aggregation == "token_sum_norm":
         if norm_length is None:
             lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
             norm_length = layout.padded_len if layout.is_padded else (lengths.max() if lengths.numel() else 0)
-        return _safe_div(total, torch.as_tensor(layout.num_seqs * norm_length, dtype=dt, device=m.device))
+        return safe_div(total, torch.as_tensor(layout.num_seqs * norm_length, dtype=dt, device=m.device))
     counts = segment_sum(m, seg, layout.num_seqs)
     seq_sums = segment_sum(per_token, seg, layout.num_seqs)
-    per_seq = _safe_div(seq_sums, counts) if aggregation == "seq_mean_token_mean" else seq_sums
-    return _safe_div(per_seq.sum(), (counts > 0).sum().to(dt))
+    per_seq = safe_div(seq_sums, counts) if aggregation == "seq_mean_token_mean" else seq_sums
+    num = torch.as_tensor(float(layout.num_seqs), dtype=dt, device=m.device) if count_empty else (counts > 0).sum().to(dt)
+    return safe_div(per_seq.sum(), num)
 
 
 def _setup(x, name, mask, cu_seqlens):
@@ -56,17 +50,50 @@ def _setup(x, name, mask, cu_seqlens):
 
 
 def _masked_mean(x, m):
-    return _safe_div((x * m).sum(), m.sum())
+    return safe_div(torch.where(m > 0, x, torch.zeros_like(x)).sum(), m.sum())
+
+
+def _rollout_weight(cfg, old, rollout_logp, is_weights, m, seg, B, dt):
+    """The detached per-token rollout weight (None without one) and whether it is the caller's is_weights."""
+    if is_weights is not None:
+        return is_weights.detach().reshape(-1).to(dt), True
+    if cfg.rollout_is == "none":
+        return None, False
+    log_w = torch.clamp(old - rollout_logp.detach().reshape(-1).to(dt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if cfg.rollout_is.startswith("sequence"):
+        log_w = seq_mean(log_w, m, seg, B)[seg]
+    w = torch.exp(log_w)
+    if cfg.rollout_is.endswith("truncate"):
+        return torch.clamp(w, max=cfg.rollout_is_cap), False
+    return torch.where(w > cfg.rollout_is_cap, torch.zeros_like(w), w), False
+
+
+def _kl(cfg, ref_logp, x, ratio, dt):
+    """clamp(k(δ), ±kl_clamp), δ = clamp(ref − x, ±20); kX+: that value with the gradient of k2;
+    kl_bias_correction: times the ratio (differentiable)."""
+    d = torch.clamp(ref_logp.detach().reshape(-1).to(dt) - x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    base = cfg.kl_estimator.rstrip("+")
+    kl = {"k1": lambda: -d, "k2": lambda: 0.5 * d * d, "k3": lambda: torch.exp(d) - d - 1.0,
+          "abs": lambda: d.abs()}[base]()
+    if cfg.kl_clamp is not None:
+        kl = torch.clamp(kl, -cfg.kl_clamp, cfg.kl_clamp)
+    if cfg.kl_estimator.endswith("+"):
+        k2 = 0.5 * d * d
+        kl = k2 - k2.detach() + kl.detach()
+    if cfg.kl_bias_correction:
+        kl = kl * ratio
+    return kl
 
 
 def policy_loss(logp, old_logp, advantages, mask=None, *, cu_seqlens=None, ref_logp=None, entropy=None,
-                rollout_logp=None, num_tokens=None, config: PolicyLossConfig = GRPO) -> LossOutput:
+                rollout_logp=None, is_weights=None, num_tokens=None, config: PolicyLossConfig = GRPO) -> LossOutput:
     """Per counted token, with Δ = clamp(logp − old_logp, ±20)::
 
         r  = exp(Δ)                                    (ratio_level="token")
         r  = exp(logp − sg(logp) + sg(log s_i)),  log s_i = masked mean of Δ over sequence i
-        pg = max(−A·r, −A·clip(r, 1 − clip_low, 1 + clip_high));  A < 0 and dual_clip c: min(pg, −c·A)
-        w  = sg(rollout IS weight) (1 without rollout_is)
+        pg = the surrogate of ``config.surrogate`` (fastpo.reference.surrogates; "clip" is
+             max(−A·r, −A·clip(r, 1 − clip_low, 1 + clip_high)), A < 0 and dual_clip c: min(pg, −c·A))
+        w  = sg(rollout IS weight, or the given is_weights) (1 without either)
         k  = clamp(k_est(clamp(ref_logp − logp, ±20)), ±kl_clamp)
         l  = w·pg + kl_coef·k − entropy_coef·entropy
 
@@ -81,38 +108,20 @@ def policy_loss(logp, old_logp, advantages, mask=None, *, cu_seqlens=None, ref_l
 
     delta = torch.clamp(x - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if cfg.ratio_level == "sequence":
-        log_s = _seq_mean(delta.detach(), m, seg, B)[seg]
+        log_s = seq_mean(delta.detach(), m, seg, B)[seg]
         ratio = torch.exp(x - x.detach() + log_s)
     else:
         ratio = torch.exp(delta)
-    clipped_ratio = torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
-    unclipped_loss, clipped_loss = -adv * ratio, -adv * clipped_ratio
-    clipped = clipped_loss > unclipped_loss
-    pg = torch.where(clipped, clipped_loss, unclipped_loss)
-    dual = torch.zeros_like(clipped)
-    if cfg.dual_clip is not None:
-        cap = -cfg.dual_clip * adv
-        dual = (adv < 0) & (pg > cap)
-        pg = torch.where(dual, cap, pg)
-
-    if cfg.rollout_is != "none":
-        log_w = torch.clamp(old - rollout_logp.detach().reshape(-1).to(dt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        if cfg.rollout_is.startswith("sequence"):
-            log_w = _seq_mean(log_w, m, seg, B)[seg]
-        w = torch.exp(log_w)
-        if cfg.rollout_is.endswith("truncate"):
-            w = torch.clamp(w, max=cfg.rollout_is_cap)
-        else:
-            w = torch.where(w > cfg.rollout_is_cap, torch.zeros_like(w), w)
+    w, w_given = _rollout_weight(cfg, old, rollout_logp, is_weights, m, seg, B, dt)
+    terms = SURROGATE_FNS[cfg.surrogate](Ctx(x, old, adv, delta, ratio, m, seg, B, w, w_given), cfg)
+    pg = terms.pg
+    if w is not None and not terms.weighted:
         pg = pg * w
 
     per_token = pg
     kl = None
     if ref_logp is not None:
-        d = torch.clamp(ref_logp.detach().reshape(-1).to(dt) - x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        kl = {"k1": lambda: -d, "k2": lambda: 0.5 * d * d, "k3": lambda: torch.exp(d) - d - 1.0}[cfg.kl_estimator]()
-        if cfg.kl_clamp is not None:
-            kl = torch.clamp(kl, -cfg.kl_clamp, cfg.kl_clamp)
+        kl = _kl(cfg, ref_logp, x, ratio, dt)
         if cfg.kl_coef != 0.0:
             per_token = per_token + cfg.kl_coef * kl
     ent = None
@@ -123,12 +132,12 @@ def policy_loss(logp, old_logp, advantages, mask=None, *, cu_seqlens=None, ref_l
 
     counted = m > 0
     per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
-    loss = _aggregate(per_token, m, seg, layout, cfg.aggregation, num_tokens, cfg.norm_length)
+    loss = _aggregate(per_token, m, seg, layout, cfg.aggregation, num_tokens, cfg.norm_length,
+                      cfg.count_empty_sequences)
 
     with torch.no_grad():
         r = ratio.detach()
-        low = (clipped & (adv < 0)).to(dt)
-        high = (clipped & (adv > 0)).to(dt)
+        low, high = terms.low.to(dt), terms.high.to(dt)
         big = torch.finfo(dt).max
         any_counted = counted.any()
         zero = m.new_zeros(())
@@ -136,7 +145,7 @@ def policy_loss(logp, old_logp, advantages, mask=None, *, cu_seqlens=None, ref_l
             "clip_frac": _masked_mean(low + high, m),
             "clip_frac_low": _masked_mean(low, m),
             "clip_frac_high": _masked_mean(high, m),
-            "dual_clip_frac": _masked_mean(dual.to(dt), m),
+            "dual_clip_frac": _masked_mean(terms.dual.to(dt), m),
             "ppo_kl": _masked_mean(-delta.detach(), m),
             "ref_kl": _masked_mean(kl.detach(), m) if kl is not None else zero,
             "ratio_mean": _masked_mean(r, m),
