@@ -9,7 +9,8 @@ from fastpo.loss_output import LossOutput
 from fastpo.ops import linear_token_logprobs, token_logprobs
 from fastpo.ops.policy_loss import policy_loss
 from fastpo.ops.value_loss import value_loss
-from fastpo.policy_config import DAPO, DR_GRPO, GRPO, GSPO, PPO, PolicyLossConfig
+from fastpo.policy_config import (BNPO, CISPO, CISPO_TRL, DAPO, DPPO_KL, DPPO_TV, DR_GRPO, DRO, GMPO, GPG, GRPO, GSPO,
+                                   LUSPO, PPO, SAPO, VESPO, PolicyLossConfig)
 from fastpo.ops.gae import gae
 from fastpo.ops.group_advantages import group_advantages, process_advantages
 from fastpo.ops.whiten import whiten
@@ -26,4 +27,5 @@ __all__ = [
     "token_logprobs", "linear_token_logprobs",
     "LossOutput", "reference", "__version__",
     "policy_loss", "value_loss", "PolicyLossConfig", "PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO",
+    "BNPO", "LUSPO", "CISPO", "CISPO_TRL", "SAPO", "GMPO", "GPG", "DPPO_TV", "DPPO_KL", "DRO", "VESPO",
 ]
