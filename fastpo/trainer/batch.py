@@ -10,7 +10,7 @@ padding) reaches the losses, and log-probs come from ``linear_token_logprobs`` o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,6 +42,47 @@ class TokenBatch:
     def last_token_index(self) -> torch.Tensor:
         """Index into ``[N]`` of each non-empty sample's last response token (``-1`` for empty ones)."""
         return torch.where(self.lengths > 0, self.cu_seqlens[1:] - 1, torch.full_like(self.lengths, -1))
+
+    def token_span(self, start: int, stop: int) -> Tuple[int, int]:
+        """The ``[N]`` range of the response tokens of samples ``start..stop-1``."""
+        return int(self.cu_seqlens[start]), int(self.cu_seqlens[stop])
+
+    def select(self, start: int, stop: int) -> "TokenBatch":
+        """Samples ``start..stop-1`` as a batch of their own, its padding trimmed to its longest
+        sequence (right padding: the kept positions see the same tokens under causal attention)."""
+        t0, t1 = self.token_span(start, stop)
+        attention_mask = self.attention_mask[start:stop]
+        width = int(attention_mask.sum(dim=1).max()) if stop > start else 0
+        return TokenBatch(self.input_ids[start:stop, :width], attention_mask[:, :width], self.rows[t0:t1] - start,
+                          self.positions[t0:t1], self.labels[t0:t1], self.cu_seqlens[start:stop + 1] - t0,
+                          self.lengths[start:stop])
+
+
+def sequence_chunks(start: int, stop: int, size: Optional[int]) -> List[Tuple[int, int]]:
+    """``[start, stop)`` in consecutive ranges of ``size`` samples (the last may be shorter); one
+    range when ``size`` is None."""
+    if size is None or size >= stop - start:
+        return [(start, stop)]
+    return [(a, min(a + size, stop)) for a in range(start, stop, size)]
+
+
+def even_chunks(n: int, parts: int) -> List[Tuple[int, int]]:
+    """``[0, n)`` in ``parts`` consecutive ranges whose sizes differ by at most one."""
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def score_in_chunks(fn: Callable[["TokenBatch"], object], batch: "TokenBatch", size: Optional[int]):
+    """``fn(batch)`` (a tensor ``[N]`` or a tuple of them) computed ``size`` samples at a time and
+    concatenated: the no-gradient scoring passes (old policy, reference, critic) under
+    ``--micro-batch-size``."""
+    chunks = sequence_chunks(0, batch.num_sequences, size)
+    if len(chunks) == 1:
+        return fn(batch)
+    outs = [fn(batch.select(a, b)) for a, b in chunks]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
 
 
 def make_token_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,

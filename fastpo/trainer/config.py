@@ -39,6 +39,13 @@ class TrainConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also used to score)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     epochs_per_step: int = field(default=1, metadata={"help": "optimiser passes over each rollout batch"})
+    mini_batches: int = field(default=1, metadata={
+        "help": "optimiser steps per pass over a rollout batch, each on a consecutive 1/M of its sequences "
+                "(PPO-style mini-batches, as verl's ppo_mini_batch_size)"})
+    micro_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "sequences per forward/backward; the gradients of a mini-batch's micro-batches accumulate "
+                "to the unsplit gradient; the no-gradient scoring passes (old policy, reference, critic) "
+                "use the same size (default: the whole mini-batch in one pass)"})
     seed: int = 0
     # optimiser
     lr: float = field(default=2e-4, metadata={
@@ -93,9 +100,12 @@ class TrainConfig:
         choice("dpo_loss_type", ("sigmoid", "ipo", "hinge", "robust"))
         if self.device is not None:
             choice("device", ("cpu", "cuda"))
-        for name in ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs_per_step"):
+        for name in ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs_per_step",
+                     "mini_batches"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise UserInputError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         for name in ("save_every", "ref_update_every"):
             if getattr(self, name) < 0:
                 raise UserInputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -119,6 +129,12 @@ class TrainConfig:
         if self.algo in ("grpo", "dapo", "dr_grpo", "gspo", "rloo", "reinforce_pp", "online_dpo") and self.group_size < 2:
             raise UserInputError(f"--group-size must be >= 2 for {self.algo} (it compares responses to the same "
                                  f"prompt), got {self.group_size}")
+        if self.algo in ("dpo", "online_dpo") and (self.mini_batches > 1 or self.micro_batch_size is not None):
+            raise UserInputError(f"--mini-batches / --micro-batch-size: not supported with --algo {self.algo} "
+                                 "(its loss pairs chosen and rejected sequences of one batch)")
+        if self.algo != "dpo" and self.mini_batches > self.prompts_per_step * self.group_size:
+            raise UserInputError(f"--mini-batches {self.mini_batches} exceeds the {self.prompts_per_step * self.group_size} "
+                                 "sequences of a rollout batch (--prompts-per-step x --group-size)")
         if self.algo == "dpo" and self.data is None:
             raise UserInputError("--algo dpo trains on preference pairs: pass --data PAIRS.jsonl with "
                                  "{\"prompt\", \"chosen\", \"rejected\"} lines")

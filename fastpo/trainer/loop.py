@@ -1,8 +1,9 @@
 """The training loop every algorithm shares: set-up, the optimiser step, logging, checkpoints.
 
 Per step: ``experience = algo.experience(step)`` (rollout, rewards, old-policy and reference
-log-probs, advantages), then ``epochs_per_step`` passes of ``loss = algo.loss(experience)``,
-backward, gradient clipping and an AdamW step; then the rollout engine gets the new weights. A
+log-probs, advantages), then ``epochs_per_step`` passes over it, each of ``mini_batches`` optimiser
+steps: ``loss = algo.loss(micro_batch)`` and backward for each ``micro_batch_size`` slice (see
+``microbatch.py``), gradient clipping and an AdamW step; then the rollout engine gets the new weights. A
 non-finite loss or gradient skips the update with a warning (all ranks agree) and that step writes
 no checkpoint. Every random draw of a step is seeded from ``(seed, step, rank)``, so a resumed run
 repeats an uninterrupted one."""
@@ -27,6 +28,7 @@ from .config import TrainConfig
 from .distributed import all_sum, barrier, init_distributed, initialise_sharded, shard, shutdown, wrap
 from .errors import UserInputError
 from .models import ValueModel, frozen_copy, load_policy, resolve_model_source
+from .microbatch import accumulate_gradients, split_experience
 from .reporting import Reporter
 
 
@@ -202,28 +204,28 @@ class Trainer:
         metrics: Dict[str, Optional[float]] = dict(exp.metrics)
         updated = True
         losses = []
+        # --mini-batches optimiser steps per pass, each accumulating --micro-batch-size forward/backwards;
+        # an empty experience (e.g. no pair in online DPO) backpropagates a zero loss to keep DDP in step
+        mini_batches = split_experience(exp, mini_batches=self.cfg.mini_batches,
+                                        micro_batch_size=self.cfg.micro_batch_size, dist=self.dist)
         for _ in range(self.cfg.epochs_per_step):
-            self.optimizer.zero_grad(set_to_none=True)
-            if exp.empty:
-                # nothing to learn from on this rank (e.g. no pair in online DPO); keep DDP in step
-                loss = sum(p.sum() * 0.0 for p in self.trainable)
-                loss_metrics = {}
-            else:
-                loss, loss_metrics = self.algo.loss(exp)
-            loss.backward()
-            grad_norm = self._clip_gradients()
-            loss_value = float(loss.detach())
-            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-            if all_sum(0.0 if finite else 1.0, self.dist) > 0:
-                warnings.warn(f"step {step}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}); "
-                              "the update is skipped", NonFiniteLossWarning, stacklevel=2)
+            for micro_batches in mini_batches:
                 self.optimizer.zero_grad(set_to_none=True)
-                updated = False
+                loss_value, loss_metrics = accumulate_gradients(self.algo, micro_batches, self.trainable)
+                grad_norm = self._clip_gradients()
+                finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+                if all_sum(0.0 if finite else 1.0, self.dist) > 0:
+                    warnings.warn(f"step {step}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}); "
+                                  "the update is skipped", NonFiniteLossWarning, stacklevel=2)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    updated = False
+                    break
+                self.optimizer.step()
+                losses.append(loss_value)
+                metrics.update(loss_metrics)
+                metrics["grad_norm"] = grad_norm
+            if not updated:
                 break
-            self.optimizer.step()
-            losses.append(loss_value)
-            metrics.update(loss_metrics)
-            metrics["grad_norm"] = grad_norm
         t_update = time.perf_counter()
         if updated and self.rollout is not None:
             self.rollout.sync_weights(self.lm)

@@ -17,7 +17,7 @@ import torch
 import fastpo
 
 from ...rollout.base import Rollout, SamplingSettings
-from ..batch import TokenBatch, make_token_batch, token_logprobs
+from ..batch import TokenBatch, make_token_batch, score_in_chunks, token_logprobs
 
 
 @dataclass
@@ -29,10 +29,52 @@ class Experience:
     tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: Dict[str, Optional[float]] = field(default_factory=dict)
     num_tokens: int = 0          # prompt + response tokens processed (for tokens/s)
+    totals: Optional["StepTotals"] = None   # of the optimiser step's batch, when this is a micro-batch of it
 
     @property
     def empty(self) -> bool:
         return self.batch is None or self.batch.num_response_tokens == 0
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """Counts over the whole batch of one optimiser step, which each micro-batch's loss is normalised
+    by, so that the micro-batches' losses (and gradients) add up to the unsplit batch's:
+
+      token_mean                     Σ l / tokens                       (``policy_loss(num_tokens=tokens)``)
+      seq_mean_token_mean / _sum     its own mean × counted_here / counted_sequences
+      token_sum_norm (Dr.GRPO)       its own Σ l / (B_here·L) × B_here / sequences
+      value loss (token mean)        its own mean × tokens_here / local_tokens
+
+    ``tokens`` is summed over ranks and divided by the world size (DDP averages gradients over ranks,
+    so each rank's token sum over the global count / world size gives the global token mean)."""
+
+    tokens: float               # counted response tokens (all ranks / world size)
+    local_tokens: int           # response tokens on this rank, mask ignored
+    sequences: int              # sequences on this rank
+    counted_sequences: int      # sequences with at least one counted token on this rank
+
+    @staticmethod
+    def of(batch: TokenBatch, mask: Optional[torch.Tensor], dist) -> "StepTotals":
+        counted = counted_sequences(batch, mask)
+        local = float(mask.sum()) if mask is not None else float(batch.num_response_tokens)
+        if dist is not None and dist.enabled:
+            from ..distributed import all_sum
+
+            tokens = max(all_sum(local, dist), 1.0) / dist.world_size
+        else:
+            tokens = max(local, 1.0)
+        return StepTotals(tokens, batch.num_response_tokens, batch.num_sequences, counted)
+
+
+def counted_sequences(batch: TokenBatch, mask: Optional[torch.Tensor]) -> int:
+    """Sequences with at least one counted response token (the seq-mean denominators)."""
+    if mask is None:
+        return int((batch.lengths > 0).sum())
+    per_seq = torch.zeros(batch.num_sequences, dtype=torch.float32, device=mask.device)
+    per_seq.index_add_(0, torch.repeat_interleave(torch.arange(batch.num_sequences, device=mask.device),
+                                                  batch.lengths), mask.float())
+    return int((per_seq > 0).sum())
 
 
 class Algorithm(ABC):
@@ -81,14 +123,35 @@ class Algorithm(ABC):
 
     @torch.no_grad()
     def old_policy(self, batch: TokenBatch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The rollout-time forward: old-policy log-probs and entropies ``[N]`` of the sampled tokens."""
-        return token_logprobs(self.trainer.policy_eval, batch, return_entropy=True)
+        """The rollout-time forward: old-policy log-probs and entropies ``[N]`` of the sampled tokens
+        (``--micro-batch-size`` sequences per forward)."""
+        return score_in_chunks(lambda b: token_logprobs(self.trainer.policy_eval, b, return_entropy=True), batch,
+                               self.cfg.micro_batch_size)
 
     @torch.no_grad()
     def reference_logp(self, batch: TokenBatch) -> Optional[torch.Tensor]:
         if self.trainer.ref is None:
             return None
-        return token_logprobs(self.trainer.ref, batch)
+        return score_in_chunks(lambda b: token_logprobs(self.trainer.ref, b), batch, self.cfg.micro_batch_size)
+
+    def step_totals(self, exp: Experience) -> StepTotals:
+        """The counts ``exp``'s loss is normalised by: the optimiser step's when ``exp`` is a
+        micro-batch of it, else its own."""
+        if exp.totals is not None:
+            return exp.totals
+        return StepTotals.of(exp.batch, exp.tensors.get("mask"), self.trainer.dist)
+
+    def policy_loss_scale(self, exp: Experience, aggregation: str) -> Tuple[Optional[torch.Tensor], float]:
+        """``(num_tokens, factor)`` for ``fastpo.policy_loss`` on ``exp``: the token-mean denominator
+        of the whole step, or the factor that turns a sequence-level mean over this micro-batch into
+        its share of the step's mean (see :class:`StepTotals`)."""
+        totals = self.step_totals(exp)
+        if aggregation == "token_mean":
+            return torch.tensor(totals.tokens, dtype=torch.float32, device=exp.batch.labels.device), 1.0
+        if aggregation == "token_sum_norm":
+            return None, exp.batch.num_sequences / max(totals.sequences, 1)
+        here = counted_sequences(exp.batch, exp.tensors.get("mask"))
+        return None, here / max(totals.counted_sequences, 1)
 
     def rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor, old_logp: torch.Tensor,
                         entropy: torch.Tensor, rollout_logp: torch.Tensor,
@@ -109,16 +172,6 @@ class Algorithm(ABC):
             "rollout_logp_max_abs_diff": float(gap.max()) if gap.numel() else 0.0,
         }
 
-    def global_token_count(self, batch: TokenBatch, mask: Optional[torch.Tensor] = None) -> Optional[float]:
-        """``num_tokens`` for token-mean losses under data parallelism: the token count over all
-        ranks divided by the world size (DDP averages gradients over ranks)."""
-        info = self.trainer.dist
-        if not info.enabled:
-            return None
-        from ..distributed import all_sum
-
-        local = float(mask.sum()) if mask is not None else batch.num_response_tokens
-        return max(all_sum(local, info), 1.0) / info.world_size
 
 
 def importance_weight_stats(old_logp: torch.Tensor, rollout_logp: torch.Tensor, batch: TokenBatch, *,

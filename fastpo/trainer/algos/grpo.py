@@ -103,16 +103,15 @@ class GroupPolicyGradient(Algorithm):
         want_entropy = self.config.entropy_coef > 0
         scored = token_logprobs(self.trainer.policy, batch, return_entropy=want_entropy)
         logp, entropy = scored if want_entropy else (scored, None)
+        num_tokens, factor = self.policy_loss_scale(exp, self.config.aggregation)
         out = fastpo.policy_loss(
             logp, t["old_logp"], t["advantages"], t.get("mask"), cu_seqlens=batch.cu_seqlens,
             ref_logp=t.get("ref_logp"),
             entropy=entropy, rollout_logp=t["rollout_logp"] if self.config.rollout_is != "none" else None,
-            num_tokens=self.global_token_count(batch, t.get("mask")) if self.config.aggregation == "token_mean"
-            else None,
-            config=self.config)
+            num_tokens=num_tokens, config=self.config)
         metrics = metrics_of(out, LOSS_METRICS)
         metrics["kl"] = metrics.pop("ref_kl") if self.needs_reference else None
-        return out.loss, metrics
+        return out.loss * factor if factor != 1.0 else out.loss, metrics
 
 
 class ReMax(GroupPolicyGradient):

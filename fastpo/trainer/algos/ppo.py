@@ -16,7 +16,7 @@ import torch
 
 import fastpo
 
-from ..batch import packed_rollout_logp, token_logprobs
+from ..batch import packed_rollout_logp, score_in_chunks, token_logprobs
 from ..models import values_of
 from .base import Algorithm, Experience, metrics_of
 
@@ -41,7 +41,8 @@ class PPO(Algorithm):
         old_logp, entropy = self.old_policy(batch)
         rollout_logp = packed_rollout_logp(rollout.rollout_logp, self.trainer.device)
         metrics = self.rollout_metrics(rollout, scores, old_logp, entropy, rollout_logp, batch)
-        old_values = values_of(self.trainer.critic_eval, batch)
+        old_values = score_in_chunks(lambda b: values_of(self.trainer.critic_eval, b), batch,
+                                     self.cfg.micro_batch_size)
         token_rewards = torch.zeros_like(old_logp)
         ref_logp = self.reference_logp(batch)
         if ref_logp is not None:
@@ -62,12 +63,14 @@ class PPO(Algorithm):
     def loss(self, exp: Experience) -> Tuple[torch.Tensor, Dict[str, Optional[float]]]:
         t, batch = exp.tensors, exp.batch
         logp = token_logprobs(self.trainer.policy, batch)
-        num_tokens = self.global_token_count(batch)
+        num_tokens, _ = self.policy_loss_scale(exp, self.config.aggregation)  # token mean: factor 1
         pg = fastpo.policy_loss(logp, t["old_logp"], t["advantages"], cu_seqlens=batch.cu_seqlens,
                                 rollout_logp=t["rollout_logp"] if self.config.rollout_is != "none" else None,
                                 num_tokens=num_tokens, config=self.config)
         values = values_of(self.trainer.critic, batch)
         vf = fastpo.value_loss(values, t["old_values"], t["returns"], cu_seqlens=batch.cu_seqlens, clip=0.2)
+        vf_loss = vf.loss * (batch.num_response_tokens / max(self.step_totals(exp).local_tokens, 1))
         metrics = metrics_of(pg, ["clip_frac", "ratio_mean", "ppo_kl"])
-        metrics.update(pg_loss=float(pg.loss.detach()), vf_loss=float(vf.loss.detach()), vf_clip_frac=float(vf.metrics["vf_clip_frac"]))
-        return pg.loss + self.cfg.vf_coef * vf.loss, metrics
+        metrics.update(pg_loss=float(pg.loss.detach()), vf_loss=float(vf_loss.detach()),
+                       vf_clip_frac=float(vf.metrics["vf_clip_frac"]))
+        return pg.loss + self.cfg.vf_coef * vf_loss, metrics
