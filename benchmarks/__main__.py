@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_cases is not None and args.max_cases < 1:
+        parser.print_usage(sys.stderr)
+        print(f"fastpo bench: error: --max-cases must be >= 1, got {args.max_cases}", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda requested but torch sees no CUDA device", file=sys.stderr)
         return 2

@@ -9,29 +9,90 @@
                       same number of processes)
 
 Model weights go through ``torch.distributed.checkpoint.state_dict`` as full (unsharded) tensors, so
-the same model files come from a single process, DDP or FSDP2. A checkpoint is written to a
-temporary directory and renamed into place: a run stopped while saving leaves the previous
-checkpoint as the latest complete one."""
+the same model files come from a single process, DDP or FSDP2. A checkpoint is written to a staging
+directory (``.checkpoint-STEP.tmp``) and renamed into place: a run stopped while saving leaves the
+previous checkpoint as the latest complete one (a leftover staging directory is never read).
+
+``--resume`` reads the newest checkpoint into memory before touching the model. One that cannot be read
+(a missing or truncated file, a deleted ``policy/``, an empty directory) is skipped with a
+:class:`CheckpointWarning` naming the file, and the next older one is tried; when none can be read,
+the run stops with an error listing each checkpoint's problem.
+
+An ``--output-dir`` that holds a previous run (checkpoints or ``metrics.jsonl``) is refused without
+``--resume`` (continue it) or ``--overwrite`` (delete that run's files, and only those, then start
+afresh), so two runs never mix in one directory."""
 
 from __future__ import annotations
 
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from .errors import UserInputError
+from .reporting import REPORT_FILES
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_STAGING = re.compile(r"^\.checkpoint-(\d+)\.tmp(\.old)?$")
 _FULL = StateDictOptions(full_state_dict=True)
 
 
-def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+class CheckpointWarning(UserWarning):
+    """``--resume`` skipped an unreadable checkpoint (the message names the file), or found a torn
+    or missing ``metrics.jsonl``."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be read; the message names the file."""
+
+
+def checkpoints(output_dir: Path) -> List[Path]:
+    """Every ``checkpoint-STEP/`` directory, newest first (complete or not)."""
     found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := _NAME.match(p.name))
-             and (p / "trainer_state.pt").exists()]
-    return max(found)[1] if found else None
+             and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+# ---- the run directory -------------------------------------------------------------------------------
+
+def previous_run_files(output_dir: Path) -> List[Path]:
+    """What an earlier run wrote into ``output_dir``: checkpoints (staged ones too) and the reports."""
+    if not output_dir.is_dir():
+        return []
+    staged = [p for p in output_dir.iterdir() if _NAME.match(p.name) or _STAGING.match(p.name)]
+    return sorted(staged) + [output_dir / n for n in REPORT_FILES if (output_dir / n).exists()]
+
+
+def check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an ``--output-dir`` that is not a directory, or that holds a previous run the flags do
+    not say what to do with. Reads only: run on every rank before any model loads."""
+    for parent in [output_dir, *output_dir.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                where = "" if parent == output_dir else f" ({parent} is a file)"
+                raise UserInputError(f"--output-dir {output_dir}: not a directory{where}")
+            break
+    if resume or overwrite:
+        return
+    found = previous_run_files(output_dir)
+    if found:
+        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise UserInputError(f"--output-dir {output_dir} holds a previous run ({names}): pass --resume to "
+                             "continue it, --overwrite to delete it and start afresh, or another --output-dir")
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    """``--overwrite``: delete the files :func:`previous_run_files` names (nothing else)."""
+    for p in previous_run_files(output_dir):
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def rng_state() -> dict:
@@ -94,8 +155,12 @@ def save_checkpoint(output_dir: Path, step: int, models: dict, *, policy, tokeni
         save_file({k: v.contiguous() for k, v in models["critic"].items()}, str(tmp / "critic.safetensors"))
     torch.save({"step": step, "optimizer": optimizer_state, "rng": rng_state(), "ref_step": ref_step,
                 "config": config}, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
+    old = tmp.with_name(tmp.name + ".old")
+    if final.exists():  # a re-run of this step: the old copy stays whole until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -104,30 +169,86 @@ def save_optimizer_shard(output_dir: Path, step: int, rank: int, optimizer) -> N
     torch.save(optimizer.state_dict(), staging_dir(output_dir, step) / f"optimizer-rank{rank}.pt")
 
 
-def load_checkpoint(path: Path, trainable: torch.nn.ModuleDict, optimizer, *, reference=None,
-                    rank: Optional[int] = None) -> dict:
-    """Load weights and optimiser state in place (every rank reads the files; ``rank`` names this
-    rank's optimiser shard under FSDP2); returns the trainer state (step, ref_step, rng, config)."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+def read_trainer_state(path: Path) -> dict:
+    """``trainer_state.pt`` of a checkpoint (step, optimiser state, RNG, ref_step, config)."""
+    file = path / "trainer_state.pt"
+    if not path.is_dir() or not any(path.iterdir()):
+        raise CheckpointError(f"{path} is empty")
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        state = torch.load(file, weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{file} cannot be read ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(state, dict) or not {"step", "rng", "optimizer"} <= set(state):
+        raise CheckpointError(f"{file} is not a fastpo trainer state")
+    return state
 
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
-    policy = trainable["policy"]
-    saved = AutoModelForCausalLM.from_pretrained(path / "policy", dtype=next(policy.parameters()).dtype)
-    load_full_state(policy, {"lm." + k: v for k, v in saved.state_dict().items()})
-    if reference is not None and (path / "reference").is_dir():
-        saved_ref = AutoModelForCausalLM.from_pretrained(path / "reference", dtype=next(reference.parameters()).dtype)
-        reference.load_state_dict(saved_ref.state_dict())
-    if "critic" in trainable:
-        load_full_state(trainable["critic"], load_file(str(path / "critic.safetensors")))
+
+def read_weights(path: Path, state: dict, *, dtype: torch.dtype, critic: bool, reference: bool,
+                 rank: Optional[int]) -> dict:
+    """Every tensor file of a checkpoint, read into memory (nothing is loaded into a model yet):
+    ``{"policy", "critic"?, "reference"?, "optimizer"}``. Raises :class:`CheckpointError` naming the
+    file that is missing or unreadable."""
+    from safetensors.torch import load_file
+
+    out = {"policy": _read_pretrained(path / "policy", dtype)}
+    if reference and (path / "reference").is_dir():
+        out["reference"] = _read_pretrained(path / "reference", dtype)
+    if critic:
+        file = path / "critic.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        try:
+            out["critic"] = load_file(str(file))
+        except Exception as exc:
+            raise CheckpointError(f"{file} cannot be read ({_first_line(exc)})") from None
     if rank is not None:
         shard = path / f"optimizer-rank{rank}.pt"
         if not shard.exists():
-            from .errors import UserInputError
-
             raise UserInputError(f"--resume: {path} has no optimiser shard for rank {rank}; resume an FSDP "
                                  "run with the number of processes it was saved with")
-        optimizer.load_state_dict(torch.load(shard, weights_only=False))
+        try:
+            out["optimizer"] = torch.load(shard, weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"{shard} cannot be read ({type(exc).__name__}: {_first_line(exc)})") from None
     else:
-        optimizer.load_state_dict(state["optimizer"])
-    return state
+        if state["optimizer"] is None:
+            raise CheckpointError(f"{path / 'trainer_state.pt'} holds no optimiser state")
+        out["optimizer"] = state["optimizer"]
+    return out
+
+
+def _read_pretrained(directory: Path, dtype: torch.dtype) -> dict:
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} is missing or incomplete (no config.json)")
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory} holds no *.safetensors weights")
+    for file in files:  # a truncated file fails here, named
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as exc:
+            raise CheckpointError(f"{file} cannot be read ({_first_line(exc)})") from None
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).state_dict()
+    except Exception as exc:
+        raise CheckpointError(f"{directory} cannot be loaded ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def apply_checkpoint(data: dict, trainable: torch.nn.ModuleDict, optimizer, *, reference=None) -> None:
+    """Load what :func:`read_weights` returned into the models and the optimiser (every rank)."""
+    load_full_state(trainable["policy"], {"lm." + k: v for k, v in data["policy"].items()})
+    if reference is not None and "reference" in data:
+        reference.load_state_dict(data["reference"])
+    if "critic" in trainable:
+        load_full_state(trainable["critic"], data["critic"])
+    optimizer.load_state_dict(data["optimizer"])
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]

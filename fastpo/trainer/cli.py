@@ -8,6 +8,7 @@ import dataclasses
 import sys
 import typing
 import warnings
+from pathlib import Path
 from typing import List, Optional
 
 from .config import TrainConfig, config_fields, load_yaml_config
@@ -89,4 +90,5 @@ def _summary(cfg: TrainConfig, records) -> None:
         k = max(1, min(10, len(rewards) // 4))
         first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
         print(f"mean reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
-    print(f"metrics: {cfg.output_dir}/metrics.jsonl, plot: {cfg.output_dir}/reward.png")
+    plot = Path(cfg.output_dir) / "reward.png"
+    print(f"metrics: {cfg.output_dir}/metrics.jsonl" + (f", plot: {plot}" if plot.is_file() else ""))

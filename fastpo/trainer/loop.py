@@ -6,13 +6,23 @@ steps: ``loss = algo.loss(micro_batch)`` and backward for each ``micro_batch_siz
 ``microbatch.py``), gradient clipping and an AdamW step; then the rollout engine gets the new weights. A
 non-finite loss or gradient skips the update with a warning (all ranks agree) and that step writes
 no checkpoint. Every random draw of a step is seeded from ``(seed, step, rank)``, so a resumed run
-repeats an uninterrupted one."""
+repeats an uninterrupted one.
+
+Ctrl-C (SIGINT): during the rollout the step is abandoned at once; during the update the step is
+finished first (its metrics line written), so the model is never saved half-updated; a second
+Ctrl-C stops at once. Then, in a single process, the last completed step is checkpointed (unless it
+already was, or was skipped), so ``--resume`` loses no completed step and repeats no
+``metrics.jsonl`` line. Under torchrun no checkpoint is written on interrupt (the ranks may stop at
+different points); ``--resume`` continues from the last scheduled one."""
 
 from __future__ import annotations
 
 import math
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -22,9 +32,10 @@ import torch
 
 from .algos import make_algorithm
 from .batch import TokenScorer, make_token_batch
-from .checkpoint import (gather_state, latest_checkpoint, load_checkpoint, save_checkpoint,
+from .checkpoint import (CheckpointError, CheckpointWarning, apply_checkpoint, check_output_dir, checkpoints,
+                         clear_previous_run, gather_state, read_trainer_state, read_weights, save_checkpoint,
                          save_optimizer_shard, set_rng_state, staging_dir)
-from .config import TrainConfig
+from .config import ResumeWarning, TrainConfig, resume_differences
 from .distributed import all_sum, barrier, init_distributed, initialise_sharded, shard, shutdown, wrap
 from .errors import UserInputError
 from .models import ValueModel, frozen_copy, load_policy, resolve_model_source
@@ -34,6 +45,32 @@ from .reporting import Reporter
 
 class NonFiniteLossWarning(RuntimeWarning):
     """A step's loss or gradient was NaN/inf; the update was skipped."""
+
+
+class _FinishStepOnInterrupt:
+    """Inside the block a first Ctrl-C is held until the block ends and then raised; a second one
+    raises at once. Only on the main thread (where Python delivers signals)."""
+
+    def __enter__(self):
+        self.pending = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._held)
+        return self
+
+    def _held(self, signum, frame):
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+        print("fastpo train: interrupted: finishing this step's update (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, kind, value, tb):
+        if self.previous is not None or threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+        if self.pending and kind is None:
+            raise KeyboardInterrupt
+        return False
 
 
 class ExamplePool:
@@ -61,6 +98,9 @@ class Trainer:
         self.device = self.dist.device
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
         self.output_dir = Path(cfg.output_dir)
+        check_output_dir(self.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # before any model loads
+        if cfg.resume and not checkpoints(self.output_dir):
+            raise UserInputError(f"--resume: no checkpoint in {self.output_dir} (looked for checkpoint-STEP/)")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         from transformers.utils import logging as hf_logging
@@ -117,12 +157,12 @@ class Trainer:
         else:
             prompts = ArithmeticTask()
         if cfg.task == "arithmetic":
-            rewards = default_reward_function()
+            terms = default_reward_function().terms
         else:
-            rewards = RewardFunction([RewardTerm.builtin(exact_answer_reward)])
+            terms = [RewardTerm.builtin(exact_answer_reward)]
         if cfg.reward:
-            rewards = RewardFunction(rewards.terms + [RewardTerm.from_spec(cfg.reward)])
-        return prompts, pairs, rewards
+            terms = terms + [RewardTerm.from_spec(cfg.reward)]
+        return prompts, pairs, RewardFunction(terms, timeout=cfg.reward_timeout)
 
     def _rollout_engine(self):
         if self.cfg.algo == "dpo":
@@ -165,28 +205,44 @@ class Trainer:
         cfg = self.cfg
         first_step = 0
         if self.dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.overwrite:
+                clear_previous_run(self.output_dir)
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserInputError(f"--output-dir {self.output_dir}: cannot create it ({exc.strerror or exc})") from None
         barrier(self.dist)
         if cfg.resume:
             first_step = self._resume()
-        elif self.dist.is_main and (self.output_dir / "metrics.jsonl").exists():
-            (self.output_dir / "metrics.jsonl").unlink()  # a fresh run starts a fresh record
         reporter = Reporter(self.output_dir, total_steps=cfg.max_steps, first_step=first_step,
                             enabled=self.dist.is_main, progress=cfg.progress, tensorboard=cfg.tensorboard)
         if cfg.resume:
             reporter.truncate(first_step)
         records = []
+        self.saved_step = done = first_step
+        done_updated = in_update = False
         try:
             for step in range(first_step + 1, cfg.max_steps + 1):
-                record, updated = self.train_step(step)
-                reporter.log(record)
-                records.append(record)
-                if not updated:
-                    reporter.message(f"step {step}: non-finite loss or gradient; update skipped")
-                self._maybe_refresh_reference(step)
-                if updated and (step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0)):
-                    self._save(step)
+                collected = self._experience(step)
+                with _FinishStepOnInterrupt():
+                    in_update = True
+                    record, updated = self._update(step, *collected)
+                    reporter.log(record)
+                    records.append(record)
+                    if not updated:
+                        reporter.message(f"step {step}: non-finite loss or gradient; update skipped")
+                    self._maybe_refresh_reference(step)
+                    if updated and (step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0)):
+                        self._save(step)
+                    done, done_updated, in_update = step, updated, False
             reporter.plot()
+        except KeyboardInterrupt:
+            # the model holds the state at the end of step `done` unless a second Ctrl-C cut an update short
+            if not in_update and done_updated and done > self.saved_step and not self.dist.enabled:
+                reporter.message(f"fastpo train: interrupted after step {done}: saving checkpoint-{done} "
+                                 "(--resume continues from it)")
+                self._save(done)
+            raise
         finally:
             reporter.close()
         return records
@@ -198,9 +254,18 @@ class Trainer:
         shutdown(self.dist)
 
     def train_step(self, step: int):
+        """One step: the experience, then the update; ``(metrics record, updated)``."""
+        return self._update(step, *self._experience(step))
+
+    def _experience(self, step: int):
+        """``(experience, start time, end time, reward failures)`` of a step."""
         t0 = time.perf_counter()
+        failures = sum(self.rewards.failures.values())
         exp = self.algo.experience(step)
-        t_experience = time.perf_counter()
+        return exp, t0, time.perf_counter(), sum(self.rewards.failures.values()) - failures
+
+    def _update(self, step: int, exp, t0: float, t_experience: float, reward_failures: int):
+        """The optimiser passes over a step's experience and the engine's weight sync."""
         metrics: Dict[str, Optional[float]] = dict(exp.metrics)
         updated = True
         losses = []
@@ -235,6 +300,8 @@ class Trainer:
         metrics.update(experience_s=t_experience - t0, update_s=t_update - t_experience, sync_s=t_end - t_update)
         metrics["loss"] = sum(losses) / len(losses) if losses else None
         metrics = {k: (None if v is None else float(v)) for k, v in metrics.items()}
+        # reward terms that failed (raised, timed out, returned no finite number) this step, over all ranks
+        metrics["reward_failures"] = all_sum(reward_failures, self.dist) if self.dist.enabled else reward_failures
         for key in ("reward_mean", "loss", "kl", "entropy"):  # report the average over ranks
             if metrics.get(key) is not None and self.dist.enabled:
                 metrics[key] = all_sum(metrics[key], self.dist) / self.dist.world_size
@@ -278,17 +345,46 @@ class Trainer:
                             reference=self.ref.lm if self.ref is not None and self.ref_step else None,
                             ref_step=self.ref_step, config=self.cfg.to_dict())
         barrier(self.dist)
+        self.saved_step = step
 
     def _resume(self) -> int:
-        path = latest_checkpoint(self.output_dir)
-        if path is None:
-            raise UserInputError(f"--resume: no checkpoint in {self.output_dir} (looked for checkpoint-STEP/)")
-        state = load_checkpoint(path, self.trainable_modules, self.optimizer,
-                                reference=self.ref.lm if self.ref is not None else None,
-                                rank=self.dist.rank if self.cfg.fsdp else None)
-        set_rng_state(state["rng"])
-        self.ref_step = state.get("ref_step", 0)
-        if self.rollout is not None:
-            self.rollout.sync_weights(self.lm)
-        self.log(f"resumed from {path} (step {state['step']})")
-        return int(state["step"])
+        """Load the newest readable checkpoint (older ones when it is not, with a warning); its step."""
+        problems = []
+        dtype = next(self.trainable_modules["policy"].parameters()).dtype
+        for path in checkpoints(self.output_dir):
+            problem = state = data = None
+            try:
+                state = read_trainer_state(path)
+                refused, changed = resume_differences(state.get("config"), self.cfg)
+                if refused:
+                    raise UserInputError(f"--resume: {path} was saved by a run with " + ", ".join(
+                        f"--{k.replace('_', '-')} {old!r}" for k, old, _ in refused) + "; this run has " +
+                        ", ".join(f"--{k.replace('_', '-')} {new!r}" for k, _, new in refused) +
+                        ": resume with the run's settings, or start a new run in another --output-dir")
+                data = read_weights(path, state, dtype=dtype, critic="critic" in self.trainable_modules,
+                                    reference=self.ref is not None, rank=self.dist.rank if self.cfg.fsdp else None)
+            except CheckpointError as exc:
+                problem = str(exc)
+            if all_sum(0.0 if problem is None else 1.0, self.dist) > 0:  # every rank skips it together
+                problems.append(problem or f"{path}: unreadable on another rank")
+                warnings.warn(f"--resume: skipping {path.name} ({problems[-1]}); trying the previous checkpoint",
+                              CheckpointWarning, stacklevel=2)
+                continue
+            if changed:
+                warnings.warn("--resume: settings differ from the run's: " + ", ".join(
+                    f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, old, new in changed) +
+                    "; continuing with the new values", ResumeWarning, stacklevel=2)
+            try:
+                apply_checkpoint(data, self.trainable_modules, self.optimizer,
+                                 reference=self.ref.lm if self.ref is not None else None)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise UserInputError(f"--resume: {path} does not fit this run's model "
+                                     f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
+            set_rng_state(state["rng"])
+            self.ref_step = state.get("ref_step", 0)
+            if self.rollout is not None:
+                self.rollout.sync_weights(self.lm)
+            self.log(f"resumed from {path} (step {state['step']})")
+            return int(state["step"])
+        raise UserInputError(f"--resume: no usable checkpoint in {self.output_dir}:" +
+                             "".join(f"\n  {p}" for p in problems))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -14,15 +15,38 @@ from .errors import UserInputError
 REQUIRED_KEYS = ("step", "reward_mean", "loss", "kl", "clip_frac", "entropy", "tokens_per_s")
 # Wall-clock figures of a step: they differ between otherwise identical runs (resume comparisons skip them).
 TIMING_KEYS = ("tokens_per_s", "step_time_s", "experience_s", "update_s", "sync_s")
+# What a run writes into --output-dir besides its checkpoints (--overwrite deletes these).
+REPORT_FILES = ("metrics.jsonl", "reward.png", "eval.png", "tensorboard")
 BAR_KEYS = (("reward_mean", "reward"), ("kl", "kl"), ("clip_frac", "clip"), ("tokens_per_s", "tok/s"))
 
 
+class ReportWarning(UserWarning):
+    """A report could not be written or read as a whole: no matplotlib for the plot, a torn last line
+    or a missing ``metrics.jsonl`` on ``--resume``."""
+
+
 def read_metrics(path) -> List[Dict]:
-    """The records of a metrics.jsonl file."""
+    """The records of a metrics.jsonl file. A last line cut off mid-write (the process was killed
+    while appending it) is dropped with a :class:`ReportWarning`; any other line that is not a
+    JSON record with a ``step`` raises ``UserInputError`` naming ``PATH:LINE``."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records = []
+    for k, (lineno, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if k == len(lines) - 1:
+                warnings.warn(f"{p}:{lineno}: incomplete last line dropped (its write was cut off)",
+                              ReportWarning, stacklevel=2)
+                break
+            raise UserInputError(f"{p}:{lineno}: not a JSON record ({exc.msg}); fix or delete that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserInputError(f"{p}:{lineno}: not a metrics record (a JSON object with an integer \"step\")")
+        records.append(record)
+    return records
 
 
 class Reporter:
@@ -49,7 +73,12 @@ class Reporter:
 
     def truncate(self, last_step: int) -> None:
         """Drop records after ``last_step`` (a resumed run rewrites them)."""
-        if not self.enabled or not self.metrics_path.exists():
+        if not self.enabled:
+            return
+        if not self.metrics_path.exists():
+            if last_step > 0:
+                warnings.warn(f"{self.metrics_path} is missing: the record restarts at step {last_step + 1}",
+                              ReportWarning, stacklevel=2)
             return
         kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= last_step]
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -87,7 +116,12 @@ class Reporter:
         records = [r for r in read_metrics(self.metrics_path) if r.get("reward_mean") is not None]
         if not records:
             return None
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:
+            warnings.warn(f"matplotlib is not installed: no {self.dir / 'reward.png'} (pip install matplotlib); "
+                          f"the numbers are in {self.metrics_path}", ReportWarning, stacklevel=2)
+            return None
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -11,9 +11,16 @@ Two signatures meet here:
 
     r_i = sum_k  w_k * f_k(prompt_i, completion_i, answer_i)
 
-A term that raises, or returns something that is not a finite number, contributes 0.0 for that sample;
-a ``RewardWarning`` names the term and the error (once per distinct message), the failure is counted in
-``RewardFunction.failures``, and training goes on.
+A term that raises (``sys.exit`` included), takes longer than the ``timeout`` (``--reward-timeout``),
+or returns something that is not a finite number (NaN, inf, None, a string, a list) contributes 0.0 for
+that sample; a ``RewardWarning`` names the term and the error (once per distinct message), the failure
+is counted in ``RewardFunction.failures`` (and, per step, in ``metrics.jsonl``'s ``reward_failures``),
+and training goes on. Only Ctrl-C (``KeyboardInterrupt``) stops it.
+
+The timeout: on the main thread of a POSIX process, a ``SIGALRM`` timer interrupts the call (a sleep, a
+blocking read or a Python loop); elsewhere the call runs in a daemon thread that is abandoned when it
+overruns (Python cannot stop a thread, so it keeps running in the background). Code that holds the
+GIL inside one C call (a catastrophic regular expression) cannot be interrupted by either.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ import importlib
 import importlib.util
 import math
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -179,6 +188,55 @@ class RewardTerm:
         return cls.user(load_reward_fn(spec), weight, name=spec)
 
 
+class RewardTimeout(BaseException):
+    """A reward call overran ``--reward-timeout`` (a ``BaseException``, so that a reward's own
+    ``except Exception`` does not swallow it)."""
+
+
+def call_with_timeout(fn: Callable[..., Any], args: tuple, timeout: float | None) -> Any:
+    """``fn(*args)``, or :class:`RewardTimeout` after ``timeout`` seconds (None or 0: no limit)."""
+    if not timeout:
+        return fn(*args)
+    if (threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+            and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)):  # no one else's timer is running
+        return _call_with_alarm(fn, args, timeout)
+    return _call_in_thread(fn, args, timeout)
+
+
+def _call_with_alarm(fn, args, timeout: float):
+    def overran(signum, frame):
+        raise RewardTimeout(f"took longer than --reward-timeout {timeout:g} s")
+
+    previous = signal.signal(signal.SIGALRM, overran)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return fn(*args)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _call_in_thread(fn, args, timeout: float):
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="fastpo-reward", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise RewardTimeout(f"took longer than --reward-timeout {timeout:g} s (left running in a background thread)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def _as_finite_float(value: Any) -> float:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
         raise TypeError(f"returned {type(value).__name__} {value!r:.80}, expected a float")
@@ -191,10 +249,11 @@ def _as_finite_float(value: Any) -> float:
 class RewardFunction:
     """``r_i = sum_k w_k * f_k(prompt_i, completion_i, answer_i)`` over a batch.
 
-    A failing term (raises, or returns a non-number / non-finite value) contributes 0.0 to that sample,
-    warns once per distinct ``(term, message)`` with ``RewardWarning``, and is counted in ``failures``."""
+    A failing term (raises, calls ``sys.exit``, overruns ``timeout`` seconds, or returns a non-number /
+    non-finite value) contributes 0.0 to that sample, warns once per distinct ``(term, message)`` with
+    ``RewardWarning``, and is counted in ``failures``. ``timeout`` None or 0: no limit."""
 
-    def __init__(self, terms: Sequence[RewardTerm]):
+    def __init__(self, terms: Sequence[RewardTerm], timeout: float | None = None):
         if not terms:
             raise UserInputError("a reward function needs at least one term")
         names = [t.name for t in terms]
@@ -203,7 +262,10 @@ class RewardFunction:
         for t in terms:
             if not math.isfinite(t.weight):
                 raise UserInputError(f"reward term {t.name!r}: weight must be finite, got {t.weight}")
+        if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
+            raise UserInputError(f"reward timeout must be >= 0 seconds, got {timeout}")
         self.terms = list(terms)
+        self.timeout = timeout
         self.failures: Counter[str] = Counter()
         self._warned: set[tuple[str, str]] = set()
 
@@ -212,18 +274,22 @@ class RewardFunction:
 
     def _term_value(self, term: RewardTerm, prompt: str, completion: str, answer: str | None) -> float:
         try:
-            return _as_finite_float(term.fn(prompt, completion, answer))
+            return _as_finite_float(call_with_timeout(term.fn, (prompt, completion, answer), self.timeout))
+        except SystemExit as e:
+            message = f"called sys.exit({e.code!r})"
+        except RewardTimeout as e:
+            message = str(e)
         except Exception as e:
-            self.failures[term.name] += 1
             message = f"{type(e).__name__}: {e}"
-            if (term.name, message) not in self._warned:
-                self._warned.add((term.name, message))
-                warnings.warn(
-                    f"reward function {term.name} failed ({message}); that sample's term is set to 0.0",
-                    RewardWarning,
-                    stacklevel=3,
-                )
-            return 0.0
+        self.failures[term.name] += 1
+        if (term.name, message) not in self._warned:
+            self._warned.add((term.name, message))
+            warnings.warn(
+                f"reward function {term.name} failed ({message}); that sample's term is set to 0.0",
+                RewardWarning,
+                stacklevel=3,
+            )
+        return 0.0
 
     def breakdown(
         self, prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str | None] | None = None

@@ -100,16 +100,18 @@ def _read_jsonl(path: str | Path, kind: str) -> Iterator[tuple[str, int, dict[st
     if p.is_dir():
         raise UserInputError(f"{path}: is a directory, expected a JSONL file of {kind}")
     try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserInputError(f"{path}: not UTF-8 text ({e})") from None
+        raw = p.read_bytes()
     except OSError as e:
         raise UserInputError(f"{path}: cannot read ({e.strerror or e})") from None
     found = False
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, raw_line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserInputError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
