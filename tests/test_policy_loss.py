@@ -270,7 +270,7 @@ def test_custom_op_registration():
                        norm_length=0, num_tokens=-1.0)
     ops = torch.ops.fastpo
     args = (flat["logp"].clone().requires_grad_(), flat["old_logp"], flat["advantages"], flat["ref_logp"],
-            flat["entropy"].clone().requires_grad_(), flat["rollout_logp"], mask.reshape(-1), cu, None,
+            flat["entropy"].clone().requires_grad_(), flat["rollout_logp"], mask.reshape(-1), cu, None, -1,
             spec.floats(), spec.ints(), True, "cpu")
     torch.library.opcheck(ops.policy_loss_fwd.default, args)
     loss, stats, unit, unit_ent = ops.policy_loss_fwd.default(*[a.detach() if isinstance(a, torch.Tensor) else a

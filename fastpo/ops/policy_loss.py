@@ -9,6 +9,7 @@ per-token derivative up to the global scale, so the backward is one multiply.
 
 from __future__ import annotations
 
+import math
 from numbers import Integral
 from types import ModuleType
 from typing import List, Optional
@@ -18,7 +19,9 @@ import torch
 from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import kernel_module, select_backend
-from fastpo._layout import TokenLayout, accumulation_dtype, check_cu_seqlens_values, check_like_layout, token_layout
+from fastpo._layout import (
+    TokenLayout, accumulation_dtype, check_cu_seqlens_values, check_like_layout, flat_inputs, token_layout,
+)
 from fastpo.loss_output import LossOutput
 from fastpo.ops.loss_spec import POLICY_METRICS, STATS, TokenLossSpec, policy_spec
 from fastpo.policy_config import GRPO, PolicyLossConfig
@@ -37,10 +40,15 @@ def _fake_outputs(x: torch.Tensor, with_entropy: bool):
             x.new_empty(n if with_entropy else 0, dtype=dt))
 
 
-def run_forward(x, old, adv, ref, ent, roll, mask, cu_seqlens, num_tokens, floats, ints, packed, backend):
+def run_forward(x, old, adv, ref, ent, roll, mask, cu_seqlens, num_tokens, floats, ints, packed, backend,
+                num_tokens_int: int = -1):
     if packed:
         check_cu_seqlens_values(cu_seqlens, x.numel())
     spec = TokenLossSpec.from_lists(floats, ints)
+    if num_tokens is not None:
+        check_num_tokens_value(num_tokens)
+    if num_tokens_int > 0:  # an int num_tokens travels as a SymInt: no recompile per value under torch.compile
+        spec = spec._replace(num_tokens=float(num_tokens_int))
     return loss_kernels(backend).token_loss_forward(x, old, adv, ref, ent, roll, mask, cu_seqlens, num_tokens, spec)
 
 
@@ -48,17 +56,18 @@ def run_forward(x, old, adv, ref, ent, roll, mask, cu_seqlens, num_tokens, float
 def _policy_loss_fwd(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor],
     entropy: Optional[torch.Tensor], rollout_logp: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-    cu_seqlens: torch.Tensor, num_tokens: Optional[torch.Tensor], floats: List[float], ints: List[int],
-    packed: bool, backend: str,
+    cu_seqlens: torch.Tensor, num_tokens: Optional[torch.Tensor], num_tokens_int: int, floats: List[float],
+    ints: List[int], packed: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, stats, unit, unit_entropy) for flat ``[N]`` inputs (see ``fastpo.ops.loss_spec``)."""
+    """(loss, stats, unit, unit_entropy) for flat ``[N]`` inputs (see ``fastpo.ops.loss_spec``);
+    ``num_tokens`` (a tensor) or ``num_tokens_int`` (> 0; -1: none) is token_mean's denominator."""
     return run_forward(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens,
-                       floats, ints, packed, backend)
+                       floats, ints, packed, backend, num_tokens_int)
 
 
 @_policy_loss_fwd.register_fake
-def _(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens, floats, ints,
-      packed, backend):
+def _(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens, num_tokens_int,
+      floats, ints, packed, backend):
     return _fake_outputs(logp, entropy is not None)
 
 
@@ -74,6 +83,17 @@ def _policy_loss_bwd(
 @_policy_loss_bwd.register_fake
 def _(grad_loss, stats, unit, unit_entropy, x_dtype, entropy_dtype, backend):
     return torch.empty_like(unit, dtype=x_dtype), torch.empty_like(unit_entropy, dtype=entropy_dtype)
+
+
+def _no_double_backward(ctx, grad_x, grad_ent):
+    raise NotImplementedError(
+        "fastpo.policy_loss / fastpo.value_loss: double backward (differentiating the gradient, e.g. after "
+        "torch.autograd.grad(..., create_graph=True)) is not implemented; the fused kernels give first-order "
+        "gradients only (fastpo.reference has eager, twice-differentiable versions)")
+
+
+torch.library.register_autograd("fastpo::policy_loss_bwd", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 def save_for_backward(ctx, x, entropy, output, backend):
@@ -101,14 +121,29 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _stats, _unit, _unit_ent):
     grad_x, grad_ent = backward_grads(ctx, grad_loss)
-    return grad_x, None, None, None, grad_ent, None, None, None, None, None, None, None, None
+    return grad_x, None, None, None, grad_ent, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastpo::policy_loss_fwd", _backward, setup_context=_setup_context)
 
 
+def check_num_tokens_value(num_tokens: torch.Tensor) -> None:
+    """A ``num_tokens`` tensor holds a finite count > 0. Data-dependent, so it runs inside the custom op
+    (not traced by torch.compile): on the host for a CPU tensor; for a CUDA tensor on the device with
+    ``torch._assert_async`` (no host sync: a bad count fails at the next synchronisation, with a
+    device-side assertion)."""
+    if num_tokens.device.type == "cpu":
+        value = float(num_tokens)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"num_tokens must be a finite count > 0, got a tensor holding {value}")
+    else:
+        n = num_tokens.to(torch.float64)
+        torch._assert_async(torch.isfinite(n) & (n > 0), "fastpo.policy_loss: num_tokens must be finite and > 0")
+
+
 def check_num_tokens(num_tokens, layout: TokenLayout):
-    """None, an int >= 0, or a one-element numeric tensor on the tokens' device (returned as a tensor)."""
+    """None, an int > 0, or a one-element real tensor on the tokens' device (its value is checked by
+    :func:`check_num_tokens_value`, in the op)."""
     if num_tokens is None or isinstance(num_tokens, torch.Tensor):
         if num_tokens is not None:
             if num_tokens.numel() != 1 or num_tokens.is_complex() or num_tokens.dtype == torch.bool:
@@ -121,20 +156,15 @@ def check_num_tokens(num_tokens, layout: TokenLayout):
         return num_tokens
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral):
         raise TypeError(f"num_tokens must be None, an int or a tensor, got {type(num_tokens).__name__}")
-    if num_tokens < 0:
-        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-    return int(num_tokens)
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
+    return num_tokens  # not int(): under torch.compile a SymInt stays symbolic
 
 
 def default_norm_length(layout: TokenLayout, norm_length: Optional[int]) -> int:
-    """token_sum_norm's L: the config's, else T of a padded batch, else 0 (the longest sequence, found in the op)."""
-    if norm_length is not None:
-        return norm_length
-    return layout.padded_len if layout.is_padded else 0
-
-
-def flat_inputs(layout: TokenLayout, *tensors):
-    return [None if t is None else t.detach().reshape(-1) for t in tensors]
+    """token_sum_norm's L: the config's, else 0: the longest sequence, found in the op (T of a padded
+    batch, whose sequences all span T; not passed as T, which would specialise T under torch.compile)."""
+    return 0 if norm_length is None else norm_length
 
 
 def metrics_from(stats: torch.Tensor, names) -> dict:
@@ -191,6 +221,16 @@ def policy_loss(
     accumulation scale those losses by the micro-batch's share yourself. Empty sequences are left out
     of the sequence means; nothing counted gives loss 0 and zero gradients.
 
+    ``num_tokens`` must be a finite count > 0 (ValueError otherwise; 0 too: a micro-batch with nothing
+    counted passes the step's count and gets loss 0). A tensor is checked inside the op: a CPU tensor on
+    the host, a CUDA one on the device with no host sync (a bad count then fails at the next
+    synchronisation with a device-side assertion). Under ``torch.compile`` pass it as a 0-d tensor (an
+    int is traced as a SymInt and does not recompile per value either, once the compiler has seen two
+    values). The config is a frozen constant: a new ``PolicyLossConfig`` object recompiles.
+
+    Masked positions are ignored whatever they hold (NaN, ±inf): they reach no sum, metric or gradient.
+    Inputs may be any strided view (slices, ``expand``, transposes): non-contiguous ones are copied once.
+
     Returns ``LossOutput(loss, metrics)``: loss is a float32 scalar (float64 for float64 ``logp``);
     metrics are detached scalars over counted tokens (0 when nothing is counted): ``clip_frac``
     (share of tokens whose clipped branch is active, i.e. zero gradient from the clip; = low + high),
@@ -222,17 +262,19 @@ def policy_loss(
     if backend == "reference":
         if not layout.is_padded:
             check_cu_seqlens_values(layout.cu_seqlens, layout.num_tokens)
+        if isinstance(num_tokens, torch.Tensor):
+            check_num_tokens_value(num_tokens)
         return reference.policy_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
                                      entropy=entropy, rollout_logp=rollout_logp, num_tokens=num_tokens,
                                      config=config)
 
     spec = policy_spec(config, has_ref=ref_logp is not None, has_entropy=entropy is not None,
                        norm_length=default_norm_length(layout, config.norm_length),
-                       num_tokens=float(num_tokens) if isinstance(num_tokens, int) else -1.0)
+                       num_tokens=-1.0)
     old, adv, ref, roll, m = flat_inputs(layout, old_logp, advantages, ref_logp, rollout_logp, layout.mask)
-    ent = None if entropy is None else entropy.reshape(-1)
+    tensor_count = isinstance(num_tokens, torch.Tensor)
     loss, stats, _, _ = _policy_loss_fwd(
-        logp.reshape(-1), old, adv, ref, ent, roll, m, layout.cu_seqlens,
-        num_tokens if isinstance(num_tokens, torch.Tensor) else None, spec.floats(), spec.ints(),
-        not layout.is_padded, backend)
+        layout.flat(logp), old, adv, ref, layout.flat(entropy), roll, m, layout.cu_seqlens,
+        num_tokens if tensor_count else None, -1 if num_tokens is None or tensor_count else num_tokens,
+        spec.floats(), spec.ints(), not layout.is_padded, backend)
     return LossOutput(loss, metrics_from(stats, POLICY_METRICS))
