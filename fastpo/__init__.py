@@ -13,6 +13,9 @@ from fastpo.policy_config import (BNPO, CISPO, CISPO_TRL, DAPO, DPPO_KL, DPPO_TV
                                    LUSPO, PPO, SAPO, VESPO, PolicyLossConfig)
 from fastpo.ops.gae import gae
 from fastpo.ops.group_advantages import group_advantages, process_advantages
+from fastpo.ops.multi_reward import multi_reward_advantages
+from fastpo.ops.overlong import overlong_penalty
+from fastpo.ops.token_baseline import optimal_token_baseline
 from fastpo.ops.whiten import whiten
 from fastpo.ops.sequence_logprobs import sequence_logprobs
 from fastpo.preference import (cpo_loss, dpo_loss, kto_kl_ref_point, kto_loss, ld_sequence_logprobs, nll_loss,
@@ -22,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "gae", "group_advantages", "process_advantages", "whiten",
+    "multi_reward_advantages", "optimal_token_baseline", "overlong_penalty",
     "sequence_logprobs", "dpo_loss", "simpo_loss", "orpo_loss", "kto_loss",
     "cpo_loss", "nll_loss", "kto_kl_ref_point", "ld_sequence_logprobs", "wpo_weights",
     "token_logprobs", "linear_token_logprobs",
