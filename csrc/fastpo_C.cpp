@@ -187,8 +187,8 @@ std::pair<uintptr_t, uintptr_t> extent(const Matrix& m) {
 // ---------------------------------------------------------------------------------------------
 
 void logprob_forward(const py::object& logits_obj, const py::object& labels_obj, const py::object& logp_obj,
-                     const py::object& lse_obj, const py::object& entropy_obj, double inv_temperature,
-                     int64_t ignore_index, const std::string& dtype) {
+                     const py::object& row_max_obj, const py::object& log_norm_obj, const py::object& entropy_obj,
+                     double inv_temperature, int64_t ignore_index, const std::string& dtype) {
   const DType dt = parse_dtype(dtype);
   check_inv_temperature(inv_temperature);
   const py::buffer_info lb = request(logits_obj, "logits", false);
@@ -196,37 +196,38 @@ void logprob_forward(const py::object& logits_obj, const py::object& labels_obj,
   const int64_t N = x.rows, V = x.cols;
   const py::buffer_info yb = request(labels_obj, "labels", false);
   std::vector<py::buffer_info> keep;
-  keep.reserve(3);
+  keep.reserve(4);
   const RowVec logp = check_rowvec(logp_obj, "logp", N, true, false, keep);
-  const RowVec lse = check_rowvec(lse_obj, "lse", N, true, false, keep);
+  const RowVec row_max = check_rowvec(row_max_obj, "row_max", N, true, false, keep);
+  const RowVec log_norm = check_rowvec(log_norm_obj, "log_norm", N, true, false, keep);
   const RowVec ent = check_rowvec(entropy_obj, "entropy", N, true, true, keep);
   const int64_t* y = check_labels(yb, N, V, ignore_index);
 
   py::gil_scoped_release nogil;
   switch (dt) {
     case DType::F32:
-      fastpo::forward_rows<float>(static_cast<const float*>(x.ptr), N, V, x.row_stride, y, logp, lse, ent,
-                                         inv_temperature, ignore_index);
+      fastpo::forward_rows<float>(static_cast<const float*>(x.ptr), N, V, x.row_stride, y, logp, row_max, log_norm,
+                                  ent, inv_temperature, ignore_index);
       break;
     case DType::F64:
-      fastpo::forward_rows<double>(static_cast<const double*>(x.ptr), N, V, x.row_stride, y, logp, lse, ent,
-                                           inv_temperature, ignore_index);
+      fastpo::forward_rows<double>(static_cast<const double*>(x.ptr), N, V, x.row_stride, y, logp, row_max,
+                                   log_norm, ent, inv_temperature, ignore_index);
       break;
     case DType::BF16:
       fastpo::forward_rows<fastpo::bf16>(static_cast<const fastpo::bf16*>(x.ptr), N, V, x.row_stride, y, logp,
-                                                lse, ent, inv_temperature, ignore_index);
+                                                row_max, log_norm, ent, inv_temperature, ignore_index);
       break;
     case DType::F16:
       fastpo::forward_rows<fastpo::f16>(static_cast<const fastpo::f16*>(x.ptr), N, V, x.row_stride, y, logp,
-                                               lse, ent, inv_temperature, ignore_index);
+                                               row_max, log_norm, ent, inv_temperature, ignore_index);
       break;
   }
 }
 
-void logprob_backward(const py::object& logits_obj, const py::object& labels_obj, const py::object& lse_obj,
-                      const py::object& entropy_obj, const py::object& grad_logp_obj, const py::object& grad_entropy_obj,
-                      const py::object& grad_logits_obj, double inv_temperature, int64_t ignore_index,
-                      const std::string& dtype) {
+void logprob_backward(const py::object& logits_obj, const py::object& labels_obj, const py::object& row_max_obj,
+                      const py::object& log_norm_obj, const py::object& entropy_obj, const py::object& grad_logp_obj,
+                      const py::object& grad_entropy_obj, const py::object& grad_logits_obj, double inv_temperature,
+                      int64_t ignore_index, const std::string& dtype) {
   const DType dt = parse_dtype(dtype);
   check_inv_temperature(inv_temperature);
   const py::buffer_info lb = request(logits_obj, "logits", false);
@@ -248,8 +249,9 @@ void logprob_backward(const py::object& logits_obj, const py::object& labels_obj
   }
   const py::buffer_info yb = request(labels_obj, "labels", false);
   std::vector<py::buffer_info> keep;
-  keep.reserve(4);
-  const RowVec lse = check_rowvec(lse_obj, "lse", N, false, false, keep);
+  keep.reserve(5);
+  const RowVec row_max = check_rowvec(row_max_obj, "row_max", N, false, false, keep);
+  const RowVec log_norm = check_rowvec(log_norm_obj, "log_norm", N, false, false, keep);
   const RowVec glp = check_rowvec(grad_logp_obj, "grad_logp", N, false, true, keep);
   const RowVec gent = check_rowvec(grad_entropy_obj, "grad_entropy", N, false, true, keep);
   const RowVec ent = check_rowvec(entropy_obj, "entropy", N, false, !gent.present(), keep);
@@ -259,23 +261,25 @@ void logprob_backward(const py::object& logits_obj, const py::object& labels_obj
   switch (dt) {
     case DType::F32:
       fastpo::backward_rows<float>(static_cast<const float*>(x.ptr), static_cast<float*>(gx.ptr), N, V,
-                                          x.row_stride, gx.row_stride, y, lse, ent, glp, gent, inv_temperature,
-                                          ignore_index);
+                                   x.row_stride, gx.row_stride, y, row_max, log_norm, ent, glp, gent,
+                                   inv_temperature, ignore_index);
       break;
     case DType::F64:
       fastpo::backward_rows<double>(static_cast<const double*>(x.ptr), static_cast<double*>(gx.ptr), N, V,
-                                            x.row_stride, gx.row_stride, y, lse, ent, glp, gent, inv_temperature,
-                                            ignore_index);
+                                    x.row_stride, gx.row_stride, y, row_max, log_norm, ent, glp, gent,
+                                    inv_temperature, ignore_index);
       break;
     case DType::BF16:
       fastpo::backward_rows<fastpo::bf16>(static_cast<const fastpo::bf16*>(x.ptr),
                                                  static_cast<fastpo::bf16*>(gx.ptr), N, V, x.row_stride, gx.row_stride,
-                                                 y, lse, ent, glp, gent, inv_temperature, ignore_index);
+                                                 y, row_max, log_norm, ent, glp, gent, inv_temperature,
+                                                ignore_index);
       break;
     case DType::F16:
       fastpo::backward_rows<fastpo::f16>(static_cast<const fastpo::f16*>(x.ptr),
                                                 static_cast<fastpo::f16*>(gx.ptr), N, V, x.row_stride, gx.row_stride,
-                                                y, lse, ent, glp, gent, inv_temperature, ignore_index);
+                                                y, row_max, log_norm, ent, glp, gent, inv_temperature,
+                                                ignore_index);
       break;
   }
 }
@@ -417,31 +421,13 @@ fastpo::TokenLossSpec parse_loss_spec(const py::dict& d) {
   s.num_tokens = get("num_tokens").cast<double>();
   s.value_clip = get("value_clip").cast<double>();
   s.log_ratio_clamp = get("log_ratio_clamp").cast<double>();
-  s.surrogate = get("surrogate").cast<int>();
-  s.rollout_given = get("rollout_given").cast<bool>();
-  s.delta = get("delta").cast<double>();
-  s.tau_pos = get("tau_pos").cast<double>();
-  s.tau_neg = get("tau_neg").cast<double>();
-  s.ratio_cap = get("ratio_cap").cast<double>();
-  s.dro_beta = get("dro_beta").cast<double>();
-  s.vespo_k_pos = get("vespo_k_pos").cast<double>();
-  s.vespo_l_pos = get("vespo_l_pos").cast<double>();
-  s.vespo_k_neg = get("vespo_k_neg").cast<double>();
-  s.vespo_l_neg = get("vespo_l_neg").cast<double>();
-  s.kl_st = get("kl_st").cast<bool>();
-  s.kl_bias = get("kl_bias").cast<bool>();
-  s.count_empty = get("count_empty").cast<bool>();
   const std::string agg = get("aggregation").cast<std::string>();
   if (agg == "token_mean") s.aggregation = fastpo::Aggregation::kTokenMean;
   else if (agg == "seq_mean_token_mean") s.aggregation = fastpo::Aggregation::kSeqMeanTokenMean;
   else if (agg == "seq_mean_token_sum") s.aggregation = fastpo::Aggregation::kSeqMeanTokenSum;
   else if (agg == "token_sum_norm") s.aggregation = fastpo::Aggregation::kTokenSumNorm;
-  else if (agg == "token_sum") s.aggregation = fastpo::Aggregation::kTokenSum;
   else throw py::value_error("spec: unknown aggregation '" + agg + "'");
-  if (s.kl < 0 || s.kl > 4) throw py::value_error("spec: kl must be 0, 1, 2, 3 or 4, got " + std::to_string(s.kl));
-  if (s.surrogate < 0 || s.surrogate >= fastpo::kNumSurrogates)
-    throw py::value_error("spec: unknown surrogate code " + std::to_string(s.surrogate));
-  if (s.rollout_given && !s.rollout) throw py::value_error("spec: rollout_given needs rollout != 0");
+  if (s.kl < 0 || s.kl > 3) throw py::value_error("spec: kl must be 0, 1, 2 or 3, got " + std::to_string(s.kl));
   if (s.rollout_seq && !s.rollout) throw py::value_error("spec: rollout_seq needs rollout != 0");
   return s;
 }
@@ -513,22 +499,26 @@ void token_loss_forward(const py::object& x_obj, const py::object& old_obj, cons
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastpo C++ CPU kernels (pybind11; arrays through the buffer protocol)";
 
-  m.def("logprob_forward", &logprob_forward, py::arg("logits"), py::arg("labels"), py::arg("logp"), py::arg("lse"),
-        py::arg("entropy"), py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("dtype"),
-        R"doc(Per-row log-prob, logsumexp and entropy of logits / temperature.
+  m.def("logprob_forward", &logprob_forward, py::arg("logits"), py::arg("labels"), py::arg("logp"),
+        py::arg("row_max"), py::arg("log_norm"), py::arg("entropy"), py::arg("inv_temperature"),
+        py::arg("ignore_index"), py::arg("dtype"),
+        R"doc(Per-row log-prob and entropy of logits / temperature, and the backward's row statistics.
 
 logits [N, V] (float32 | float64 | raw 16-bit patterns as int16/uint16 for bfloat16/float16; rows may be
-strided, last dim contiguous), labels [N] int64. Writes logp [N], lse [N] and entropy [N] (or skips the
-entropy when it is None); these are float32 or float64 (accumulation is float64 for dtype 'float64',
+strided, last dim contiguous), labels [N] int64. Writes logp [N], row_max [N] (max_j logits[i, j]),
+log_norm [N] (log sum_j exp((logits[i, j] - row_max) * inv_temperature), so that logsumexp =
+row_max * inv_temperature + log_norm) and entropy [N] (or skips the entropy when it is None); these
+are float32 or float64, any element stride (accumulation is float64 for dtype 'float64',
 float32 otherwise). Rows with label == ignore_index get 0 everywhere. Raises ValueError on bad input
 before writing anything.)doc");
 
-  m.def("logprob_backward", &logprob_backward, py::arg("logits"), py::arg("labels"), py::arg("lse"),
-        py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad_logits"),
+  m.def("logprob_backward", &logprob_backward, py::arg("logits"), py::arg("labels"), py::arg("row_max"),
+        py::arg("log_norm"), py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad_logits"),
         py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("dtype"),
         R"doc(Gradient of the forward's (logp, entropy) with respect to the logits.
 
-grad_logits[i, j] = (1/tau) * (g_l (1[j == y] - p_j) - g_H p_j (log p_j + H)). grad_logits has the dtype and
+grad_logits[i, j] = (1/tau) * (g_l (1[j == y] - p_j) - g_H p_j (log p_j + H)), with
+log p_j = (logits[i, j] - row_max) * inv_temperature - log_norm from the forward. grad_logits has the dtype and
 layout rules of logits and may be the very same array (in-place backward). grad_logp / grad_entropy may
 be None (zeros); entropy may be None only when grad_entropy is None. ignore_index rows get zeros.)doc");
 

@@ -2,7 +2,11 @@
 //
 // Per row i of the logits z [N, V], with s = z / tau and label y:
 //   lse = logsumexp(s),  logp = s_y - lse,  entropy H = lse - sum_j softmax(s)_j s_j.
-// Rows whose label is ignore_index give logp = lse = H = 0 and a zero gradient row.
+// The forward also saves, per row, the raw maximum m = max_j z_j and log_norm = log sum_j
+// e^{(z_j - m) / tau} (so lse = m / tau + log_norm), from which the backward forms
+// log p_j = (z_j - m) / tau - log_norm: exact near the maximum, where s_j - lse would subtract two
+// large, independently rounded numbers. Rows whose label is ignore_index give
+// logp = H = m = log_norm = 0 and a zero gradient row.
 //
 // Layout: row i starts at logits + i * row_stride (in elements, int64), the row itself is
 // contiguous. Storage types In: float, double, bf16, f16 (numerics.h); the accumulation type is
@@ -140,12 +144,12 @@ inline Acc block_max(const Acc* x, int64_t n) {
 // a running (M, S, T) in double: when the reference maximum moves from m to M' >= m, with
 // delta = (m - M') / tau <= 0 and c = e^delta,
 //   S' = c S,   T' = c (T + delta S)        (since e^{d + delta} (d + delta) = c e^d d + c delta e^d).
-// At the end lse = M / tau + log S and H = lse - sum p s = log S - T / S. Keeping d relative to
-// the maximum avoids the cancellation of lse - E[s] when the logits are large (e.g. 1e4), and
-// logp = (x_y - M) / tau - log S is formed without subtracting two large numbers.
+// At the end m = M, log_norm = log S (lse = M / tau + log S) and H = lse - sum p s = log S - T / S.
+// Keeping d relative to the maximum avoids the cancellation of lse - E[s] when the logits are large
+// (e.g. 1e4), and logp = (x_y - M) / tau - log S is formed without subtracting two large numbers.
 // Entries equal to -inf give e^d = 0 and contribute 0 to T (the 0 * -inf product is avoided); a
-// block that is entirely -inf is skipped. NaN anywhere in the row makes lse, logp and H NaN. A row
-// that is entirely -inf gives lse = -inf and logp = NaN, as log_softmax does.
+// block that is entirely -inf is skipped. NaN anywhere in the row makes log_norm, logp and H NaN. A
+// row that is entirely -inf gives log_norm = -inf and logp = NaN, as log_softmax does.
 // `next` / `next_step`: the start of the row's next block in memory and the bytes of it per
 // kLanes elements here; it is prefetched while this (L1-resident) block is being computed on, so
 // the next max pass does not stall on DRAM (nullptr: nothing to prefetch).
@@ -187,7 +191,8 @@ inline void block_sums(const Acc* x, int64_t n, Acc mb, Acc inv_t, const char* n
 }
 
 struct RowForward {
-  double lse;
+  double row_max;
+  double log_norm;
   double logp;
   double entropy;
 };
@@ -245,7 +250,8 @@ inline RowForward forward_row(const In* x, int64_t V, int64_t label, Acc inv_t, 
   if (nan_seen) S = T = std::numeric_limits<double>::quiet_NaN();
   RowForward r;
   const double logS = std::log(S);  // S >= 1 whenever the row has a finite maximum
-  r.lse = static_cast<double>(M) * static_cast<double>(inv_t) + logS;
+  r.row_max = static_cast<double>(M);
+  r.log_norm = logS;
   // (x_y - M) in Acc, as the kernel's d values are, then scaled.
   r.logp = static_cast<double>((widen(x[label]) - M) * inv_t) - logS;
   if (kEntropy) {
@@ -280,7 +286,8 @@ struct RowVec {
 
 template <class In, bool kEntropy>
 void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels,
-                       RowVec logp, RowVec lse, RowVec entropy, double inv_temperature, int64_t ignore_index) {
+                       RowVec logp, RowVec row_max, RowVec log_norm, RowVec entropy, double inv_temperature,
+                       int64_t ignore_index) {
   using Acc = typename Traits<In>::Acc;
   const Acc inv_t = static_cast<Acc>(inv_temperature);
 #ifdef _OPENMP
@@ -295,13 +302,15 @@ void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_strid
       const int64_t y = labels[i];
       if (y == ignore_index) {
         logp.set(i, 0.0);
-        lse.set(i, 0.0);
+        row_max.set(i, 0.0);
+        log_norm.set(i, 0.0);
         entropy.set(i, 0.0);
         continue;
       }
       const RowForward r = forward_row<In, kEntropy>(logits + i * row_stride, V, y, inv_t, buf);
       logp.set(i, r.logp);
-      lse.set(i, r.lse);
+      row_max.set(i, r.row_max);
+      log_norm.set(i, r.log_norm);
       entropy.set(i, r.entropy);
     }
   }
@@ -309,11 +318,13 @@ void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_strid
 
 template <class In>
 void forward_rows(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels, RowVec logp,
-                  RowVec lse, RowVec entropy, double inv_temperature, int64_t ignore_index) {
+                  RowVec row_max, RowVec log_norm, RowVec entropy, double inv_temperature, int64_t ignore_index) {
   if (entropy.present())
-    forward_rows_impl<In, true>(logits, N, V, row_stride, labels, logp, lse, entropy, inv_temperature, ignore_index);
+    forward_rows_impl<In, true>(logits, N, V, row_stride, labels, logp, row_max, log_norm, entropy, inv_temperature,
+                                ignore_index);
   else
-    forward_rows_impl<In, false>(logits, N, V, row_stride, labels, logp, lse, entropy, inv_temperature, ignore_index);
+    forward_rows_impl<In, false>(logits, N, V, row_stride, labels, logp, row_max, log_norm, entropy, inv_temperature,
+                                 ignore_index);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -329,36 +340,22 @@ void forward_rows(const In* logits, int64_t N, int64_t V, int64_t row_stride, co
 //               = -p_j (log p_j + 1) + p_j (1 - H)
 //               = -p_j (log p_j + H).
 // With g_l = dL/dlogp, g_H = dL/dH and ds_j/dz_j = 1/tau:
-//   dL/dz_j = (1/tau) [ g_l (1[j == y] - p_j) - g_H p_j (s_j - lse + H) ].
-// The kernel writes the off-label expression -(1/tau) p_j (g_l + g_H (d_j + H)), d_j = s_j - lse,
-// for every j in one vectorised pass, then overwrites j = y with the full expression, computed
-// from z_y read before the pass. Entries with p_j = 0 (in particular z_j = -inf, where d_j = -inf
-// would make p_j d_j NaN) get exactly 0.
+//   dL/dz_j = (1/tau) [ g_l (1[j == y] - p_j) - g_H p_j (log p_j + H) ],
+// with log p_j = d_j = (z_j - m) / tau - log_norm from the forward's row maximum m and log_norm:
+// z_j - m is exact (or one rounding of a small number) near the maximum, so p_j keeps float32
+// accuracy at any |z| and tau, where e^{z_j / tau - lse} from a float32 lse would carry the
+// rounding of lse (ulp(|lse|) / 2 in the exponent).
+// The kernel writes the off-label expression -(1/tau) p_j (g_l + g_H (d_j + H)) for every j in one
+// vectorised pass, then overwrites j = y with the full expression, computed from z_y read before
+// the pass. Entries with p_j = 0 (in particular z_j = -inf, where d_j = -inf would make p_j d_j
+// NaN) get exactly 0.
 // In-place (grad_logits == logits) runs a loop over one pointer (read z_j, write its gradient), so
 // the vectoriser never sees two pointers that might alias; otherwise a two-pointer loop.
-//
-// d_j = z_j / tau - lse is formed as fma(z_j, 1/tau, -lse_hi) - lse_lo with lse = lse_hi + lse_lo
-// split into two Acc values: with one rounding for z_j / tau - lse_hi, d_j stays accurate when the
-// logits are large (|z| ~ 1e4, where z / tau and lse agree in most of their digits). lse_lo is 0
-// for a float32 lse; a caller that saves lse in float64 gets the full benefit. Targets without
-// FMA get the same accuracy from a float64 product and difference (slower, still vectorised).
-#if defined(__FMA__)
-inline float scaled_minus(float z, float inv_t, float hi, float lo) { return std::fma(z, inv_t, -hi) - lo; }
-inline double scaled_minus(double z, double inv_t, double hi, double lo) { return std::fma(z, inv_t, -hi) - lo; }
-#else
-inline float scaled_minus(float z, float inv_t, float hi, float lo) {
-  // the product of two floats is exact in double
-  return static_cast<float>(static_cast<double>(z) * static_cast<double>(inv_t) -
-                            (static_cast<double>(hi) + static_cast<double>(lo)));
-}
-inline double scaled_minus(double z, double inv_t, double hi, double lo) { return (z * inv_t - hi) - lo; }
-#endif
-
 template <class Acc, bool kEntropyGrad>
 struct GradOffLabel {
-  Acc inv_t, neg_inv_t, lse_hi, lse_lo, H, gl, gH;
+  Acc inv_t, neg_inv_t, m, log_norm, H, gl, gH;
   Acc operator()(Acc z) const {
-    const Acc d = scaled_minus(z, inv_t, lse_hi, lse_lo);
+    const Acc d = (z - m) * inv_t - log_norm;
     const Acc p = exp_fast(d);
     Acc coef = gl;
     if (kEntropyGrad) coef += gH * ((d > std::numeric_limits<Acc>::lowest() ? d : Acc(0)) + H);
@@ -367,12 +364,10 @@ struct GradOffLabel {
 };
 
 template <class In, bool kEntropyGrad, class Acc = typename Traits<In>::Acc>
-inline void backward_row(const In* x, In* gx, int64_t V, int64_t label, double lse, Acc H, Acc gl, Acc gH,
+inline void backward_row(const In* x, In* gx, int64_t V, int64_t label, Acc m, Acc log_norm, Acc H, Acc gl, Acc gH,
                          Acc inv_t) {
   const Acc zy = widen(x[label]);  // before the row is (possibly) overwritten
-  const Acc lse_hi = static_cast<Acc>(lse);
-  const Acc lse_lo = static_cast<Acc>(lse - static_cast<double>(lse_hi));
-  const GradOffLabel<Acc, kEntropyGrad> f{inv_t, -inv_t, lse_hi, lse_lo, H, gl, gH};
+  const GradOffLabel<Acc, kEntropyGrad> f{inv_t, -inv_t, m, log_norm, H, gl, gH};
   if (static_cast<const void*>(x) == static_cast<const void*>(gx)) {
     In* p = gx;
     for (int64_t j = 0; j < V; ++j) narrow(f(widen(p[j])), &p[j]);
@@ -380,7 +375,7 @@ inline void backward_row(const In* x, In* gx, int64_t V, int64_t label, double l
     for (int64_t j = 0; j < V; ++j) narrow(f(widen(x[j])), &gx[j]);
   }
   // The label entry.
-  const Acc d = scaled_minus(zy, inv_t, lse_hi, lse_lo);
+  const Acc d = (zy - m) * inv_t - log_norm;
   const Acc p = exp_fast(d);
   Acc g = gl * (Acc(1) - p);
   if (kEntropyGrad && p != Acc(0)) g -= gH * p * (d + H);
@@ -389,8 +384,9 @@ inline void backward_row(const In* x, In* gx, int64_t V, int64_t label, double l
 
 template <class In, bool kEntropyGrad>
 void backward_rows_impl(const In* logits, In* grad_logits, int64_t N, int64_t V, int64_t row_stride,
-                        int64_t grad_row_stride, const int64_t* labels, RowVec lse, RowVec entropy, RowVec grad_logp,
-                        RowVec grad_entropy, double inv_temperature, int64_t ignore_index) {
+                        int64_t grad_row_stride, const int64_t* labels, RowVec row_max, RowVec log_norm,
+                        RowVec entropy, RowVec grad_logp, RowVec grad_entropy, double inv_temperature,
+                        int64_t ignore_index) {
   using Acc = typename Traits<In>::Acc;
   const Acc inv_t = static_cast<Acc>(inv_temperature);
 #ifdef _OPENMP
@@ -405,21 +401,22 @@ void backward_rows_impl(const In* logits, In* grad_logits, int64_t N, int64_t V,
     }
     const Acc H = kEntropyGrad ? static_cast<Acc>(entropy.get(i)) : Acc(0);
     const Acc gH = kEntropyGrad ? static_cast<Acc>(grad_entropy.get(i)) : Acc(0);
-    backward_row<In, kEntropyGrad>(logits + i * row_stride, gx, V, y, lse.get(i), H,
-                                   static_cast<Acc>(grad_logp.get(i)), gH, inv_t);
+    backward_row<In, kEntropyGrad>(logits + i * row_stride, gx, V, y, static_cast<Acc>(row_max.get(i)),
+                                   static_cast<Acc>(log_norm.get(i)), H, static_cast<Acc>(grad_logp.get(i)), gH,
+                                   inv_t);
   }
 }
 
 template <class In>
 void backward_rows(const In* logits, In* grad_logits, int64_t N, int64_t V, int64_t row_stride,
-                   int64_t grad_row_stride, const int64_t* labels, RowVec lse, RowVec entropy, RowVec grad_logp,
-                   RowVec grad_entropy, double inv_temperature, int64_t ignore_index) {
+                   int64_t grad_row_stride, const int64_t* labels, RowVec row_max, RowVec log_norm, RowVec entropy,
+                   RowVec grad_logp, RowVec grad_entropy, double inv_temperature, int64_t ignore_index) {
   if (grad_entropy.present())
-    backward_rows_impl<In, true>(logits, grad_logits, N, V, row_stride, grad_row_stride, labels, lse, entropy,
-                                 grad_logp, grad_entropy, inv_temperature, ignore_index);
+    backward_rows_impl<In, true>(logits, grad_logits, N, V, row_stride, grad_row_stride, labels, row_max, log_norm,
+                                 entropy, grad_logp, grad_entropy, inv_temperature, ignore_index);
   else
-    backward_rows_impl<In, false>(logits, grad_logits, N, V, row_stride, grad_row_stride, labels, lse, entropy,
-                                  grad_logp, grad_entropy, inv_temperature, ignore_index);
+    backward_rows_impl<In, false>(logits, grad_logits, N, V, row_stride, grad_row_stride, labels, row_max, log_norm,
+                                  entropy, grad_logp, grad_entropy, inv_temperature, ignore_index);
 }
 
 }  // namespace fastpo

@@ -45,10 +45,33 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
         raise ValueError(f"all tensors must be on one device, got {seen}")
 
 
-def check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+def is_tracing() -> bool:
+    """True while ``torch.compile`` traces: Python scalars may then be symbolic (SymFloat/SymInt), and
+    reading their value (``float(x)``, ``x > 0``) would specialise the graph on it."""
+    return torch.compiler.is_compiling()
+
+
+def scalar_tensor(value) -> torch.Tensor:
+    """A 0-d float64 CPU tensor holding the Python scalar ``value``, to hand a float hyperparameter to
+    a custom op: under ``torch.compile`` it stays a graph input (no recompile per value; a float
+    passed to a custom op as ``float`` is specialised). Built by arithmetic, which the compiler
+    keeps symbolic (``torch.tensor(value)`` / ``torch.full`` specialise it). The op reads it with
+    ``float(t)`` on the host: no device sync."""
+    return torch.zeros((), dtype=torch.float64) + value
+
+
+def check_temperature(temperature):
+    """``temperature`` is a finite real > 0: returned as a float. While tracing only its type is
+    checked and it is returned as given; the op checks the value at run time
+    (:func:`check_temperature_value`)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    temperature = float(temperature)
+    if is_tracing():
+        return temperature
+    return check_temperature_value(float(temperature))
+
+
+def check_temperature_value(temperature: float) -> float:
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     return temperature

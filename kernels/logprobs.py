@@ -4,11 +4,18 @@ Each row i holds logits z_i [V], a label y_i and a temperature τ; with s = z/τ
     lse = logsumexp(s),  logp = s_y − lse,  H = lse − Σ_j p_j·s_j,  p = softmax(s).
 Rows whose label equals ``ignore_index`` give 0 everywhere and zero gradient.
 
+The forward saves, per row, the raw maximum m = max_j z_j and log_norm = log Σ_j e^{(z_j − m)/τ}
+(so lse = m/τ + log_norm). The backward forms log p_j = (z_j − m)/τ − log_norm from them: the
+subtraction z_j − m is exact near the maximum, where p matters, whereas s_j − lse subtracts two
+large, independently rounded numbers (its error grows with |lse|: 1.5e-5 at |z| ≈ 100).
+
 Launchers (same contract as the CPU path in ``fastpo.ops.cpu_logprobs``):
     logprob_forward(logits [N, V], labels [N] int64, temperature, ignore_index, with_entropy)
-        -> (logp [N], entropy [N], lse [N])           fp32 (fp64 for fp64 logits)
-    logprob_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature,
-                     ignore_index, out [N, V])       writes dL/dlogits into ``out`` (may be ``logits``)
+        -> (logp [N], entropy [N], row_max [N], log_norm [N])     fp32 (fp64 for fp64 logits)
+    logprob_backward(logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
+                     temperature, ignore_index, out [N, V])  writes dL/dlogits into ``out`` (may be ``logits``)
+``logits`` and ``out`` may have any row stride, but a contiguous last dimension; ``labels`` and the
+per-row vectors are contiguous.
 """
 
 from __future__ import annotations
@@ -34,13 +41,16 @@ def _num_warps(block: int) -> int:
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, row_max_ptr, log_norm_ptr,
     n_cols, stride_row, inv_temperature, ignore_index,
     WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # One program per row; one pass over the vocabulary with an online logsumexp:
-    #   m ← max(m, max(block)),  d ← d·e^{m_old − m} + Σ e^{s − m},
-    #   and for the entropy  a ← a·e^{m_old − m} + Σ e^{s − m}·s,  so that Σ p·s = a / d.
+    # One program per row; one pass over the vocabulary with an online logsumexp relative to the
+    # running raw maximum m, with u_j = (z_j − m)/τ <= 0:
+    #   d = Σ e^{u_j},  a = Σ e^{u_j}·u_j,  so that  log_norm = log d,  H = log d − a/d.
+    # When m grows to m', with δ = (m − m')/τ <= 0 and c = e^δ:  d' = c·d,  a' = c·(a + δ·d).
+    # Every term stays O(1) relative to the maximum: no lse − E[s] cancellation at large |z|
+    # (the entropy at logits of ±1e30 is exact, not ~1e23 of rounding noise).
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
@@ -53,35 +63,47 @@ def _logprobs_fwd_kernel(
     a = 0.0
     for start in range(0, n_stream, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < n_cols
-        s = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        scale = tl.exp(m - m_new)
-        e = tl.exp(s - m_new)
-        d = d * scale + tl.sum(e, axis=0)
+        z = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # A reference that is finite even while every entry so far is −inf (then d = a = 0).
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        delta = (m - m_ref) * inv_temperature
+        scale = tl.exp(delta)
+        u = (z - m_ref) * inv_temperature
+        e = tl.exp(u)
         if WITH_ENTROPY:
-            a = a * scale + tl.sum(e * tl.where(e > 0.0, s, 0.0), axis=0)
-        m = m_new
+            # c·δ -> 0 as c -> 0 (δ = −inf while m = −inf), and e·u -> 0 as u -> −inf: the
+            # infinite factors are replaced before they multiply a zero.
+            c_delta = tl.where(scale > 0.0, scale * tl.where(scale > 0.0, delta, 0.0), 0.0)
+            a = a * scale + c_delta * d + tl.sum(e * tl.where(e > 0.0, u, 0.0), axis=0)
+        d = d * scale + tl.sum(e, axis=0)
+        m = m_ref
 
     safe_label = tl.where(valid, label, 0)
-    s_label = tl.load(row_ptr + safe_label).to(tl.float32) * inv_temperature
-    # Ignored rows streamed nothing (m = −inf, d = 0): give them a harmless lse before masking.
-    lse = tl.where(valid, m, 0.0) + tl.log(tl.where(valid, d, 1.0))
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0).to(lse_ptr.dtype.element_ty))
-    tl.store(logp_ptr + row, tl.where(valid, s_label - lse, 0.0).to(logp_ptr.dtype.element_ty))
+    z_label = tl.load(row_ptr + safe_label).to(tl.float32)
+    # Ignored rows streamed nothing (d = 0): give them a harmless log_norm before masking. A row
+    # that is entirely −inf gives log_norm = −inf and logp = NaN, as log_softmax does.
+    log_norm = tl.log(tl.where(valid, d, 1.0))
+    logp = (z_label - m) * inv_temperature - log_norm
+    tl.store(row_max_ptr + row, tl.where(valid, m, 0.0).to(row_max_ptr.dtype.element_ty))
+    tl.store(log_norm_ptr + row, tl.where(valid, log_norm, 0.0).to(log_norm_ptr.dtype.element_ty))
+    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0).to(logp_ptr.dtype.element_ty))
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(valid, lse - a / tl.where(valid, d, 1.0), 0.0).to(entropy_ptr.dtype.element_ty))
+        entropy = tl.maximum(log_norm - a / tl.where(valid, d, 1.0), 0.0)  # H >= 0: clip rounding noise
+        tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0).to(entropy_ptr.dtype.element_ty))
 
 
 # Backward. With s = z/τ, p = softmax(s), lse and H from the forward:
 #   ∂logp/∂s_j = 1[j = y] − p_j
-#   ∂H/∂s_j    = −Σ_k ∂p_k/∂s_j·(log p_k + 1) = −p_j·(log p_j + H) = −p_j·(s_j − lse + H)
+#   ∂H/∂s_j    = −Σ_k ∂p_k/∂s_j·(log p_k + 1) = −p_j·(log p_j + H)
 # so, with upstream g_l = ∂L/∂logp and g_H = ∂L/∂H,
-#   ∂L/∂z_j = (1/τ)·[ g_l·(1[j = y] − p_j) − g_H·p_j·(s_j − lse + H) ].
+#   ∂L/∂z_j = (1/τ)·[ g_l·(1[j = y] − p_j) − g_H·p_j·(log p_j + H) ],
+# where log p_j = (z_j − m)/τ − log_norm (see the module docstring) and p_j = e^{log p_j}; entries
+# with p_j = 0 (z_j = −inf) get exactly 0, not 0·(−inf).
 # Each program reads one block of one row and writes its gradient in place of, or beside, it.
 @triton.jit
 def _logprobs_bwd_kernel(
-    logits_ptr, grad_ptr, labels_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
+    logits_ptr, grad_ptr, labels_ptr, row_max_ptr, log_norm_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
     n_cols, stride_row, stride_grad_row, inv_temperature, ignore_index,
     HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -93,9 +115,11 @@ def _logprobs_bwd_kernel(
 
     # Ignored rows read nothing (an empty read range) and write zeros.
     to_read = cols < tl.where(valid, n_cols, 0)
-    s = tl.load(logits_ptr + row * stride_row + cols, mask=to_read, other=0.0).to(tl.float32) * inv_temperature
-    lse = tl.load(lse_ptr + row).to(tl.float32)
-    p = tl.exp(s - lse)
+    z = tl.load(logits_ptr + row * stride_row + cols, mask=to_read, other=0.0).to(tl.float32)
+    row_max = tl.load(row_max_ptr + row).to(tl.float32)
+    log_norm = tl.load(log_norm_ptr + row).to(tl.float32)
+    log_p = (z - row_max) * inv_temperature - log_norm
+    p = tl.exp(log_p)
     grad = tl.zeros([BLOCK_V], dtype=tl.float32)
     if HAS_GRAD_LOGP:
         g_logp = tl.load(grad_logp_ptr + row).to(tl.float32)
@@ -103,7 +127,7 @@ def _logprobs_bwd_kernel(
     if HAS_GRAD_ENTROPY:
         g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
         entropy = tl.load(entropy_ptr + row).to(tl.float32)
-        grad -= g_entropy * p * (s - lse + entropy)
+        grad -= g_entropy * p * tl.where(p > 0.0, log_p + entropy, 0.0)
     grad = tl.where(valid, grad * inv_temperature, 0.0)
     tl.store(grad_ptr + row * stride_grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
@@ -118,21 +142,22 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     n_rows, n_cols = logits.shape
     out_dtype = _output_dtype(logits)
     logp = torch.empty(n_rows, dtype=out_dtype, device=logits.device)
-    lse = torch.empty_like(logp)
+    row_max = torch.empty_like(logp)
+    log_norm = torch.empty_like(logp)
     entropy = torch.zeros_like(logp) if not with_entropy else torch.empty_like(logp)
     if n_rows == 0:
-        return logp, entropy, lse
+        return logp, entropy, row_max, log_norm
     block = _block_size(n_cols)
     _logprobs_fwd_kernel[(n_rows,)](
-        logits, labels, logp, entropy, lse,
+        logits, labels, logp, entropy, row_max, log_norm,
         n_cols, logits.stride(0), 1.0 / temperature, ignore_index,
         WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block),
     )
-    return logp, entropy, lse
+    return logp, entropy, row_max, log_norm
 
 
-def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-                     grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
+                     entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                      temperature: float, ignore_index: int, out: torch.Tensor) -> None:
     """Write ∂L/∂logits into ``out [N, V]``; ``out`` may be ``logits`` itself (in-place backward)."""
     n_rows, n_cols = logits.shape
@@ -141,9 +166,9 @@ def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tens
     block = _block_size(n_cols)
     grid = (n_rows, triton.cdiv(n_cols, block))
     _logprobs_bwd_kernel[grid](
-        logits, out, labels, lse, entropy,
-        grad_logp if grad_logp is not None else lse,
-        grad_entropy if grad_entropy is not None else lse,
+        logits, out, labels, row_max, log_norm, entropy,
+        grad_logp if grad_logp is not None else log_norm,
+        grad_entropy if grad_entropy is not None else log_norm,
         n_cols, logits.stride(0), out.stride(0), 1.0 / temperature, ignore_index,
         HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
         BLOCK_V=block, num_warps=_num_warps(block),

@@ -69,19 +69,27 @@ def reference(x, y, temperature, g_logp=None, g_ent=None):
 
 
 def forward(x, y, temperature, *, with_entropy=True, out_dtype=None):
+    """(logp, stats, entropy); stats [N, 2] holds the backward's (row_max, log_norm), written by the
+    kernel through strided column views."""
     n = x.shape[0]
     od = out_dtype or acc_dtype(x.dtype)
     logp = torch.full((n,), 123.0, dtype=od)
-    lse = torch.full((n,), 123.0, dtype=od)
+    stats = torch.full((n, 2), 123.0, dtype=od)
     ent = torch.full((n,), 123.0, dtype=od) if with_entropy else None
-    _C.logprob_forward(raw(x), y.numpy(), logp.numpy(), lse.numpy(), None if ent is None else ent.numpy(),
-                       1.0 / temperature, IGNORE, NAME[x.dtype])
-    return logp, lse, ent
+    _C.logprob_forward(raw(x), y.numpy(), logp.numpy(), stats[:, 0].numpy(), stats[:, 1].numpy(),
+                       None if ent is None else ent.numpy(), 1.0 / temperature, IGNORE, NAME[x.dtype])
+    return logp, stats, ent
 
 
-def backward(x, y, lse, ent, g_logp, g_ent, temperature, *, out=None):
+def lse_of(stats, temperature):
+    """logsumexp(z / tau) = row_max / tau + log_norm, in float64."""
+    return stats[:, 0].double() / temperature + stats[:, 1].double()
+
+
+def backward(x, y, stats, ent, g_logp, g_ent, temperature, *, out=None):
     gx = torch.full_like(x, 7.0) if out is None else out
-    _C.logprob_backward(raw(x), y.numpy(), lse.numpy(), None if ent is None else ent.numpy(),
+    _C.logprob_backward(raw(x), y.numpy(), stats[:, 0].numpy(), stats[:, 1].numpy(),
+                        None if ent is None else ent.numpy(),
                         None if g_logp is None else g_logp.numpy(), None if g_ent is None else g_ent.numpy(),
                         raw(gx), 1.0 / temperature, IGNORE, NAME[x.dtype])
     return gx
@@ -123,14 +131,16 @@ SHAPES = [(6, 1), (6, 3), (9, 1000), (3, 50257)]
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_forward_matches_reference(dtype, n, v, temperature):
     x, y = make_inputs(dtype, n, v, seed=v)
-    logp, lse, ent = forward(x, y, temperature)
+    logp, stats, ent = forward(x, y, temperature)
     r_logp, r_lse, r_ent, _ = reference(x, y, temperature)
-    assert logp.dtype == lse.dtype == ent.dtype == acc_dtype(dtype)
+    assert logp.dtype == stats.dtype == ent.dtype == acc_dtype(dtype)
     assert_rows_close(logp, r_logp, dtype)
-    assert_rows_close(lse, r_lse, dtype)
+    assert_rows_close(lse_of(stats, temperature), r_lse, dtype)
+    valid = y != IGNORE
+    assert torch.equal(stats[valid, 0], x[valid].to(stats.dtype).amax(-1))  # row_max: the raw maximum
     assert_rows_close(ent, r_ent, dtype)
     ign = y == IGNORE
-    assert ign.any() and (logp[ign] == 0).all() and (lse[ign] == 0).all() and (ent[ign] == 0).all()
+    assert ign.any() and (logp[ign] == 0).all() and (stats[ign] == 0).all() and (ent[ign] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: NAME[d])
@@ -143,8 +153,8 @@ def test_backward_matches_reference(dtype, n, v, temperature, grads):
     od = acc_dtype(dtype)
     g_logp = torch.randn(n, generator=g, dtype=torch.float64).to(od) if grads != "entropy" else None
     g_ent = torch.randn(n, generator=g, dtype=torch.float64).to(od) if grads != "logp" else None
-    _, lse, ent = forward(x, y, temperature, with_entropy=g_ent is not None)
-    gx = backward(x, y, lse, ent, g_logp, g_ent, temperature)
+    _, stats, ent = forward(x, y, temperature, with_entropy=g_ent is not None)
+    gx = backward(x, y, stats, ent, g_logp, g_ent, temperature)
     *_, r_grad = reference(x, y, temperature, g_logp, g_ent)
     assert gx.dtype == dtype and gx.shape == x.shape
     assert_grad_close(gx, r_grad, dtype)
@@ -166,12 +176,12 @@ def test_parallel_rows(dtype):
     g = torch.Generator().manual_seed(3)
     od = acc_dtype(dtype)
     g_logp, g_ent = torch.randn(64, generator=g).to(od), torch.randn(64, generator=g).to(od)
-    logp, lse, ent = forward(x, y, 0.7)
+    logp, stats, ent = forward(x, y, 0.7)
     r_logp, r_lse, r_ent, r_grad = reference(x, y, 0.7, g_logp, g_ent)
     assert_rows_close(logp, r_logp, dtype)
-    assert_rows_close(lse, r_lse, dtype)
+    assert_rows_close(lse_of(stats, 0.7), r_lse, dtype)
     assert_rows_close(ent, r_ent, dtype)
-    assert_grad_close(backward(x, y, lse, ent, g_logp, g_ent, 0.7), r_grad, dtype)
+    assert_grad_close(backward(x, y, stats, ent, g_logp, g_ent, 0.7), r_grad, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: NAME[d])
@@ -181,13 +191,13 @@ def test_strided_rows(dtype, v):
     x, y = make_inputs(dtype, n, v, strided=True)
     g_logp = randn(n, acc_dtype(dtype), seed=1)
     g_ent = randn(n, acc_dtype(dtype), seed=2)
-    logp, lse, ent = forward(x, y, 0.7)
+    logp, stats, ent = forward(x, y, 0.7)
     r_logp, r_lse, r_ent, r_grad = reference(x, y, 0.7, g_logp, g_ent)
     assert_rows_close(logp, r_logp, dtype)
     assert_rows_close(ent, r_ent, dtype)
     # grad_logits strided too (a different row stride from the logits'); the padding stays untouched
     big = torch.full((n, v + 5), 9.0, dtype=dtype)
-    gx = backward(x, y, lse, ent, g_logp, g_ent, 0.7, out=big[:, :v])
+    gx = backward(x, y, stats, ent, g_logp, g_ent, 0.7, out=big[:, :v])
     assert_grad_close(gx, r_grad, dtype)
     assert (big[:, v:] == 9.0).all()
 
@@ -202,12 +212,12 @@ def test_inplace_backward(dtype, same_object, with_entropy_grad):
     od = acc_dtype(dtype)
     g_logp = randn(n, od, seed=1)
     g_ent = randn(n, od, seed=2) if with_entropy_grad else None
-    logp, lse, ent = forward(x, y, 0.7)
+    logp, stats, ent = forward(x, y, 0.7)
     *_, r_grad = reference(x, y, 0.7, g_logp, g_ent)
-    out_of_place = backward(x, y, lse, ent, g_logp, g_ent, 0.7)
+    out_of_place = backward(x, y, stats, ent, g_logp, g_ent, 0.7)
     xn = raw(x)
     gn = xn if same_object else raw(x)
-    _C.logprob_backward(xn, y.numpy(), lse.numpy(), ent.numpy(), g_logp.numpy(),
+    _C.logprob_backward(xn, y.numpy(), stats[:, 0].numpy(), stats[:, 1].numpy(), ent.numpy(), g_logp.numpy(),
                         None if g_ent is None else g_ent.numpy(), gn, 1 / 0.7, IGNORE, NAME[dtype])
     assert torch.equal(x, out_of_place)  # x now holds the gradient, bit for bit the same
     assert_grad_close(x, r_grad, dtype)
@@ -216,17 +226,17 @@ def test_inplace_backward(dtype, same_object, with_entropy_grad):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_backward_no_upstream_grads_gives_zeros(dtype):
     x, y = make_inputs(dtype, 4, 100)
-    _, lse, ent = forward(x, y, 1.0)
-    gx = backward(x, y, lse, ent, None, None, 1.0)
+    _, stats, ent = forward(x, y, 1.0)
+    gx = backward(x, y, stats, ent, None, None, 1.0)
     assert (gx == 0).all()
 
 
 def test_backward_accepts_no_entropy_when_no_entropy_grad():
     x, y = make_inputs(torch.float32, 4, 300)
     g_logp = randn(4, torch.float32)
-    _, lse, _ = forward(x, y, 0.7, with_entropy=False)
+    _, stats, _ = forward(x, y, 0.7, with_entropy=False)
     *_, r_grad = reference(x, y, 0.7, g_logp, None)
-    assert_grad_close(backward(x, y, lse, None, g_logp, None, 0.7), r_grad, torch.float32)
+    assert_grad_close(backward(x, y, stats, None, g_logp, None, 0.7), r_grad, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,18 +257,6 @@ def extreme_rows(v):
     return x, y
 
 
-def analytic_grad(x, y, temperature, lse, ent, g_logp, g_ent):
-    """dL/dz from the closed form, in float64, at the given (saved) lse and entropy, and at the
-    1/temperature the kernel uses (rounded to float32 for the float32-accumulating dtypes)."""
-    inv_t = 1.0 / temperature if x.dtype == torch.float64 else float(np.float32(1.0 / temperature))
-    s = x.double() * inv_t
-    p = torch.exp(s - lse.double()[:, None])
-    gl, gh = g_logp.double()[:, None], g_ent.double()[:, None]
-    g = -gl * p - gh * p * (s - lse.double()[:, None] + ent.double()[:, None])
-    g[torch.arange(x.shape[0]), y] += g_logp.double()
-    return g * inv_t
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: NAME[d])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_extreme_logits(dtype, temperature):
@@ -269,24 +267,19 @@ def test_extreme_logits(dtype, temperature):
     od = acc_dtype(dtype)
     g_logp, g_ent = randn(n, od), randn(n, od)
     r_logp, r_lse, r_ent, r_grad = reference(x, y, temperature, g_logp, g_ent)
-    # lse in float64 (accepted for any input dtype) keeps the backward exact at |z| ~ 1e4
-    logp, lse, ent = forward(x, y, temperature, out_dtype=torch.float64)
-    for a in (logp, lse, ent):
-        assert torch.isfinite(a).all()
-    torch.testing.assert_close(logp, r_logp, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(lse, r_lse, rtol=1e-7, atol=1e-5)
-    torch.testing.assert_close(ent, r_ent, rtol=1e-6, atol=1e-5)
-    gx = backward(x, y, lse, ent, g_logp, g_ent, temperature)
-    assert torch.isfinite(gx).all()
-    assert_grad_close(gx, r_grad, dtype)
-    # With the float32 lse of the contract the forward is as accurate, and the backward is exact
-    # for the lse it is given: its p_j = exp(s_j - lse) then carries the rounding of lse itself
-    # (ulp(1.4e4) / 2 ~ 5e-4 in the exponent), so compare with the analytic gradient at that lse.
-    logp32, lse32, ent32 = forward(x, y, temperature)
-    torch.testing.assert_close(logp32.double(), r_logp, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(ent32.double(), r_ent, rtol=1e-6, atol=1e-5)
-    gx32 = backward(x, y, lse32, ent32, g_logp, g_ent, temperature)
-    assert_grad_close(gx32, analytic_grad(x, y, temperature, lse32, ent32, g_logp, g_ent), dtype)
+    # float64 outputs are accepted for any input dtype; with either, the backward's
+    # p_j = exp((z_j - row_max) / tau - log_norm) keeps its accuracy at |z| ~ 1e4 (from a float32
+    # lse, exp(s_j - lse) would carry lse's rounding, ulp(1.4e4) / 2 ~ 5e-4, in the exponent).
+    for out_dtype in (torch.float64, od):
+        logp, stats, ent = forward(x, y, temperature, out_dtype=out_dtype)
+        for a in (logp, stats, ent):
+            assert torch.isfinite(a).all()
+        torch.testing.assert_close(logp.double(), r_logp, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(lse_of(stats, temperature), r_lse, rtol=1e-7, atol=1e-5)
+        torch.testing.assert_close(ent.double(), r_ent, rtol=1e-6, atol=1e-5)
+        gx = backward(x, y, stats, ent, g_logp, g_ent, temperature)
+        assert torch.isfinite(gx).all()
+        assert_grad_close(gx, r_grad, dtype)
 
 
 def test_infinite_and_nan_logits():
@@ -297,23 +290,23 @@ def test_infinite_and_nan_logits():
     x[1, 3] = 2.0  # a single finite entry: p = onehot
     x[2, 7] = float("nan")
     y = torch.tensor([3, 3, 3, 3])
-    logp, lse, ent = forward(x, y, 0.7)
+    logp, stats, ent = forward(x, y, 0.7)
     g_logp, g_ent = randn(4, torch.float32, seed=1), randn(4, torch.float32, seed=2)
-    gx = backward(x, y, lse, ent, g_logp, g_ent, 0.7)
+    gx = backward(x, y, stats, ent, g_logp, g_ent, 0.7)
     # row 0 equals the reference over its finite entries; the -inf entries get exactly 0 gradient
     keep = torch.ones(v, dtype=torch.bool)
     keep[10:50] = False
     r_logp, r_lse, r_ent, r_grad = reference(x[0:1, keep], y[0:1], 0.7, g_logp[0:1], g_ent[0:1])
     assert_rows_close(logp[0:1], r_logp, torch.float32)
-    assert_rows_close(lse[0:1], r_lse, torch.float32)
+    assert_rows_close(lse_of(stats[0:1], 0.7), r_lse, torch.float32)
     assert_rows_close(ent[0:1], r_ent, torch.float32)
     assert_grad_close(gx[0:1, keep], r_grad, torch.float32)
     assert (gx[0, 10:50] == 0).all()
     # row 1: one finite logit -> logp 0, entropy 0, zero gradient everywhere
-    assert logp[1] == 0 and ent[1] == 0 and lse[1] == pytest.approx(2.0 / 0.7)
+    assert logp[1] == 0 and ent[1] == 0 and lse_of(stats, 0.7)[1] == pytest.approx(2.0 / 0.7)
     assert (gx[1] == 0).all()
     # row 2: NaN poisons its own outputs only
-    assert torch.isnan(logp[2]) and torch.isnan(lse[2]) and torch.isnan(ent[2])
+    assert torch.isnan(logp[2]) and torch.isnan(stats[2, 1]) and torch.isnan(ent[2])
     r3 = reference(x[3:4], y[3:4], 0.7)
     assert_rows_close(logp[3:4], r3[0], torch.float32)
 
@@ -329,28 +322,31 @@ class Args:
         od = acc_dtype(dtype)
         self.dtype = NAME[dtype]
         self.logp = torch.full((n,), 123.0, dtype=od)
-        self.lse = torch.full((n,), 123.0, dtype=od)
+        self.row_max = torch.full((n,), 123.0, dtype=od)
+        self.log_norm = torch.full((n,), 123.0, dtype=od)
         self.ent = torch.full((n,), 123.0, dtype=od)
         self.g_logp = torch.ones(n, dtype=od)
         self.g_ent = torch.ones(n, dtype=od)
         self.gx = torch.full((n, v), 7.0, dtype=dtype)
 
     def fwd(self, **over):
-        a = dict(logits=raw(self.x), labels=self.y.numpy(), logp=self.logp.numpy(), lse=self.lse.numpy(),
-                 entropy=self.ent.numpy(), inv_temperature=1.0, ignore_index=IGNORE, dtype=self.dtype)
+        a = dict(logits=raw(self.x), labels=self.y.numpy(), logp=self.logp.numpy(),
+                 row_max=self.row_max.numpy(), log_norm=self.log_norm.numpy(), entropy=self.ent.numpy(),
+                 inv_temperature=1.0, ignore_index=IGNORE, dtype=self.dtype)
         a.update(over)
         return _C.logprob_forward(*a.values())
 
     def bwd(self, **over):
-        a = dict(logits=raw(self.x), labels=self.y.numpy(), lse=self.lse.numpy(), entropy=self.ent.numpy(),
+        a = dict(logits=raw(self.x), labels=self.y.numpy(), row_max=self.row_max.numpy(),
+                 log_norm=self.log_norm.numpy(), entropy=self.ent.numpy(),
                  grad_logp=self.g_logp.numpy(), grad_entropy=self.g_ent.numpy(), grad_logits=raw(self.gx),
                  inv_temperature=1.0, ignore_index=IGNORE, dtype=self.dtype)
         a.update(over)
         return _C.logprob_backward(*a.values())
 
     def untouched(self):
-        return (bool((self.logp == 123).all()) and bool((self.lse == 123).all()) and bool((self.ent == 123).all())
-                and bool((self.gx == 7).all()))
+        outputs = (self.logp, self.row_max, self.log_norm, self.ent)
+        return all(bool((t == 123).all()) for t in outputs) and bool((self.gx == 7).all())
 
 
 def bad_labels(v):
@@ -375,7 +371,9 @@ FORWARD_ERRORS = {
     "logp_wrong_dtype": (lambda a: dict(logp=np.zeros(4, np.int32)), "logp"),
     "logp_readonly": (lambda a: dict(logp=np.broadcast_to(np.float32(0), (4,))), "logp"),
     "logp_none": (lambda a: dict(logp=None), "logp"),
-    "lse_wrong_n": (lambda a: dict(lse=np.zeros(5, np.float32)), "lse"),
+    "row_max_wrong_n": (lambda a: dict(row_max=np.zeros(5, np.float32)), "row_max"),
+    "log_norm_wrong_n": (lambda a: dict(log_norm=np.zeros(3, np.float32)), "log_norm"),
+    "log_norm_none": (lambda a: dict(log_norm=None), "log_norm"),
     "entropy_wrong_n": (lambda a: dict(entropy=np.zeros(2, np.float32)), "entropy"),
     "zero_temperature": (lambda a: dict(inv_temperature=0.0), "inv_temperature"),
     "negative_temperature": (lambda a: dict(inv_temperature=-1.0), "inv_temperature"),
@@ -419,8 +417,9 @@ BACKWARD_ERRORS = {
     "unknown_dtype": (lambda a: dict(dtype="half"), "dtype"),
     "labels_wrong_n": (lambda a: dict(labels=np.zeros(3, np.int64)), "labels"),
     "label_out_of_range": (lambda a: dict(labels=bad_labels(10)), "labels"),
-    "lse_wrong_n": (lambda a: dict(lse=np.zeros(5, np.float32)), "lse"),
-    "lse_none": (lambda a: dict(lse=None), "lse"),
+    "row_max_wrong_n": (lambda a: dict(row_max=np.zeros(5, np.float32)), "row_max"),
+    "row_max_none": (lambda a: dict(row_max=None), "row_max"),
+    "log_norm_wrong_n": (lambda a: dict(log_norm=np.zeros(5, np.float32)), "log_norm"),
     "entropy_none_with_entropy_grad": (lambda a: dict(entropy=None), "entropy"),
     "grad_logp_wrong_n": (lambda a: dict(grad_logp=np.zeros(2, np.float32)), "grad_logp"),
     "grad_entropy_wrong_n": (lambda a: dict(grad_entropy=np.zeros(6, np.float32)), "grad_entropy"),
@@ -463,7 +462,7 @@ def test_half_dtypes_accept_int16_and_uint16_views():
     x, y = make_inputs(torch.bfloat16, 3, 50)
     logp_a, _, _ = forward(x, y, 1.0)
     logp_b = torch.empty(3)
-    lse_b = torch.empty(3)
-    _C.logprob_forward(raw(x).view(np.uint16), y.numpy(), logp_b.numpy(), lse_b.numpy(), None, 1.0, IGNORE,
-                       "bfloat16")
+    row_max_b, log_norm_b = torch.empty(3), torch.empty(3)
+    _C.logprob_forward(raw(x).view(np.uint16), y.numpy(), logp_b.numpy(), row_max_b.numpy(), log_norm_b.numpy(), None,
+                       1.0, IGNORE, "bfloat16")
     assert torch.equal(logp_a, logp_b)

@@ -36,24 +36,29 @@ def _opcheck_cases():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(6, 40, generator=g)
     labels = torch.tensor([0, 39, -100, 7, 3, 1])
-    lse = torch.logsumexp(logits, -1)
-    entropy = lse - (torch.softmax(logits, -1) * logits).sum(-1)
+    row_max = logits.amax(-1)
+    log_norm = torch.logsumexp(logits - row_max[:, None], -1)
+    entropy = row_max + log_norm - (torch.softmax(logits, -1) * logits).sum(-1)
     grad = torch.randn(6, generator=g)
     hidden, weight, bias = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g), torch.randn(40, generator=g)
+    tau, tau_09 = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.9, dtype=torch.float64)
+    stats = (row_max, log_norm, entropy)
     ops = torch.ops.fastpo
     return [
         ("token_fwd", ops.token_logprobs_fwd.default,
-         (logits.clone().requires_grad_(), labels, 0.9, -100, True, False, "cpu")),
-        ("token_bwd", ops.token_logprobs_bwd.default, (logits, labels, lse, entropy, grad, grad, 1.0, -100, "cpu")),
+         (logits.clone().requires_grad_(), labels, tau_09, -100, True, False, "cpu")),
+        ("token_bwd", ops.token_logprobs_bwd.default, (logits, labels, *stats, grad, grad, tau, -100, "cpu")),
         ("token_bwd_inplace", ops.token_logprobs_bwd_inplace.default,
-         (logits.clone(), labels, lse, entropy, grad, None, 1.0, -100, "cpu")),
+         (logits.clone(), labels, *stats, grad, None, tau, -100, "cpu")),
         ("linear_fwd", ops.linear_token_logprobs_fwd.default,
          (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_(), labels,
-          1.0, -100, True, 4, "cpu")),
+          tau, -100, True, 4, "cpu")),
+        ("linear_fwd_default_chunk", ops.linear_token_logprobs_fwd.default,
+         (hidden.clone().requires_grad_(), weight, None, labels, tau_09, -100, False, 0, "cpu")),
         ("linear_bwd", ops.linear_token_logprobs_bwd.default,
-         (hidden, weight, None, labels, lse, entropy, grad, None, 1.0, -100, 4, "cpu", True, True, False)),
+         (hidden, weight, None, labels, *stats, grad, None, tau, -100, 4, "cpu", True, True, False)),
         ("linear_bwd_frozen_weight", ops.linear_token_logprobs_bwd.default,
-         (hidden, weight, bias, labels, lse, entropy, grad, grad, 1.0, -100, 4, "cpu", True, False, True)),
+         (hidden, weight, bias, labels, *stats, grad, grad, tau, -100, 4, "cpu", True, False, True)),
     ]
 
 

@@ -36,24 +36,25 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
                     with_entropy: bool):
     n_rows = logits.shape[0]
     logp = torch.empty(n_rows, dtype=result_dtype(logits.dtype))
-    lse = torch.empty_like(logp)
+    row_max = torch.empty_like(logp)
+    log_norm = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
     if n_rows:
         _C.logprob_forward(
-            _as_numpy(logits), _as_numpy(labels), _as_numpy(logp), _as_numpy(lse),
+            _as_numpy(logits), _as_numpy(labels), _as_numpy(logp), _as_numpy(row_max), _as_numpy(log_norm),
             _as_numpy(entropy) if with_entropy else None,
             1.0 / temperature, ignore_index, _DTYPE_NAMES[logits.dtype],
         )
-    return logp, entropy, lse
+    return logp, entropy, row_max, log_norm
 
 
-def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-                     grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
+                     entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                      temperature: float, ignore_index: int, out: torch.Tensor) -> None:
     if logits.shape[0] == 0:
         return
     _C.logprob_backward(
-        _as_numpy(logits), _as_numpy(labels), _as_numpy(lse), _as_numpy(entropy),
+        _as_numpy(logits), _as_numpy(labels), _as_numpy(row_max), _as_numpy(log_norm), _as_numpy(entropy),
         _as_numpy(grad_logp), _as_numpy(grad_entropy), _as_numpy(out),
         1.0 / temperature, ignore_index, _DTYPE_NAMES[logits.dtype],
     )

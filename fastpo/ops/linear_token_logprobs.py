@@ -19,7 +19,7 @@ import torch
 from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
-from fastpo.ops.row_kernels import result_dtype, row_kernels
+from fastpo.ops.row_kernels import empty_row_outputs, flat_labels, no_double_backward, result_dtype, row_kernels
 
 __all__ = ["linear_token_logprobs", "default_chunk_size"]
 
@@ -42,61 +42,70 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
+def _chunk_rows(chunk_size: int, n_tokens: int, vocab_size: int) -> int:
+    """Rows per chunk: ``chunk_size`` (0 = :func:`default_chunk_size`), within [1, max(N, 1)]."""
+    rows = chunk_size if chunk_size > 0 else default_chunk_size(n_tokens, vocab_size)
+    return max(1, min(rows, max(n_tokens, 1)))
+
+
+# The chunk size is resolved inside the ops (from the real N), so that under torch.compile with
+# dynamic shapes it neither specialises nor guards on the number of tokens.
 @torch.library.custom_op("fastpo::linear_token_logprobs_fwd", mutates_args=())
 def _linear_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    temperature: float, ignore_index: int, with_entropy: bool, chunk_size: int, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, entropy, lse) for ``hidden [N, D]``, ``weight [V, D]``, one chunk of rows at a time."""
+    temperature: torch.Tensor, ignore_index: int, with_entropy: bool, chunk_size: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, row_max, log_norm) for ``hidden [N, D]``, ``weight [V, D]``, one chunk of rows
+    at a time (``chunk_size`` 0: the default)."""
+    tau = check.check_temperature_value(float(temperature))
     check.check_label_range(labels, weight.shape[0], ignore_index)
     kernels = row_kernels(backend)
     n_tokens = hidden.shape[0]
-    dtype = result_dtype(hidden.dtype)
-    logp = hidden.new_empty(n_tokens, dtype=dtype)
-    entropy = hidden.new_zeros(n_tokens, dtype=dtype)
-    lse = hidden.new_empty(n_tokens, dtype=dtype)
-    for start in range(0, n_tokens, chunk_size):
-        rows = slice(start, min(start + chunk_size, n_tokens))
+    chunk = _chunk_rows(chunk_size, n_tokens, weight.shape[0])
+    outputs = empty_row_outputs(hidden, hidden.dtype)
+    for start in range(0, n_tokens, chunk):
+        rows = slice(start, min(start + chunk, n_tokens))
         logits = _chunk_logits(hidden[rows], weight, bias)
-        logp[rows], entropy[rows], lse[rows] = kernels.logprob_forward(
-            logits, labels[rows], temperature, ignore_index, with_entropy)
+        for out, part in zip(outputs, kernels.logprob_forward(logits, labels[rows], tau, ignore_index, with_entropy)):
+            out[rows] = part
         del logits
-    return logp, entropy, lse
+    return outputs
 
 
 @_linear_fwd.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_size, backend):
-    dtype = result_dtype(hidden.dtype)
-    out = hidden.new_empty(hidden.shape[0], dtype=dtype)
-    return out, torch.empty_like(out), torch.empty_like(out)
+    return empty_row_outputs(hidden, hidden.dtype)
 
 
 @torch.library.custom_op("fastpo::linear_token_logprobs_bwd", mutates_args=())
 def _linear_bwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    lse: torch.Tensor, entropy: torch.Tensor, grad_logp: Optional[torch.Tensor],
-    grad_entropy: Optional[torch.Tensor], temperature: float, ignore_index: int, chunk_size: int,
+    row_max: torch.Tensor, log_norm: torch.Tensor, entropy: torch.Tensor, grad_logp: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor], temperature: torch.Tensor, ignore_index: int, chunk_size: int,
     backend: str, needs_grad_hidden: bool, needs_grad_weight: bool, needs_grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(∂L/∂hidden, ∂L/∂weight, ∂L/∂bias); a gradient nobody needs (a frozen lm_head, no bias)
-    is not computed and comes back empty."""
+    """(∂L/∂hidden, ∂L/∂weight, ∂L/∂bias), contiguous; a gradient nobody needs (a frozen lm_head, no
+    bias) is not computed and comes back empty."""
     kernels = row_kernels(backend)
+    tau = float(temperature)
     n_tokens = hidden.shape[0]
+    chunk = _chunk_rows(chunk_size, n_tokens, weight.shape[0])
     acc_dtype = result_dtype(weight.dtype)
-    grad_hidden = torch.empty_like(hidden) if needs_grad_hidden else hidden.new_empty(0)
+    grad_hidden = hidden.new_empty(hidden.shape) if needs_grad_hidden else hidden.new_empty(0)
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_grad_weight \
         else weight.new_empty(0)
     needs_grad_bias = needs_grad_bias and bias is not None
     grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if needs_grad_bias \
         else weight.new_empty(0)
-    for start in range(0, n_tokens, chunk_size):
-        rows = slice(start, min(start + chunk_size, n_tokens))
+    for start in range(0, n_tokens, chunk):
+        rows = slice(start, min(start + chunk, n_tokens))
+        # The forward's logits, recomputed, turned into their gradient in place.
         grad_logits = _chunk_logits(hidden[rows], weight, bias)
         kernels.logprob_backward(
-            grad_logits, labels[rows], lse[rows], entropy[rows],
+            grad_logits, labels[rows], row_max[rows], log_norm[rows], entropy[rows],
             None if grad_logp is None else grad_logp[rows],
             None if grad_entropy is None else grad_entropy[rows],
-            temperature, ignore_index, grad_logits)
+            tau, ignore_index, grad_logits)
         if needs_grad_hidden:
             torch.mm(grad_logits, weight, out=grad_hidden[rows])
         if needs_grad_weight or needs_grad_bias:
@@ -111,29 +120,32 @@ def _linear_bwd(
 
 
 @_linear_bwd.register_fake
-def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+def _(hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ignore_index,
       chunk_size, backend, needs_grad_hidden, needs_grad_weight, needs_grad_bias):
     grad_bias = weight.new_empty(weight.shape[0]) if (needs_grad_bias and bias is not None) else weight.new_empty(0)
-    return (torch.empty_like(hidden) if needs_grad_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if needs_grad_weight else weight.new_empty(0), grad_bias)
+    return (hidden.new_empty(hidden.shape) if needs_grad_hidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if needs_grad_weight else weight.new_empty(0), grad_bias)
+
+
+torch.library.register_autograd("fastpo::linear_token_logprobs_bwd", no_double_backward("linear_token_logprobs"))
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_size, backend = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-    ctx.temperature, ctx.ignore_index, ctx.with_entropy = temperature, ignore_index, with_entropy
+    _, entropy, row_max, log_norm = output
+    ctx.save_for_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, temperature)
+    ctx.ignore_index, ctx.with_entropy = ignore_index, with_entropy
     ctx.chunk_size, ctx.backend = chunk_size, backend
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_norm):
+    hidden, weight, bias, labels, row_max, log_norm, entropy, temperature = ctx.saved_tensors
     grad_logp = grad_logp.contiguous() if grad_logp is not None else None
     grad_entropy = grad_entropy.contiguous() if (ctx.with_entropy and grad_entropy is not None) else None
     needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     grad_hidden, grad_weight, grad_bias = _linear_bwd(
-        hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy,
-        ctx.temperature, ctx.ignore_index, ctx.chunk_size, ctx.backend, needs_hidden, needs_weight, needs_bias)
+        hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
+        temperature, ctx.ignore_index, ctx.chunk_size, ctx.backend, needs_hidden, needs_weight, needs_bias)
     return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None,
             grad_bias if (needs_bias and bias is not None) else None, None, None, None, None, None, None)
 
@@ -156,9 +168,16 @@ def linear_token_logprobs(
 
     ``hidden [..., D]`` is the last hidden state, ``weight [V, D]`` the lm_head weight (same dtype),
     ``labels [...]`` aligned with ``hidden``. Returns float32 log-probs shaped like ``labels`` (and
-    entropies when ``return_entropy``), differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
-    Works on ``chunk_size`` tokens at a time (default: ``default_chunk_size(N, V)``, about N/64 rows,
-    at least 128): peak extra memory is O(chunk_size x V); the backward recomputes chunk logits.
+    entropies when ``return_entropy``), differentiable w.r.t. ``hidden``, ``weight`` and ``bias``
+    (once: a double backward raises ``NotImplementedError``). Any strides are accepted (transposed,
+    sliced or expanded views; strided labels are copied, N integers). ``D = 0`` is allowed: the
+    logits are then the bias (or 0, so logp = −log V). Works on ``chunk_size`` tokens at a time
+    (default: ``default_chunk_size(N, V)``, about N/64 rows, at least 128): peak extra memory is
+    O(chunk_size x V); the backward recomputes chunk logits.
+
+    Under ``torch.compile`` (fullgraph, dynamic shapes) a changing ``temperature`` or number of
+    tokens does not recompile; ``ignore_index``, ``return_entropy`` and an explicit ``chunk_size``
+    are specialised.
     """
     check.check_float_tensor(hidden, "hidden")
     check.check_float_tensor(weight, "weight")
@@ -190,11 +209,10 @@ def linear_token_logprobs(
         return reference.linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index,
                                                return_entropy)
 
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    n_tokens = rows.shape[0]
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(n_tokens, weight.shape[0])
-    logp, entropy, _ = _linear_fwd(
-        rows, weight, bias, labels.reshape(-1).to(torch.int64), temperature, ignore_index,
-        return_entropy, max(1, min(chunk, max(n_tokens, 1))), backend)
+    # labels.numel() rather than -1: with D = 0 the row count cannot be inferred from hidden.
+    rows = hidden.reshape(labels.numel(), hidden.shape[-1])
+    logp, entropy, _, _ = _linear_fwd(
+        rows, weight, bias, flat_labels(labels), check.scalar_tensor(temperature), ignore_index,
+        return_entropy, 0 if chunk_size is None else chunk_size, backend)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp

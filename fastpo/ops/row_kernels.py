@@ -1,20 +1,51 @@
-"""The log-prob row kernels of one backend: ``logprob_forward`` and ``logprob_backward``.
+"""The log-prob row kernels of one backend: ``logprob_forward`` and ``logprob_backward``, and what
+the two log-prob ops share around them.
 
 Both backends share one contract (see ``fastpo.kernels.logprobs``): rows of ``logits [N, V]`` with
-a contiguous last dimension, ``labels [N]`` int64, and results in float32 (float64 for float64).
+a contiguous last dimension and any row stride, contiguous ``labels [N]`` int64, and results in
+float32 (float64 for float64): logp, entropy and the backward's row statistics ``row_max`` (the raw
+maximum of each row) and ``log_norm`` (log Σ e^{(z − row_max)/τ}).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
+import torch
+
 from fastpo._backend import kernel_module
 from fastpo._layout import accumulation_dtype
 
 
-# Log-probs, entropies and lse are float32, or float64 for float64 inputs (for gradcheck).
+# Log-probs, entropies and the row statistics are float32, or float64 for float64 inputs (for gradcheck).
 result_dtype = accumulation_dtype
 
 
 def row_kernels(backend: str) -> ModuleType:
     return kernel_module(backend, triton="fastpo.kernels.logprobs", cpu="fastpo.ops.cpu_logprobs", what="row")
+
+
+def flat_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``labels [...]`` as the kernels take them: ``[N]`` int64 and contiguous (a strided view such as
+    ``ids[:, 3]`` or an ``expand``ed one is copied: N integers)."""
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def empty_row_outputs(rows: torch.Tensor, dtype: torch.dtype):
+    """Uninitialised forward results (also the fake ones): logp, entropy, row_max and log_norm, each
+    ``[rows.shape[0]]``."""
+    out = rows.new_empty(rows.shape[0], dtype=result_dtype(dtype))
+    return out, torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
+
+
+def no_double_backward(public_name: str):
+    """An autograd formula for a backward op that refuses to be differentiated: the fused backward
+    kernels have no derivative of their own."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"fastpo.{public_name} does not support double backward (a gradient of its gradient, e.g. "
+            f"autograd.grad(..., create_graph=True) followed by a second backward): its backward is a fused "
+            f"kernel with no derivative. Use fastpo.reference.{public_name} for higher-order gradients.")
+
+    return backward

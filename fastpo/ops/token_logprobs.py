@@ -2,6 +2,10 @@
 
 Layers: public function (validation, reshapes) → ``torch.library`` custom ops (autograd formula,
 fake implementation) → row kernels of the selected backend (Triton or C++).
+
+Under ``torch.compile`` the temperature travels as a 0-d tensor (``_validation.scalar_tensor``), so
+a new value is a new input, not a recompile; its value and the label range are checked inside the
+forward op, which the compiler does not trace.
 """
 
 from __future__ import annotations
@@ -13,75 +17,83 @@ import torch
 from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
-from fastpo.ops.row_kernels import result_dtype, row_kernels
+from fastpo.ops.row_kernels import empty_row_outputs, flat_labels, no_double_backward, row_kernels
 
 __all__ = ["token_logprobs"]
 
 
 @torch.library.custom_op("fastpo::token_logprobs_fwd", mutates_args=())
 def _token_logprobs_fwd(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+    logits: torch.Tensor, labels: torch.Tensor, temperature: torch.Tensor, ignore_index: int,
     with_entropy: bool, inplace_backward: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, entropy, lse) for ``logits [N, V]``; ``inplace_backward`` is read by the backward only."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, row_max, log_norm) for ``logits [N, V]``; ``inplace_backward`` is read by the
+    backward only."""
+    tau = check.check_temperature_value(float(temperature))
     check.check_label_range(labels, logits.shape[1], ignore_index)
-    return row_kernels(backend).logprob_forward(logits, labels, temperature, ignore_index, with_entropy)
+    return row_kernels(backend).logprob_forward(logits, labels, tau, ignore_index, with_entropy)
 
 
 @_token_logprobs_fwd.register_fake
 def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend):
-    out = logits.new_empty(logits.shape[0], dtype=result_dtype(logits.dtype))
-    return out, torch.empty_like(out), torch.empty_like(out)
+    return empty_row_outputs(logits, logits.dtype)
 
 
 @torch.library.custom_op("fastpo::token_logprobs_bwd", mutates_args=())
 def _token_logprobs_bwd(
-    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-    grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
-    temperature: float, ignore_index: int, backend: str,
+    logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
+    entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+    temperature: torch.Tensor, ignore_index: int, backend: str,
 ) -> torch.Tensor:
-    """∂L/∂logits as a new tensor of the logits' dtype."""
+    """∂L/∂logits as a new (contiguous) tensor of the logits' dtype."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     row_kernels(backend).logprob_backward(
-        logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, grad)
+        logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, float(temperature), ignore_index, grad)
     return grad
 
 
 @_token_logprobs_bwd.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend):
+def _(logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+torch.library.register_autograd("fastpo::token_logprobs_bwd", no_double_backward("token_logprobs"))
 
 
 @torch.library.custom_op("fastpo::token_logprobs_bwd_inplace", mutates_args=("logits",))
 def _token_logprobs_bwd_inplace(
-    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-    grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
-    temperature: float, ignore_index: int, backend: str,
+    logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
+    entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+    temperature: torch.Tensor, ignore_index: int, backend: str,
 ) -> None:
     """∂L/∂logits written over ``logits`` itself (saves one ``[N, V]`` buffer)."""
     row_kernels(backend).logprob_backward(
-        logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, logits)
+        logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, float(temperature), ignore_index, logits)
 
 
 @_token_logprobs_bwd_inplace.register_fake
-def _(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend):
+def _(logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend):
     return None
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, labels, lse, entropy)
-    ctx.temperature, ctx.ignore_index = temperature, ignore_index
-    ctx.with_entropy, ctx.inplace_backward, ctx.backend = with_entropy, inplace_backward, backend
+    _, entropy, row_max, log_norm = output
+    ctx.save_for_backward(logits, labels, row_max, log_norm, entropy, temperature)
+    ctx.ignore_index, ctx.with_entropy, ctx.inplace_backward, ctx.backend = (
+        ignore_index, with_entropy, inplace_backward, backend)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, labels, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_norm):
+    logits, labels, row_max, log_norm, entropy, temperature = ctx.saved_tensors
+    # Upstream gradients may be strided or expanded (the backward of a .sum()): the kernels read
+    # them as contiguous [N] vectors.
     grad_logp = grad_logp.contiguous() if grad_logp is not None else None
     grad_entropy = grad_entropy.contiguous() if (ctx.with_entropy and grad_entropy is not None) else None
-    args = (labels, lse, entropy, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index, ctx.backend)
-    if ctx.inplace_backward:
+    args = (labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ctx.ignore_index, ctx.backend)
+    # With create_graph=True the gradient must stay a graph node (whose own backward raises a clear
+    # NotImplementedError), so it is not written over the saved logits.
+    if ctx.inplace_backward and not torch.is_grad_enabled():
         _token_logprobs_bwd_inplace(logits, *args)
         grad_logits = logits
     else:
@@ -110,10 +122,17 @@ def token_logprobs(
         entropy = logsumexp(s) − Σ_j softmax(s)_j · s_j          (when ``return_entropy``)
 
     Returns float32 tensors shaped like ``labels`` (float64 for float64 logits); ``ignore_index``
-    labels give 0 and no gradient. Both outputs are differentiable. The full softmax is never
+    labels give 0 and no gradient. Both outputs are differentiable (once: a double backward raises
+    ``NotImplementedError``). Any strides are accepted: rows at any stride are read in place; logits
+    whose last dimension is not contiguous (a transpose) or whose rows overlap (an ``expand``) are
+    copied first, strided or expanded labels are copied (N integers). The full softmax is never
     materialised: the forward streams each row once, the backward writes ``g·(onehot − p)`` (plus
     the entropy term) block by block, into the logits buffer itself when ``inplace_backward=True``
-    (then ``logits`` holds its gradient after backward: do not reuse it).
+    (then ``logits`` holds its gradient after backward: do not reuse it; a copied ``logits`` leaves
+    the caller's tensor untouched).
+
+    Under ``torch.compile`` (fullgraph, dynamic shapes) a changing ``temperature`` does not
+    recompile; ``ignore_index``, ``return_entropy`` and ``inplace_backward`` are specialised.
     """
     check.check_logits_labels(logits, labels)
     temperature = check.check_temperature(temperature)
@@ -128,10 +147,10 @@ def token_logprobs(
 
     vocab = logits.shape[-1]
     rows = logits.reshape(-1, vocab)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    logp, entropy, _ = _token_logprobs_fwd(
-        rows, labels.reshape(-1).to(torch.int64), temperature, ignore_index,
+    if rows.stride(-1) != 1 or rows.stride(0) < vocab:
+        rows = rows.contiguous()  # a transposed or expanded view; row-contiguous logits are never copied
+    logp, entropy, _, _ = _token_logprobs_fwd(
+        rows, flat_labels(labels), check.scalar_tensor(temperature), ignore_index,
         return_entropy, inplace_backward, backend)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
