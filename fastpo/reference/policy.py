@@ -53,13 +53,19 @@ def _masked_mean(x, m):
     return safe_div(torch.where(m > 0, x, torch.zeros_like(x)).sum(), m.sum())
 
 
+def _counted_values(t, m, dt):
+    """``t`` flat in ``dt`` with 0 at masked positions: whatever they hold (NaN, ±inf) reaches no sum,
+    metric or gradient."""
+    return torch.where(m > 0, t.reshape(-1).to(dt), 0.0)
+
+
 def _rollout_weight(cfg, old, rollout_logp, is_weights, m, seg, B, dt):
     """The detached per-token rollout weight (None without one) and whether it is the caller's is_weights."""
     if is_weights is not None:
-        return is_weights.detach().reshape(-1).to(dt), True
+        return _counted_values(is_weights.detach(), m, dt), True
     if cfg.rollout_is == "none":
         return None, False
-    log_w = torch.clamp(old - rollout_logp.detach().reshape(-1).to(dt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_w = torch.clamp(old - _counted_values(rollout_logp.detach(), m, dt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if cfg.rollout_is.startswith("sequence"):
         log_w = seq_mean(log_w, m, seg, B)[seg]
     w = torch.exp(log_w)
@@ -68,10 +74,10 @@ def _rollout_weight(cfg, old, rollout_logp, is_weights, m, seg, B, dt):
     return torch.where(w > cfg.rollout_is_cap, torch.zeros_like(w), w), False
 
 
-def _kl(cfg, ref_logp, x, ratio, dt):
+def _kl(cfg, ref_logp, x, ratio, m, dt):
     """clamp(k(δ), ±kl_clamp), δ = clamp(ref − x, ±20); kX+: that value with the gradient of k2;
     kl_bias_correction: times the ratio (differentiable)."""
-    d = torch.clamp(ref_logp.detach().reshape(-1).to(dt) - x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    d = torch.clamp(_counted_values(ref_logp.detach(), m, dt) - x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     base = cfg.kl_estimator.rstrip("+")
     kl = {"k1": lambda: -d, "k2": lambda: 0.5 * d * d, "k3": lambda: torch.exp(d) - d - 1.0,
           "abs": lambda: d.abs()}[base]()
@@ -102,9 +108,9 @@ def policy_loss(logp, old_logp, advantages, mask=None, *, cu_seqlens=None, ref_l
     cfg = config
     layout, dt, m, seg = _setup(logp, "logp", mask, cu_seqlens)
     B = layout.num_seqs
-    x = logp.reshape(-1).to(dt)
-    old = old_logp.detach().reshape(-1).to(dt)
-    adv = advantages.detach().reshape(-1).to(dt)
+    x = _counted_values(logp, m, dt)
+    old = _counted_values(old_logp.detach(), m, dt)
+    adv = _counted_values(advantages.detach(), m, dt)
 
     delta = torch.clamp(x - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if cfg.ratio_level == "sequence":
@@ -121,12 +127,12 @@ def policy_loss(logp, old_logp, advantages, mask=None, *, cu_seqlens=None, ref_l
     per_token = pg
     kl = None
     if ref_logp is not None:
-        kl = _kl(cfg, ref_logp, x, ratio, dt)
+        kl = _kl(cfg, ref_logp, x, ratio, m, dt)
         if cfg.kl_coef != 0.0:
             per_token = per_token + cfg.kl_coef * kl
     ent = None
     if entropy is not None:
-        ent = entropy.reshape(-1).to(dt)
+        ent = _counted_values(entropy, m, dt)
         if cfg.entropy_coef != 0.0:
             per_token = per_token - cfg.entropy_coef * ent
 
@@ -164,9 +170,9 @@ def value_loss(values, old_values, returns, mask=None, *, cu_seqlens=None, clip:
     (their gradient is zero).
     """
     layout, dt, m, seg = _setup(values, "values", mask, cu_seqlens)
-    v = values.reshape(-1).to(dt)
-    v_old = old_values.detach().reshape(-1).to(dt)
-    ret = returns.detach().reshape(-1).to(dt)
+    v = _counted_values(values, m, dt)
+    v_old = _counted_values(old_values.detach(), m, dt)
+    ret = _counted_values(returns.detach(), m, dt)
     unclipped = (v - ret) ** 2
     if clip is None:
         clipped_v = v
