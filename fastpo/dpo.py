@@ -83,7 +83,8 @@ def dpo_loss(
     ``forward_kl`` (1 − e^(−ρ)), ``js_divergence`` (log 2 + logσ(ρ)), ``alpha_divergence``
     ((e^((α−1)ρ) − 1)/(α−1), α = ``f_alpha``); a non-default one needs every loss type in
     sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft (as TRL). Exponents are clamped
-    at 80 (700 in float64), so log-probs down to −1e4 give finite values where TRL gives inf/NaN.
+    at 20 (TRL: only the α-divergence's, at 80), so log-probs down to −1e4 give finite values where
+    TRL gives inf/NaN.
 
     ``chosen_lengths`` / ``rejected_lengths``: completion token counts (clamped ≥ 1), for ipo and
     sigmoid_norm. ``weights``: per-pair weights, detached, multiplying every loss type's per-pair
@@ -210,7 +211,7 @@ def wpo_weights(token_logp: torch.Tensor, log_sum_sq_probs: torch.Tensor, mask: 
 
     w = exp(mean over the counted tokens of (logp_t − log Σ_v π_t(v)²)), the policy's own
     probability of the response relative to its on-policy baseline (0 counted tokens: mean 0). The
-    exponent is clamped at 80 (700 in float64). ``log_sum_sq_probs``: log Σ_v softmax(z_t)² per
+    exponent is clamped at 20 (TRL: no clamp). ``log_sum_sq_probs``: log Σ_v softmax(z_t)² per
     token, shaped like ``token_logp``. The pair weight for ``dpo_loss(weights=)`` is the product of
     the chosen and the rejected response's weights.
     """

@@ -149,7 +149,7 @@ def cpo_loss(
     """CPO (Xu et al. 2024), SimPO and AlphaPO as TRL 1.16's ``CPOTrainer``: no reference model.
 
     With u = c − r, or, when α = ``alpha`` ≠ 0, AlphaPO's reward difference with
-    r(p) = (1 − p^(−α))/α (clamped exponent, finite for logp down to −1e4), and ε = label smoothing::
+    r(p) = (1 − p^(−α))/α (exponent clamped at 20, finite for logp down to −1e4), and ε = label smoothing::
 
         sigmoid  −(1−ε)·logσ(βu) − ε·logσ(−βu)            pass summed log-probs
         hinge    relu(1 − βu)                              summed

@@ -30,9 +30,16 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
+EXP_CLAMP = 20.0
+
+
 def exp_clamp_max(dtype: torch.dtype) -> float:
-    """Largest exponent fed to exp(): 80 in float32 (TRL's α-divergence clamp), 700 in float64."""
-    return 700.0 if dtype == torch.float64 else 80.0
+    """Largest exponent fed to exp(): 20, fastpo's clamp of extreme log-ratios, in every dtype.
+
+    TRL clamps only the α-divergence's exponent (at 80), and overflows elsewhere (inf − inf = NaN at
+    log-ratios of −1e4). 20 keeps squares (ipo) and products (WPO's pair weight) finite in float32.
+    """
+    return EXP_CLAMP
 
 
 def _scalar(value, like: torch.Tensor) -> torch.Tensor:
@@ -45,8 +52,8 @@ def f_divergence_scores(log_ratio: torch.Tensor, f_divergence: str, f_alpha) -> 
 
     reverse_kl: ρ;  forward_kl: 1 − e^(−ρ);  js_divergence: log 2 + logσ(ρ);
     alpha_divergence: (e^((α−1)ρ) − 1)/(α−1), and ρ when |α − 1| < 1e-6 (the limit).
-    Exponents are clamped to ≤ ``exp_clamp_max`` (80 in float32, as TRL clamps the α-divergence's),
-    so ρ down to −1e4 gives large finite scores instead of inf − inf = NaN.
+    Exponents are clamped to ≤ 20 (``exp_clamp_max``; TRL clamps the α-divergence's at 80 and no
+    other), so ρ down to −1e4 gives large finite scores instead of inf − inf = NaN.
     """
     top = exp_clamp_max(log_ratio.dtype)
     if f_divergence == "reverse_kl":

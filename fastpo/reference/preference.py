@@ -201,11 +201,10 @@ def token_mean_nll(seq: torch.Tensor, token_logp: torch.Tensor, mask: Optional[t
 def alphapo_rewards(logp: torch.Tensor, alpha) -> torch.Tensor:
     """AlphaPO's reward shape (Gupta et al. 2025): (1 − p^(−α))/α = −expm1(−α·logp)/α, with p = e^logp.
 
-    The exponent is clamped to ≤ 80 (700 in float64), so logp = −1e4 gives a large finite reward.
-    Call with α ≠ 0 (α = 0 is the log-prob itself).
+    The exponent is clamped to ≤ 20 (fastpo's clamp of extreme log-ratios; TRL does not clamp), so
+    logp = −1e4 gives a large finite reward. Call with α ≠ 0 (α = 0 is the log-prob itself).
     """
-    top = 700.0 if logp.dtype == torch.float64 else 80.0
-    return -torch.expm1((-alpha * logp).clamp(max=top)) / alpha
+    return -torch.expm1((-alpha * logp).clamp(max=20.0)) / alpha
 
 
 def cpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, beta=0.1, loss_type: str = "sigmoid",
