@@ -421,13 +421,31 @@ fastpo::TokenLossSpec parse_loss_spec(const py::dict& d) {
   s.num_tokens = get("num_tokens").cast<double>();
   s.value_clip = get("value_clip").cast<double>();
   s.log_ratio_clamp = get("log_ratio_clamp").cast<double>();
+  s.surrogate = get("surrogate").cast<int>();
+  s.rollout_given = get("rollout_given").cast<bool>();
+  s.delta = get("delta").cast<double>();
+  s.tau_pos = get("tau_pos").cast<double>();
+  s.tau_neg = get("tau_neg").cast<double>();
+  s.ratio_cap = get("ratio_cap").cast<double>();
+  s.dro_beta = get("dro_beta").cast<double>();
+  s.vespo_k_pos = get("vespo_k_pos").cast<double>();
+  s.vespo_l_pos = get("vespo_l_pos").cast<double>();
+  s.vespo_k_neg = get("vespo_k_neg").cast<double>();
+  s.vespo_l_neg = get("vespo_l_neg").cast<double>();
+  s.kl_st = get("kl_st").cast<bool>();
+  s.kl_bias = get("kl_bias").cast<bool>();
+  s.count_empty = get("count_empty").cast<bool>();
   const std::string agg = get("aggregation").cast<std::string>();
   if (agg == "token_mean") s.aggregation = fastpo::Aggregation::kTokenMean;
   else if (agg == "seq_mean_token_mean") s.aggregation = fastpo::Aggregation::kSeqMeanTokenMean;
   else if (agg == "seq_mean_token_sum") s.aggregation = fastpo::Aggregation::kSeqMeanTokenSum;
   else if (agg == "token_sum_norm") s.aggregation = fastpo::Aggregation::kTokenSumNorm;
+  else if (agg == "token_sum") s.aggregation = fastpo::Aggregation::kTokenSum;
   else throw py::value_error("spec: unknown aggregation '" + agg + "'");
-  if (s.kl < 0 || s.kl > 3) throw py::value_error("spec: kl must be 0, 1, 2 or 3, got " + std::to_string(s.kl));
+  if (s.kl < 0 || s.kl > 4) throw py::value_error("spec: kl must be 0, 1, 2, 3 or 4, got " + std::to_string(s.kl));
+  if (s.surrogate < 0 || s.surrogate >= fastpo::kNumSurrogates)
+    throw py::value_error("spec: unknown surrogate code " + std::to_string(s.surrogate));
+  if (s.rollout_given && !s.rollout) throw py::value_error("spec: rollout_given needs rollout != 0");
   if (s.rollout_seq && !s.rollout) throw py::value_error("spec: rollout_seq needs rollout != 0");
   return s;
 }
