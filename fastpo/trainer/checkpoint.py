@@ -169,6 +169,48 @@ def save_optimizer_shard(output_dir: Path, step: int, rank: int, optimizer) -> N
     torch.save(optimizer.state_dict(), staging_dir(output_dir, step) / f"optimizer-rank{rank}.pt")
 
 
+def resume_checkpoint(output_dir: Path, cfg, trainable: torch.nn.ModuleDict, optimizer, *, reference,
+                      dist) -> dict:
+    """``--resume``: load the newest readable checkpoint into the models and the optimiser (older ones
+    when it is not, with a :class:`CheckpointWarning`); its trainer state, plus ``"path"``. A checkpoint
+    of a run with other ``RESUME_MUST_MATCH`` settings is refused; other changed settings warn."""
+    from .config import ResumeWarning, resume_differences
+    from .distributed import all_sum
+
+    problems = []
+    dtype = next(trainable["policy"].parameters()).dtype
+    for path in checkpoints(output_dir):
+        problem = state = data = None
+        try:
+            state = read_trainer_state(path)
+            refused, changed = resume_differences(state.get("config"), cfg)
+            if refused:
+                raise UserInputError(f"--resume: {path} was saved by a run with " + ", ".join(
+                    f"--{k.replace('_', '-')} {old!r}" for k, old, _ in refused) + "; this run has " +
+                    ", ".join(f"--{k.replace('_', '-')} {new!r}" for k, _, new in refused) +
+                    ": resume with the run's settings, or start a new run in another --output-dir")
+            data = read_weights(path, state, dtype=dtype, critic="critic" in trainable,
+                                reference=reference is not None, rank=dist.rank if cfg.fsdp else None)
+        except CheckpointError as exc:
+            problem = str(exc)
+        if all_sum(0.0 if problem is None else 1.0, dist) > 0:  # every rank skips it together
+            problems.append(problem or f"{path}: unreadable on another rank")
+            warnings.warn(f"--resume: skipping {path.name} ({problems[-1]}); trying the previous checkpoint",
+                          CheckpointWarning, stacklevel=3)
+            continue
+        if changed:
+            warnings.warn("--resume: settings differ from the run's: " + ", ".join(
+                f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, old, new in changed) +
+                "; continuing with the new values", ResumeWarning, stacklevel=3)
+        try:
+            apply_checkpoint(data, trainable, optimizer, reference=reference)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserInputError(f"--resume: {path} does not fit this run's model "
+                                 f"({type(exc).__name__}: {_first_line(exc)})") from None
+        return {**state, "path": path}
+    raise UserInputError(f"--resume: no usable checkpoint in {output_dir}:" + "".join(f"\n  {p}" for p in problems))
+
+
 def read_trainer_state(path: Path) -> dict:
     """``trainer_state.pt`` of a checkpoint (step, optimiser state, RNG, ref_step, config)."""
     file = path / "trainer_state.pt"

@@ -32,11 +32,11 @@ import torch
 
 from .algos import make_algorithm
 from .batch import TokenScorer, make_token_batch
-from .checkpoint import (CheckpointError, CheckpointWarning, apply_checkpoint, check_output_dir, checkpoints,
-                         clear_previous_run, gather_state, read_trainer_state, read_weights, save_checkpoint,
-                         save_optimizer_shard, set_rng_state, staging_dir)
-from .config import ResumeWarning, TrainConfig, resume_differences
+from .checkpoint import (check_output_dir, checkpoints, clear_previous_run, gather_state, resume_checkpoint,
+                         save_checkpoint, save_optimizer_shard, set_rng_state, staging_dir)
+from .config import TrainConfig
 from .distributed import all_sum, barrier, init_distributed, initialise_sharded, shard, shutdown, wrap
+from .data import PromptFormatter, load_eval_examples
 from .errors import UserInputError
 from .models import ValueModel, frozen_copy, load_policy, resolve_model_source
 from .microbatch import accumulate_gradients, split_experience
@@ -53,8 +53,8 @@ class _FinishStepOnInterrupt:
 
     def __enter__(self):
         self.pending = False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
             self.previous = signal.signal(signal.SIGINT, self._held)
         return self
 
@@ -66,8 +66,8 @@ class _FinishStepOnInterrupt:
               file=sys.stderr, flush=True)
 
     def __exit__(self, kind, value, tb):
-        if self.previous is not None or threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+        if self.installed:  # None: a handler set outside Python; Python's own is the closest
+            signal.signal(signal.SIGINT, signal.default_int_handler if self.previous is None else self.previous)
         if self.pending and kind is None:
             raise KeyboardInterrupt
         return False
@@ -108,8 +108,12 @@ class Trainer:
         hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the step bar
 
         self.prompts, self.pairs, self.rewards = self._data()
+        self.eval_examples = load_eval_examples(cfg)  # --eval-data / --eval-split (held out)
         self.model_source = resolve_model_source(cfg.model, log=self.log)
         self.lm, self.tokenizer = load_policy(self.model_source, cfg.dtype, self.device)
+        self.format_prompt = PromptFormatter(self.tokenizer, cfg.chat_template)  # --chat-template
+        if isinstance(self.prompts, ExamplePool):
+            self.format_prompt.check(self.prompts.items + (self.eval_examples or []))
         self.algo = make_algorithm(cfg.algo, self)
         self.initial_ref = None
         self.ref = None
@@ -146,7 +150,10 @@ class Trainer:
 
     def _data(self):
         from .rewards import RewardFunction, RewardTerm, default_reward_function, exact_answer_reward
+        from .countdown import CountdownTask, countdown_reward
+        from .data import load_train_examples
         from .tasks import ArithmeticTask, load_preferences_jsonl, load_prompts_jsonl
+        from .verifiers import reward_terms
 
         cfg = self.cfg
         pairs = prompts = None
@@ -154,14 +161,19 @@ class Trainer:
             pairs = ExamplePool(load_preferences_jsonl(cfg.data))
         elif cfg.task == "jsonl":
             prompts = ExamplePool(load_prompts_jsonl(cfg.data))
+        elif cfg.task == "dataset":
+            prompts = ExamplePool(load_train_examples(cfg))
+        elif cfg.task == "countdown":
+            prompts = CountdownTask()
         else:
             prompts = ArithmeticTask()
         if cfg.task == "arithmetic":
             terms = default_reward_function().terms
+        elif cfg.task == "countdown":
+            terms = [RewardTerm.builtin(countdown_reward, name="countdown")]
         else:
             terms = [RewardTerm.builtin(exact_answer_reward)]
-        if cfg.reward:
-            terms = terms + [RewardTerm.from_spec(cfg.reward)]
+        terms = reward_terms(cfg.reward, terms)  # --reward: math / format / regex:P / a user function
         return prompts, pairs, RewardFunction(terms, timeout=cfg.reward_timeout)
 
     def _rollout_engine(self):
@@ -348,43 +360,11 @@ class Trainer:
         self.saved_step = step
 
     def _resume(self) -> int:
-        """Load the newest readable checkpoint (older ones when it is not, with a warning); its step."""
-        problems = []
-        dtype = next(self.trainable_modules["policy"].parameters()).dtype
-        for path in checkpoints(self.output_dir):
-            problem = state = data = None
-            try:
-                state = read_trainer_state(path)
-                refused, changed = resume_differences(state.get("config"), self.cfg)
-                if refused:
-                    raise UserInputError(f"--resume: {path} was saved by a run with " + ", ".join(
-                        f"--{k.replace('_', '-')} {old!r}" for k, old, _ in refused) + "; this run has " +
-                        ", ".join(f"--{k.replace('_', '-')} {new!r}" for k, _, new in refused) +
-                        ": resume with the run's settings, or start a new run in another --output-dir")
-                data = read_weights(path, state, dtype=dtype, critic="critic" in self.trainable_modules,
-                                    reference=self.ref is not None, rank=self.dist.rank if self.cfg.fsdp else None)
-            except CheckpointError as exc:
-                problem = str(exc)
-            if all_sum(0.0 if problem is None else 1.0, self.dist) > 0:  # every rank skips it together
-                problems.append(problem or f"{path}: unreadable on another rank")
-                warnings.warn(f"--resume: skipping {path.name} ({problems[-1]}); trying the previous checkpoint",
-                              CheckpointWarning, stacklevel=2)
-                continue
-            if changed:
-                warnings.warn("--resume: settings differ from the run's: " + ", ".join(
-                    f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, old, new in changed) +
-                    "; continuing with the new values", ResumeWarning, stacklevel=2)
-            try:
-                apply_checkpoint(data, self.trainable_modules, self.optimizer,
-                                 reference=self.ref.lm if self.ref is not None else None)
-            except (RuntimeError, ValueError, KeyError) as exc:
-                raise UserInputError(f"--resume: {path} does not fit this run's model "
-                                     f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
-            set_rng_state(state["rng"])
-            self.ref_step = state.get("ref_step", 0)
-            if self.rollout is not None:
-                self.rollout.sync_weights(self.lm)
-            self.log(f"resumed from {path} (step {state['step']})")
-            return int(state["step"])
-        raise UserInputError(f"--resume: no usable checkpoint in {self.output_dir}:" +
-                             "".join(f"\n  {p}" for p in problems))
+        state = resume_checkpoint(self.output_dir, self.cfg, self.trainable_modules, self.optimizer,
+                                  reference=self.ref.lm if self.ref is not None else None, dist=self.dist)
+        set_rng_state(state["rng"])
+        self.ref_step = state.get("ref_step", 0)
+        if self.rollout is not None:
+            self.rollout.sync_weights(self.lm)
+        self.log(f"resumed from {state['path']} (step {state['step']})")
+        return int(state["step"])
