@@ -14,6 +14,7 @@ from .errors import UserInputError
 ALGORITHMS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo", "reinforce_pp", "remax", "ppo", "dpo", "online_dpo")
 ROLLOUTS = ("hf", "vllm")
 ROLLOUT_IS = ("none", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask")
+TASKS = ("arithmetic", "countdown", "jsonl", "dataset")
 
 
 @dataclass
@@ -24,11 +25,31 @@ class TrainConfig:
         "help": "a local directory or hub id of a causal LM (default: the built-in tiny model, built and "
                 "cached on first use)"})
     task: str = field(default="arithmetic", metadata={
-        "help": "'arithmetic' (built in) or 'jsonl' (prompts from --data); DPO reads pairs from --data"})
+        "help": f"{', '.join(TASKS)}: 'arithmetic' and 'countdown' are built in; 'jsonl' reads "
+                "{\"prompt\", \"answer\"} lines from --data; 'dataset' reads --data through Hugging Face "
+                "datasets; DPO reads pairs from --data"})
     data: Optional[str] = field(default=None, metadata={
-        "help": "JSONL file: {\"prompt\", \"answer\"} lines for RL, {\"prompt\", \"chosen\", \"rejected\"} for dpo"})
+        "help": "--task jsonl / dpo: a JSONL file; --task dataset: a .jsonl/.json/.csv/.parquet file, a "
+                "save_to_disk directory or a hub dataset id"})
+    data_config: Optional[str] = field(default=None, metadata={
+        "help": "--task dataset: the hub dataset's configuration (e.g. 'main' for openai/gsm8k)"})
+    split: str = field(default="train", metadata={"help": "--task dataset: the split to train on"})
+    prompt_field: str = field(default="prompt", metadata={
+        "help": "--task dataset: the field holding the prompt (a string or a list of chat messages)"})
+    answer_field: str = field(default="answer", metadata={
+        "help": "--task dataset: the field holding the reference answer"})
+    eval_data: Optional[str] = field(default=None, metadata={
+        "help": "--task dataset: a held-out set, in any --data form (default: none, or --data with --eval-split)"})
+    eval_split: Optional[str] = field(default=None, metadata={
+        "help": "--task dataset: the held-out split (default: 'test', or 'train' of an --eval-data file)"})
+    chat_template: str = field(default="auto", metadata={
+        "help": "auto (the tokenizer's chat template when it has one, on every prompt), none, or a Jinja "
+                "template FILE"})
     reward: Optional[str] = field(default=None, metadata={
-        "help": "extra reward 'module:function' or 'file.py:function', called as reward(prompt, completion)"})
+        "help": "'math' (math-verify answer check, in place of the exact-number one), 'format' "
+                "(<think>...</think> then an answer), 'regex:PATTERN', or a user function 'module:function' / "
+                "'file.py:function', reward(prompt, completion) or batched reward(prompts, completions, "
+                "**columns); added to the task's reward"})
     reward_timeout: float = field(default=30.0, metadata={
         "help": "seconds one reward call may take; a call that takes longer, raises or returns no finite "
                 "number scores 0 with a warning and is counted in reward_failures (0 = no limit; "
@@ -133,11 +154,28 @@ class TrainConfig:
         if self.algo == "dpo" and self.data is None:
             raise UserInputError("--algo dpo trains on preference pairs: pass --data PAIRS.jsonl with "
                                  "{\"prompt\", \"chosen\", \"rejected\"} lines")
-        if self.task not in ("arithmetic", "jsonl"):
-            raise UserInputError(f"--task: unknown task {self.task!r}; choose from arithmetic, jsonl")
+        if self.task not in TASKS:
+            raise UserInputError(f"--task: unknown task {self.task!r}; choose from {', '.join(TASKS)}")
         if self.task == "jsonl" and self.data is None and self.algo != "dpo":
             raise UserInputError("--task jsonl needs --data PROMPTS.jsonl")
+        self._validate_data_and_reward()
         return self
+
+    def _validate_data_and_reward(self) -> None:
+        from .data import read_template
+        from .verifiers import check_reward_spec
+
+        if self.task == "dataset" and self.algo != "dpo" and self.data is None:
+            raise UserInputError("--task dataset needs --data (a file, a save_to_disk directory or a hub dataset id)")
+        if (self.eval_data is not None or self.eval_split is not None) and self.task != "dataset":
+            raise UserInputError("--eval-data / --eval-split: held-out sets are read with --task dataset")
+        for name in ("split", "prompt_field", "answer_field"):
+            if not getattr(self, name):
+                raise UserInputError(f"--{name.replace('_', '-')}: must not be empty")
+        if self.eval_split == "":
+            raise UserInputError("--eval-split: must not be empty")
+        read_template(self.chat_template)
+        check_reward_spec(self.reward)
 
     def _validate_numbers(self) -> None:
         """Every numeric setting against its range (NaN and inf fail every range), before any work."""

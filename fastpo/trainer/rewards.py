@@ -166,6 +166,8 @@ class RewardTerm:
     name: str
     fn: Callable[[str, str, str | None], Any]
     weight: float = 1.0
+    # batched: ``fn(prompts, completions, answers, columns) -> list`` called once per batch (verifiers.py)
+    batched: bool = False
 
     @classmethod
     def builtin(
@@ -292,7 +294,8 @@ class RewardFunction:
         return 0.0
 
     def breakdown(
-        self, prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str | None] | None = None
+        self, prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str | None] | None = None,
+        columns: dict[str, list] | None = None,
     ) -> dict[str, list[float]]:
         """Unweighted per-term values: ``{term name: [f_k(sample_i) for i]}`` (for logging)."""
         n = len(completions)
@@ -303,7 +306,10 @@ class RewardFunction:
             )
         ans = [None] * n if answers is None else answers
         rows = list(zip(prompts, completions, ans))
-        return {t.name: [self._term_value(t, p, c, a) for p, c, a in rows] for t in self.terms}
+        from .verifiers import batched_term_values  # batched terms: one call per batch, with the columns
+
+        return {t.name: batched_term_values(self, t, prompts, completions, ans, columns) if t.batched
+                else [self._term_value(t, p, c, a) for p, c, a in rows] for t in self.terms}
 
     def total(self, breakdown: dict[str, list[float]]) -> list[float]:
         """Weighted sum of a ``breakdown``."""
@@ -311,10 +317,11 @@ class RewardFunction:
         return [math.fsum(vals) for vals in zip(*columns)]
 
     def __call__(
-        self, prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str | None] | None = None
+        self, prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str | None] | None = None,
+        columns: dict[str, list] | None = None,
     ) -> list[float]:
-        """The total reward of every sample."""
-        return self.total(self.breakdown(prompts, completions, answers))
+        """The total reward of every sample (``columns``: extra dataset fields for batched terms)."""
+        return self.total(self.breakdown(prompts, completions, answers, columns))
 
 
 # Default for the built-in arithmetic task: exact answer (weight 1.0) plus a small bonus for the clean

@@ -106,15 +106,24 @@ class Algorithm(ABC):
     def rollout(self, step: int, n: int):
         """Sample prompts, generate ``n`` responses each and score them: (examples, rollout, rewards [B])."""
         examples = self.trainer.prompts.sample(self.cfg.prompts_per_step, self.trainer.rng_for(step))
-        rollout = self.trainer.rollout.generate([e.prompt for e in examples], self.sampling(step, n=n))
+        rollout = self.trainer.rollout.generate(self.prompt_texts(examples), self.sampling(step, n=n))
         rewards = self.score(examples, rollout)
         return examples, rollout, rewards
 
+    def prompt_texts(self, examples) -> List[str]:
+        """What the model continues: each example's prompt through ``--chat-template``."""
+        fmt = getattr(self.trainer, "format_prompt", None)
+        return [e.prompt if fmt is None else fmt(e.prompt) for e in examples]
+
     def score(self, examples, rollout: Rollout) -> torch.Tensor:
-        """Rewards ``[B]`` float32 of each response against its prompt's example."""
+        """Rewards ``[B]`` float32 of each response against its prompt's example; batched reward
+        functions also get the examples' other fields as columns (one entry per response)."""
         per_sample = [examples[g] for g in rollout.group_index]
-        values = self.trainer.rewards([e.prompt for e in per_sample], rollout.completions,
-                                      [e.answer for e in per_sample])
+        answers = [e.answer for e in per_sample]
+        columns = {"answer": answers}
+        if per_sample and all(getattr(e, "columns", None) for e in per_sample):
+            columns = {k: [e.columns.get(k) for e in per_sample] for k in per_sample[0].columns}
+        values = self.trainer.rewards(self.prompt_texts(per_sample), rollout.completions, answers, columns)
         return torch.tensor(values, dtype=torch.float32, device=self.trainer.device)
 
     def token_batch(self, rollout: Rollout) -> TokenBatch:

@@ -123,6 +123,6 @@ class ReMax(GroupPolicyGradient):
 
     @torch.no_grad()
     def baseline(self, step: int, examples) -> torch.Tensor:
-        greedy = self.trainer.rollout.generate([e.prompt for e in examples],
+        greedy = self.trainer.rollout.generate(self.prompt_texts(examples),
                                                self.sampling(step, n=1, greedy=True, purpose=1))
         return self.score(examples, greedy)
