@@ -67,7 +67,7 @@ TEST_IGNORES=(--ignore-glob='tests/test_trainer*' --ignore-glob='tests/test_cli*
 TESTS_CMD=("$PYTHON" -m pytest -q -p no:cacheprovider tests "${TEST_IGNORES[@]}")
 BENCH_CMD=("$PYTHON" -m fastpo bench --quick --device cuda --no-progress --json "$OUT/bench-cuda-quick.json"
            --plots "$OUT/plots")
-TRAIN_ARGS=(--device cuda --max-steps 20 --output-dir "$OUT/train-run")
+TRAIN_ARGS=(--device cuda --max-steps 20 --output-dir "$OUT/train-run" --overwrite)
 
 wanted() { [[ ",$PHASES," == *",$1,"* ]]; }
 
