@@ -182,6 +182,7 @@ def policy_loss(
     ref_logp: Optional[torch.Tensor] = None,
     entropy: Optional[torch.Tensor] = None,
     rollout_logp: Optional[torch.Tensor] = None,
+    is_weights: Optional[torch.Tensor] = None,
     num_tokens=None,
     config: PolicyLossConfig = GRPO,
 ) -> LossOutput:
@@ -202,7 +203,19 @@ def policy_loss(
              multiplying pg only (as verl and TRL: not the KL or entropy terms); masked tokens still count
              in the denominators
         l  = w·pg + kl_coef·clamp(k, ±kl_clamp) − entropy_coef·entropy,   δ = clamp(ref_logp − logp, ±20),
-             k1 = −δ, k2 = δ²/2, k3 = e^δ − δ − 1
+             k1 = −δ, k2 = δ²/2, k3 = e^δ − δ − 1, abs = |δ|; "kX+": kX's value with k2's gradient;
+             ``kl_bias_correction``: k·r (TRL's use_bias_correction_kl)
+
+    ``config.surrogate`` replaces pg (each in ``fastpo.reference.surrogates``; lo = 1 − clip_low,
+    hi = 1 + clip_high): "clip" (above; ``delta`` caps the unclipped r at delta, TRL's two-sided clip),
+    "cispo" −sg(clip(r, lo, hi))·A·logp, "cispo_upper" −sg(min(r, hi))·A·logp (TRL), "sapo"
+    −σ(τ(r − 1))·(4/τ)·A, "reinforce" −A·logp (verl gpg / bypass REINFORCE), "dppo_tv" / "dppo_kl"
+    −A·sg(min(r, dppo_ratio_cap))·logp inside the TV / binary-KL trust region of the token probability,
+    "dro" −(A·logp − ½·dro_beta·(logp − old_logp)²), "geo_mean" (GMPO) every token carries its sequence's
+    −mean(A)·exp(mean of the sign-aware clipped Δ), "vespo" −sg(φ(exp ΣΔ))·A·logp.
+    ``is_weights``: precomputed per-token rollout weights (verl's ``rollout_is_weights``), used as w
+    instead of a ``config.rollout_is`` mode (which must then be "none"); geo_mean takes their
+    geometric mean per sequence, as verl.
 
     Aggregation (``config.aggregation``), over counted tokens:
 
@@ -215,6 +228,8 @@ def policy_loss(
     * ``seq_mean_token_sum``: mean over non-empty sequences of Σ_t l.
     * ``token_sum_norm`` (Dr.GRPO): Σl / (B·L), L = ``config.norm_length``, else T of a padded batch, else
       the longest sequence (``cu_seqlens`` span) of a packed batch.
+    * ``token_sum``: Σl (verl's token-sum).
+    * ``config.count_empty_sequences``: the sequence means divide by B, empty sequences included (TRL).
 
     ``num_tokens`` is only accepted with ``token_mean`` (ValueError otherwise): the sequence-mean modes
     divide by a number of sequences, and token_sum_norm by the constant B·L, so under gradient
@@ -244,9 +259,13 @@ def policy_loss(
     layout = token_layout(logp, "logp", mask, cu_seqlens)
     check_like_layout(layout, old_logp, "old_logp", "logp")
     check_like_layout(layout, advantages, "advantages", "logp")
-    for name, t in (("ref_logp", ref_logp), ("entropy", entropy), ("rollout_logp", rollout_logp)):
+    for name, t in (("ref_logp", ref_logp), ("entropy", entropy), ("rollout_logp", rollout_logp),
+                    ("is_weights", is_weights)):
         if t is not None:
             check_like_layout(layout, t, name, "logp")
+    if is_weights is not None and config.rollout_is != "none":
+        raise ValueError(f"is_weights replaces config.rollout_is: pass one of them, got rollout_is="
+                         f"{config.rollout_is!r} and is_weights")
     if config.kl_coef > 0 and ref_logp is None:
         raise ValueError(f"config.kl_coef={config.kl_coef} > 0 needs ref_logp (got None)")
     if config.entropy_coef != 0 and entropy is None:
@@ -265,13 +284,14 @@ def policy_loss(
         if isinstance(num_tokens, torch.Tensor):
             check_num_tokens_value(num_tokens)
         return reference.policy_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
-                                     entropy=entropy, rollout_logp=rollout_logp, num_tokens=num_tokens,
-                                     config=config)
+                                     entropy=entropy, rollout_logp=rollout_logp, is_weights=is_weights,
+                                     num_tokens=num_tokens, config=config)
 
     spec = policy_spec(config, has_ref=ref_logp is not None, has_entropy=entropy is not None,
                        norm_length=default_norm_length(layout, config.norm_length),
-                       num_tokens=-1.0)
-    old, adv, ref, roll, m = flat_inputs(layout, old_logp, advantages, ref_logp, rollout_logp, layout.mask)
+                       num_tokens=-1.0, has_is_weights=is_weights is not None)
+    roll = rollout_logp if is_weights is None else is_weights  # the kernels' rollout slot (see loss_spec)
+    old, adv, ref, roll, m = flat_inputs(layout, old_logp, advantages, ref_logp, roll, layout.mask)
     tensor_count = isinstance(num_tokens, torch.Tensor)
     loss, stats, _, _ = _policy_loss_fwd(
         layout.flat(logp), old, adv, ref, layout.flat(entropy), roll, m, layout.cu_seqlens,

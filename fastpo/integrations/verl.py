@@ -1,0 +1,261 @@
+"""verl 0.9 policy losses computed by ``fastpo.policy_loss``: ``fastpo_<name>`` for every verl built-in.
+
+Use it from a verl run with ``actor_rollout_ref.model.external_lib=fastpo.integrations.verl`` and
+``actor_rollout_ref.actor.policy_loss.loss_mode=fastpo_<name>``; importing this module registers
+``fastpo_vanilla``, ``fastpo_dppo_tv``, ``fastpo_dppo_kl``, ``fastpo_gspo``, ``fastpo_sapo``,
+``fastpo_gpg``, ``fastpo_geo_mean``, ``fastpo_dro``, ``fastpo_cispo`` and ``fastpo_bypass_mode`` through
+``verl.trainer.ppo.core_algos.register_policy_loss`` (and, when ``fastpo.integrations.verl_advantages``
+exists, its advantage estimators). It needs verl's ``core_algos`` only: no GPU, Ray workers or trainer.
+
+Each function has verl's signature ``(old_log_prob, log_prob, advantages, response_mask,
+loss_agg_mode="token-mean", config=None, rollout_is_weights=None) -> (loss, metrics)``, reads the same
+``ActorConfig`` fields, honours ``config.global_batch_info`` (``dp_size``, ``batch_num_tokens``,
+``global_batch_size``, ``loss_scale_factor``) as verl's ``agg_loss`` does, overrides the aggregation
+where verl's does (sapo: seq-mean-token-mean; geo_mean: the mean over the micro-batch's rows) and
+returns the same metric keys as Python floats. The loss and its gradient come from one fused
+``fastpo.policy_loss`` call; ``rollout_is_weights`` go in as its ``is_weights``.
+
+Not covered: ``clip_cov`` and ``kl_cov`` (their token selection is not in fastpo yet), and in
+``bypass_mode`` rejection sampling (``rollout_rs``) and batch-normalised weights under torch.distributed
+(both raise NotImplementedError). ``bypass_mode``'s ``rollout_corr/*`` diagnostics are computed by
+verl's own ``compute_rollout_correction_and_rejection_mask`` (no_grad, metrics only), so that the keys
+and values match verl's; the weights and the loss are fastpo's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+import fastpo
+from fastpo.policy_config import PolicyLossConfig
+
+from verl.trainer.ppo import core_algos  # noqa: E402  (this module exists to plug into verl)
+
+__all__ = ["LOSSES", "register", "fastpo_config", "SAFETY_BOUND"]
+
+SAFETY_BOUND = 20.0  # verl's rollout_corr_helper clamp of IS log-ratios
+_AGG = {"token-mean": "token_mean", "token-sum": "token_sum", "seq-mean-token-mean": "seq_mean_token_mean",
+        "seq-mean-token-sum": "seq_mean_token_sum", "seq-mean-token-sum-norm": "seq_mean_token_sum"}
+
+
+def _clip_bounds(config) -> Tuple[float, float]:
+    lo = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    hi = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    return float(lo), float(hi)
+
+
+def fastpo_config(name: str, config, loss_agg_mode: str) -> PolicyLossConfig:
+    """The ``PolicyLossConfig`` of verl's ``name`` loss under ``config`` (an ActorConfig) and ``loss_agg_mode``."""
+    if loss_agg_mode not in _AGG:
+        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
+    lo, hi = _clip_bounds(config)
+    agg = _AGG[loss_agg_mode]
+    base = dict(clip_low=lo, clip_high=hi, kl_coef=0.0, aggregation=agg)
+    if name == "vanilla":
+        c = config.get("clip_ratio_c", 3.0)
+        if not c > 1.0:
+            raise ValueError(f"The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0, "
+                             f"but get the value: {c}.")
+        return PolicyLossConfig(dual_clip=float(c), **base)
+    if name in ("dppo_tv", "dppo_kl"):
+        return PolicyLossConfig(surrogate=name, dppo_ratio_cap=float(config.get("clip_ratio_c", 20.0)), **base)
+    if name == "gspo":
+        return PolicyLossConfig(ratio_level="sequence", **base)
+    if name == "sapo":  # verl aggregates SAPO with seq-mean-token-mean whatever loss_agg_mode says
+        return PolicyLossConfig(surrogate="sapo", sapo_tau_pos=float(config.tau_pos), sapo_tau_neg=float(config.tau_neg),
+                                **dict(base, aggregation="seq_mean_token_mean"))
+    if name == "gpg":
+        return PolicyLossConfig(surrogate="reinforce", **base)
+    if name == "geo_mean":  # verl: torch.mean over the rows of the micro-batch, whatever loss_agg_mode says
+        return PolicyLossConfig(surrogate="geo_mean", count_empty_sequences=True,
+                                **dict(base, aggregation="seq_mean_token_mean"))
+    if name == "dro":
+        beta = config.policy_loss.dro_beta
+        if beta is None or beta <= 0:
+            raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+        return PolicyLossConfig(surrogate="dro", dro_beta=float(beta), **base)
+    if name == "cispo":
+        return PolicyLossConfig(surrogate="cispo", **base)
+    raise ValueError(f"no fastpo equivalent of verl's policy loss {name!r}")
+
+
+def _global_scale(loss, response_mask, loss_agg_mode, info, *, local_only=False):
+    """verl's agg_loss normalisers on top of fastpo's local aggregation (see ``_call``)."""
+    if local_only:
+        return loss
+    dp = info.get("dp_size", 1) or 1
+    if loss_agg_mode.startswith("seq-mean"):
+        gbs = info.get("global_batch_size")
+        if gbs is None:
+            if dp > 1:
+                raise ValueError("global_batch_size is required when dp_size > 1")
+        else:  # fastpo divided by the B rows of the micro-batch (count_empty_sequences): verl divides by gbs
+            loss = loss * (response_mask.shape[0] / gbs)
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            factor = info.get("loss_scale_factor")
+            loss = loss / (response_mask.shape[-1] if factor is None else factor)
+    elif loss_agg_mode == "token-mean" and info.get("batch_num_tokens") is None and dp > 1:
+        raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+    return loss * dp
+
+
+def _call(cfg: PolicyLossConfig, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+          is_weights=None, *, local_only=False):
+    """One fused fastpo.policy_loss over verl's padded [bs, T] micro-batch, scaled as verl's agg_loss."""
+    info = dict(getattr(config, "global_batch_info", None) or {})
+    num_tokens = None
+    if cfg.aggregation == "token_mean" and not local_only:
+        num_tokens = info.get("batch_num_tokens")
+    if cfg.aggregation.startswith("seq_mean") and not local_only and info.get("global_batch_size") is not None:
+        cfg = dataclasses.replace(cfg, count_empty_sequences=True)
+    mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    out = fastpo.policy_loss(log_prob, old_log_prob.detach(), advantages.detach(), mask,
+                             is_weights=None if is_weights is None else is_weights.detach(), num_tokens=num_tokens,
+                             config=cfg)
+    return _global_scale(out.loss, response_mask, loss_agg_mode, info, local_only=local_only), out.metrics
+
+
+def _f(metrics, key) -> float:
+    return float(metrics[key].item())
+
+
+# verl's metric keys per loss, from fastpo's metrics (see fastpo.policy_loss and the surrogates' flags).
+def _clip_metrics(m):
+    return {"actor/pg_clipfrac": _f(m, "clip_frac"), "actor/ppo_kl": _f(m, "ppo_kl"),
+            "actor/pg_clipfrac_lower": _f(m, "dual_clip_frac")}
+
+
+def _clip_only_metrics(m):
+    return {"actor/pg_clipfrac": _f(m, "clip_frac"), "actor/ppo_kl": _f(m, "ppo_kl"), "actor/pg_clipfrac_lower": 0.0}
+
+
+_METRICS: Dict[str, Callable[[dict], dict]] = {
+    "vanilla": _clip_metrics, "dppo_tv": _clip_metrics, "dppo_kl": _clip_metrics,
+    "gspo": _clip_only_metrics, "cispo": _clip_only_metrics,
+    "sapo": lambda m: {"actor/pg_clipfrac": 0.0, "actor/ppo_kl": _f(m, "ppo_kl"), "actor/pg_clipfrac_lower": 0.0},
+    "gpg": lambda m: {},
+    "geo_mean": lambda m: {"actor/pg_clipfrac": _f(m, "clip_frac_high"), "actor/ppo_kl": _f(m, "ppo_kl"),
+                           "actor/pg_clipfrac_lower": _f(m, "clip_frac_low")},
+    "dro": lambda m: {"actor/ppo_kl": _f(m, "ppo_kl")},
+}
+
+
+def _make_loss(name: str):
+    def loss_fn(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
+                rollout_is_weights: Optional[torch.Tensor] = None):
+        assert config is not None
+        cfg = fastpo_config(name, config, loss_agg_mode)
+        agg_mode = "seq-mean-token-mean" if name == "sapo" else loss_agg_mode
+        loss, metrics = _call(cfg, old_log_prob, log_prob, advantages, response_mask, agg_mode, config,
+                              rollout_is_weights, local_only=name == "geo_mean")
+        return loss, _METRICS[name](metrics)
+
+    loss_fn.__name__ = loss_fn.__qualname__ = f"fastpo_{name}"
+    loss_fn.__doc__ = f"verl's ``{name}`` policy loss, computed by one fused fastpo.policy_loss call."
+    return loss_fn
+
+
+def _is_threshold(spec) -> Tuple[float, Optional[float]]:
+    """(upper, lower or None) of verl's rollout_is_threshold: a float (TIS) or "lo_hi" (IcePop)."""
+    if isinstance(spec, bool):
+        raise TypeError("rollout_is_threshold must be specified as a float or a string threshold specification")
+    if isinstance(spec, str) and "_" in spec.strip():
+        lo, hi = spec.strip().split("_", 1)
+        return float(hi), float(lo)
+    return float(spec), None
+
+
+def _bypass_weights(log_prob, rollout_log_prob, mask, level, threshold, batch_normalize):
+    """verl's rollout IS weights π_current/π_rollout (detached): per token, or exp(Σ_t log-ratio) per
+    sequence, clamped to ±20 in log space, then TIS (min(w, upper)) or IcePop (0 outside [lower, upper]),
+    optionally divided by their batch mean."""
+    upper, lower = _is_threshold(threshold)
+    m = mask.to(log_prob.dtype)
+    log_ratio = (log_prob.detach() - rollout_log_prob).float()
+    if level == "token":
+        w = torch.exp(log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND))
+    elif level == "sequence":
+        total = torch.where(mask, log_ratio, torch.zeros_like(log_ratio)).sum(-1, keepdim=True)
+        w = torch.exp(total.clamp(-SAFETY_BOUND, SAFETY_BOUND)).expand_as(log_ratio)
+    else:
+        raise ValueError(f"Invalid rollout_is: {level}. Must be one of {{'token', 'sequence'}}.")
+    w = w * m
+    w = w.clamp(max=upper) if lower is None else torch.where((w >= lower) & (w <= upper), w, torch.zeros_like(w))
+    if batch_normalize:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise NotImplementedError("fastpo_bypass_mode: rollout_is_batch_normalize under torch.distributed")
+        if level == "token":
+            mean = (w * m).sum() / m.sum().clamp_min(1e-8)
+        else:
+            counts = m.sum(-1)
+            seq = (w * m).sum(-1) / counts.clamp_min(1e-8)
+            nonempty = (counts > 0).to(w.dtype)
+            mean = (seq * nonempty).sum() / nonempty.sum().clamp_min(1e-8)
+        if mean > 1e-8:
+            w = w / mean
+    return w
+
+
+def fastpo_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                       response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
+                       rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``bypass_mode`` (old_log_prob is the rollout's): ``loss_type="ppo_clip"`` is fastpo_vanilla
+    against the rollout log-probs with no IS weight; ``loss_type="reinforce"`` is −A·logp·w with verl's
+    rollout IS weights w (token or sequence level, TIS or IcePop); ``rollout_is_weights`` is ignored, as
+    in verl."""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    assert config is not None, "config is required for bypass_mode loss"
+    rc = config.policy_loss.get("rollout_correction", None) if hasattr(config, "policy_loss") else None
+    if rc is None:
+        raise ValueError("rollout_correction config not found in policy_loss. "
+                         "When using loss_mode='bypass_mode', ensure rollout_correction config is passed.")
+    loss_type = rc.get("loss_type", "ppo_clip")
+    level = rc.get("rollout_is", None)
+    threshold = rc.get("rollout_is_threshold", 2.0)
+    batch_normalize = rc.get("rollout_is_batch_normalize", False)
+    if rc.get("rollout_rs", None) is not None:
+        raise NotImplementedError("fastpo_bypass_mode: rollout_rs (rejection sampling) is not in fastpo yet; use "
+                                  "loss_mode=bypass_mode")
+    with torch.no_grad():  # verl's diagnostics, for the same rollout_corr/* keys and values
+        _, _, rollout_metrics = compute_rollout_correction_and_rejection_mask(
+            old_log_prob=log_prob, rollout_log_prob=old_log_prob, response_mask=response_mask, rollout_is=level,
+            rollout_is_threshold=threshold, rollout_is_batch_normalize=batch_normalize)
+    mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    if loss_type == "reinforce":
+        w = None
+        if level is not None and threshold is not None:
+            w = _bypass_weights(log_prob, old_log_prob, mask, level, threshold, batch_normalize)
+        cfg = PolicyLossConfig(surrogate="reinforce", kl_coef=0.0, aggregation=_AGG.get(loss_agg_mode, "token_mean"))
+        if loss_agg_mode not in _AGG:
+            raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
+        loss, metrics = _call(cfg, old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, w)
+        pg_metrics = {"actor/ppo_kl": _f(metrics, "ppo_kl")}
+    elif loss_type == "ppo_clip":
+        loss, pg_metrics = LOSSES["vanilla"](old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, None)
+    else:
+        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
+    pg_metrics.update(rollout_metrics)
+    return loss, pg_metrics
+
+
+LOSSES: Dict[str, Callable] = {name: _make_loss(name) for name in _METRICS}
+LOSSES["bypass_mode"] = fastpo_bypass_mode
+
+
+def register() -> None:
+    """Registers ``fastpo_<name>`` for every loss in :data:`LOSSES` (verl overwrites an earlier registration
+    of the same name), and the advantage estimators of ``fastpo.integrations.verl_advantages`` if present."""
+    for name, fn in LOSSES.items():
+        core_algos.register_policy_loss(f"fastpo_{name}")(fn)
+    if importlib.util.find_spec("fastpo.integrations.verl_advantages") is not None:
+        importlib.import_module("fastpo.integrations.verl_advantages").register()
+
+
+register()
