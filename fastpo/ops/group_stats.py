@@ -48,7 +48,8 @@ class GroupMoments:
     x: torch.Tensor        # x where valid, else 0
 
 
-def group_moments(x: torch.Tensor, valid: torch.Tensor, g: torch.Tensor, *, singleton_raw: bool = False) -> GroupMoments:
+def group_moments(x: torch.Tensor, valid: torch.Tensor, g: torch.Tensor, *,
+                  singleton_raw: bool = False) -> GroupMoments:
     """Two-pass (mean, then centred squares) group moments over the valid elements.
 
     ``singleton_raw``: a group with one valid member gets mean 0 and variance 1 (verl's convention:
