@@ -1,10 +1,10 @@
 """Argument checks of the preference losses (``fastpo.preference``, ``fastpo.dpo``).
 
 They trace under ``torch.compile(fullgraph=True, dynamic=True)``: shapes are compared pairwise (no
-hashing of symbolic sizes), and a scalar hyperparameter that arrives as a ``torch.SymFloat`` (what
-Dynamo passes for a Python float it keeps dynamic) is accepted as it is. Its range was checked by
-the eager calls and by the first, specialised compilation; a traced value is never branched on, so
-no value of β, ε, γ, ... forces a recompile.
+hashing of symbolic sizes), and a scalar hyperparameter is only type-checked while Dynamo traces:
+inside a trace a dynamic float (a ``SymFloat``) looks like a Python float, and testing its range
+would specialise the graph on it. The range checks run on every eager call. A traced value is never
+branched on, so no value of β, ε, γ, ... forces a recompile.
 """
 
 from __future__ import annotations
@@ -20,13 +20,21 @@ from fastpo import _validation as check
 SYMBOLIC = (torch.SymFloat, torch.SymInt)
 
 
+def traced(value) -> bool:
+    """True for a scalar whose value must not be inspected: a SymFloat, or any number while Dynamo traces
+    (inside a trace a dynamic float looks like a plain float, and comparing it would specialise it)."""
+    return isinstance(value, SYMBOLIC) or torch.compiler.is_compiling()
+
+
 def real(value, name: str, *, low: Optional[float] = None, low_open: bool = False,
          high: Optional[float] = None, high_open: bool = False, interval: Optional[str] = None):
-    """A finite real number (or a symbolic one, unchecked) within the given bounds."""
+    """A finite real number within the given bounds; while traced, only its type is checked."""
     if isinstance(value, SYMBOLIC):
         return value
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if torch.compiler.is_compiling():
+        return value
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")

@@ -121,7 +121,7 @@ def dpo_loss(
         loss_weights = [pc.real(w, "loss_weights") for w in loss_weights]
     label_smoothing = pc.real(label_smoothing, "label_smoothing", low=0.0, high=0.5, high_open=True)
     uses_eps = [t for t in types if t in _SMOOTHED]
-    if not isinstance(label_smoothing, pc.SYMBOLIC):
+    if not pc.traced(label_smoothing):
         if label_smoothing > 0 and not uses_eps:
             raise ValueError(f"label_smoothing applies to loss types {_SMOOTHED} only, got "
                              f"label_smoothing={label_smoothing} with loss_type={shown!r}")

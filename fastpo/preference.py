@@ -167,7 +167,7 @@ def cpo_loss(
     beta = pc.positive(beta, "beta")
     pc.choice(loss_type, "loss_type", spec.CPO_LOSS_TYPES)
     label_smoothing = pc.real(label_smoothing, "label_smoothing", low=0.0, high=0.5, high_open=True)
-    if not isinstance(label_smoothing, pc.SYMBOLIC) and label_smoothing > 0 and loss_type in ("hinge", "ipo"):
+    if not pc.traced(label_smoothing) and label_smoothing > 0 and loss_type in ("hinge", "ipo"):
         raise ValueError(f"label_smoothing applies to loss types sigmoid, simpo and alphapo only, got "
                          f"label_smoothing={label_smoothing} with loss_type={loss_type!r}")
     simpo_gamma = pc.real(simpo_gamma, "simpo_gamma")
@@ -175,12 +175,12 @@ def cpo_loss(
     if cpo_alpha is None:
         cpo_alpha = 0.0 if loss_type == "alphapo" else 1.0
     cpo_alpha = pc.real(cpo_alpha, "cpo_alpha")
-    if loss_type == "alphapo" and (isinstance(cpo_alpha, pc.SYMBOLIC) or cpo_alpha != 0):
+    if loss_type == "alphapo" and not pc.traced(cpo_alpha) and cpo_alpha != 0:
         raise ValueError(f"loss_type 'alphapo' is simpo without the NLL term (cpo_alpha = 0), got "
                          f"cpo_alpha={cpo_alpha}; use loss_type='simpo' with alpha= for both")
     if nll is not None:
         nll = pc.scalar_tensor(nll, "nll", chosen_logp, "chosen_logp")
-    elif isinstance(cpo_alpha, pc.SYMBOLIC) or cpo_alpha != 0:
+    elif not pc.traced(cpo_alpha) and cpo_alpha != 0:
         raise ValueError(f"cpo_alpha={cpo_alpha} needs nll=fastpo.nll_loss(chosen_token_logp, chosen_mask); "
                          "pass cpo_alpha=0 for no NLL term")
     return spec.cpo_loss(chosen_logp, rejected_logp, beta, loss_type, label_smoothing, simpo_gamma, alpha, nll,
