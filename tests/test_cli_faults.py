@@ -313,6 +313,20 @@ def test_non_utf8_data_names_the_line(capsys, tmp_path, small_lm):
     assert "prompts.jsonl:2" in err and "UTF-8" in err
 
 
+@pytest.mark.parametrize("algo,line", [
+    ("grpo", {"prompt": " ", "answer": "2"}), ("dpo", {"prompt": "", "chosen": "2", "rejected": "3"})])
+def test_an_empty_prompt_names_the_line(algo, line, capsys, tmp_path, small_lm):
+    import json
+
+    data = tmp_path / "data.jsonl"
+    good = {"prompt": "1+1=", "answer": "2"} if algo == "grpo" else {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
+    task = ["--task", "jsonl"] if algo == "grpo" else []
+    err = cli_error(["--algo", algo, *task, "--data", str(data), "--model", small_lm, "--output-dir",
+                     str(tmp_path / "o")], capsys)  # was an IndexError deep in generate()
+    assert "data.jsonl:2" in err and "empty" in err
+
+
 # ---- SIGINT, then --resume -------------------------------------------------------------------------
 
 def test_sigint_then_resume_loses_no_step_and_repeats_no_line(small_lm, tmp_path):

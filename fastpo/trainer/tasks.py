@@ -148,12 +148,19 @@ def _string_key(obj: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+def _prompt(obj: dict[str, Any], where: str) -> str:
+    prompt = _string_key(obj, "prompt", where)
+    if not prompt.strip():  # nothing to condition on: generate() cannot start from zero tokens
+        raise UserInputError(f'{where}: key "prompt" is empty')
+    return prompt
+
+
 def load_prompts_jsonl(path: str | Path) -> list[Example]:
     """Reads ``{"prompt": str, "answer": str | number}`` lines; a number answer becomes its string
-    (``42`` -> ``"42"``, ``2.5`` -> ``"2.5"``). Extra keys are ignored."""
+    (``42`` -> ``"42"``, ``2.5`` -> ``"2.5"``). Extra keys are ignored; an empty prompt is an error."""
     out = []
     for where, _, obj in _read_jsonl(path, 'prompts ({"prompt": ..., "answer": ...})'):
-        prompt = _string_key(obj, "prompt", where)
+        prompt = _prompt(obj, where)
         if "answer" not in obj:
             raise UserInputError(f'{where}: missing key "answer"')
         answer = obj["answer"]
@@ -168,12 +175,13 @@ def load_prompts_jsonl(path: str | Path) -> list[Example]:
 
 
 def load_preferences_jsonl(path: str | Path) -> list[PreferencePair]:
-    """Reads ``{"prompt": str, "chosen": str, "rejected": str}`` lines. Extra keys are ignored."""
+    """Reads ``{"prompt": str, "chosen": str, "rejected": str}`` lines. Extra keys are ignored; an empty
+    prompt is an error."""
     out = []
     for where, _, obj in _read_jsonl(path, 'preferences ({"prompt": ..., "chosen": ..., "rejected": ...})'):
         out.append(
             PreferencePair(
-                prompt=_string_key(obj, "prompt", where),
+                prompt=_prompt(obj, where),
                 chosen=_string_key(obj, "chosen", where),
                 rejected=_string_key(obj, "rejected", where),
             )
