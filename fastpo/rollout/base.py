@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -106,3 +106,27 @@ def cut_at_eos(tokens: List[int], eos_ids: "set[int]", pad_id: Optional[int]) ->
     while out and pad_id is not None and out[-1] == pad_id and pad_id not in eos_ids:
         out.pop()
     return out, False
+
+
+def named_weights(model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    """``model``'s parameters and buffers under its Hugging Face names, for an engine that keeps its
+    own copy. A ``peft`` LoRA model gives the merged weights ``W + ΔW`` under the base model's names
+    (``...q_proj.weight``, no ``base_layer`` / ``lora_*`` entries), which is what a plain model of
+    the same architecture loads; the adapters stay unmerged in ``model``."""
+    if not hasattr(model, "peft_config"):
+        yield from ((name, t.detach()) for name, t in model.state_dict().items())
+        return
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            active = [a for a in module.active_adapters if a in module.lora_A]
+            if active:
+                deltas[f"{name}.weight"] = sum(module.get_delta_weight(a) for a in active)
+    for key, t in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        name = key.replace(".base_layer.", ".")
+        yield name, (t + deltas[name].to(t.dtype) if name in deltas else t).detach()

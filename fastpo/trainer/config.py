@@ -78,6 +78,13 @@ class TrainConfig:
         "help": "learning rate (AdamW); the built-in tiny model is stable at 2e-4 and collapses from ~1e-3"})
     weight_decay: float = 0.0
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    # LoRA (peft)
+    lora_rank: int = field(default=0, metadata={
+        "help": "LoRA adapter rank (0 = full fine-tuning); the reference is the adapter-disabled base model"})
+    lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA scale alpha (default: 2 x rank)"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "modules that get adapters: all-linear (every linear layer but the lm_head) or names, "
+                "comma-separated (q_proj,v_proj)"})
     # losses
     kl_coef: Optional[float] = field(default=None, metadata={
         "help": "KL-to-reference weight (default: the preset's; 0 needs no reference model)"})
@@ -176,6 +183,21 @@ class TrainConfig:
             raise UserInputError("--eval-split: must not be empty")
         read_template(self.chat_template)
         check_reward_spec(self.reward)
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        if not self.lora_rank:
+            if self.lora_alpha is not None:
+                raise UserInputError("--lora-alpha needs --lora-rank > 0")
+            return
+        from .lora import import_peft, target_modules
+
+        for flag, on in (("--fsdp", self.fsdp), ("--resume", self.resume), ("--ref-update-every", self.ref_update_every)):
+            if on:
+                raise UserInputError(f"--lora-rank cannot be combined with {flag} yet"
+                                     + (" (the reference is the base model)" if flag == "--ref-update-every" else ""))
+        target_modules(self.lora_target_modules)
+        import_peft()
 
     def _validate_numbers(self) -> None:
         """Every numeric setting against its range (NaN and inf fail every range), before any work."""
@@ -222,6 +244,8 @@ NUMERIC_RANGES = {
     "vllm_kv_cache_gib": (0.0, True, None, False, True),
     "vllm_gpu_memory_utilization": (0.0, True, 1.0, False, False),
     "save_every": (0, False, None, False, False),
+    "lora_rank": (0, False, None, False, False),
+    "lora_alpha": (0.0, True, None, False, True),
 }
 
 

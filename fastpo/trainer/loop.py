@@ -38,7 +38,7 @@ from .config import TrainConfig
 from .distributed import all_sum, barrier, init_distributed, initialise_sharded, shard, shutdown, wrap
 from .data import PromptFormatter, load_eval_examples
 from .errors import UserInputError
-from .models import ValueModel, frozen_copy, load_policy, resolve_model_source
+from .models import ValueModel, load_policy, prepare_policy, reference_policy, resolve_model_source
 from .microbatch import accumulate_gradients, split_experience
 from .reporting import Reporter
 
@@ -111,6 +111,7 @@ class Trainer:
         self.eval_examples = load_eval_examples(cfg)  # --eval-data / --eval-split (held out)
         self.model_source = resolve_model_source(cfg.model, log=self.log)
         self.lm, self.tokenizer = load_policy(self.model_source, cfg.dtype, self.device)
+        self.lm = prepare_policy(self.lm, cfg)  # LoRA adapters (and memory settings), see models.py
         self.format_prompt = PromptFormatter(self.tokenizer, cfg.chat_template)  # --chat-template
         if isinstance(self.prompts, ExamplePool):
             self.format_prompt.check(self.prompts.items + (self.eval_examples or []))
@@ -118,7 +119,7 @@ class Trainer:
         self.initial_ref = None
         self.ref = None
         if self.algo.needs_reference:
-            self.ref = frozen_copy(self.lm, cfg.temperature)
+            self.ref = reference_policy(self.lm, cfg)  # a frozen copy, or LoRA's adapter-disabled base
         self.ref_step = 0
         self.critic = self.critic_eval = None
         self.policy_eval = TokenScorer(self.lm, temperature=cfg.temperature)

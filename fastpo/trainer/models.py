@@ -52,6 +52,25 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or name.endswith("/")
 
 
+def prepare_policy(lm: torch.nn.Module, cfg) -> torch.nn.Module:
+    """The loaded policy as the run trains it: with LoRA adapters under ``--lora-rank``."""
+    if cfg.lora_rank:
+        from .lora import apply_lora
+
+        lm = apply_lora(lm, rank=cfg.lora_rank, alpha=cfg.lora_alpha, modules=cfg.lora_target_modules)
+    return lm
+
+
+def reference_policy(lm: torch.nn.Module, cfg) -> TokenScorer:
+    """The reference: a frozen copy of the initial policy, or for a LoRA policy the same network with
+    its adapters disabled (the base model, no copy)."""
+    from .lora import is_lora, lora_reference
+
+    if is_lora(lm):
+        return lora_reference(lm, cfg.temperature)
+    return frozen_copy(lm, cfg.temperature)
+
+
 def frozen_copy(lm: torch.nn.Module, temperature: float) -> TokenScorer:
     """A reference policy: a deep copy, in eval mode, with no gradients."""
     ref = copy.deepcopy(lm)
