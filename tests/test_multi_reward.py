@@ -3,7 +3,6 @@ the reference and against TRL 1.16's own advantage block (executed from the inst
 and fastpo.overlong_penalty against TRL's get_soft_overlong_punishment and verl's DAPO formula."""
 
 import ast
-import inspect
 import textwrap
 
 import pytest
@@ -58,17 +57,28 @@ def test_single_reward_is_group_advantages(backend):
                fastpo.group_advantages(s, group_size=4, method=method, eps=1e-4))
 
 
-def _trl_advantages(rewards_per_func, weights, num_generations, aggregation, scale_rewards):
-    """TRL 1.16's own code: the advantage block of GRPOTrainer._generate_and_score_completions, executed."""
-    from trl.trainer import grpo_trainer
-    from trl.trainer.utils import nanstd
+def _trl_source(relative: str) -> str:
+    """The text of an installed TRL module, read without importing it (importing grpo_trainer takes ~20 s)."""
+    import importlib.util
+    import pathlib
 
-    source = inspect.getsource(grpo_trainer.GRPOTrainer._generate_and_score_completions)
-    lines = textwrap.dedent(source).splitlines()
+    spec = importlib.util.find_spec("trl")
+    if spec is None or spec.origin is None:
+        pytest.skip("TRL is not installed: the parity test runs TRL's own code")
+    return (pathlib.Path(spec.origin).parent / relative).read_text()
+
+
+def _trl_advantages(rewards_per_func, weights, num_generations, aggregation, scale_rewards):
+    """TRL 1.16's own code, executed: the advantage block of GRPOTrainer._generate_and_score_completions
+    (from ``unscorable_mask = ...`` to ``advantages = torch.nan_to_num(...)``) and ``trl.trainer.utils.nanstd``."""
+    lines = _trl_source("trainer/grpo_trainer.py").splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.strip().startswith("unscorable_mask = "))
     end = next(i for i, ln in enumerate(lines) if "advantages = torch.nan_to_num(advantages" in ln)
     block = textwrap.dedent("\n".join(lines[start:end + 1]))
-    ast.parse(block)
+    utils = ast.parse(_trl_source("trainer/utils.py"))
+    nanstd_def = next(n for n in utils.body if isinstance(n, ast.FunctionDef) and n.name == "nanstd")
+    scope = dict(torch=torch)
+    exec(compile(ast.Module([nanstd_def], type_ignores=[]), "trl_nanstd", "exec"), scope)
 
     class Self:
         pass
@@ -76,8 +86,7 @@ def _trl_advantages(rewards_per_func, weights, num_generations, aggregation, sca
     me = Self()
     me.multi_objective_aggregation, me.scale_rewards = aggregation, scale_rewards
     me.reward_weights, me.reward_funcs = weights, [None] * weights.numel()
-    scope = dict(self=me, torch=torch, nanstd=nanstd, rewards_per_func=rewards_per_func,
-                 num_generations=num_generations, device="cpu")
+    scope.update(self=me, rewards_per_func=rewards_per_func, num_generations=num_generations, device="cpu")
     exec(compile(block, "trl_grpo_advantages", "exec"), scope)
     return scope["advantages"]
 
@@ -85,7 +94,6 @@ def _trl_advantages(rewards_per_func, weights, num_generations, aggregation, sca
 @pytest.mark.parametrize("aggregation,scale", [o for o in OPTIONS if o[0] != "gdpo"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_parity_with_trl(backend, aggregation, scale, seed):
-    pytest.importorskip("trl", reason="TRL is not installed: the parity test runs TRL's own code")
     s = _case(seed, b=16)
     if seed == 2:
         s[8:12] = 3.0  # a zero-variance group
