@@ -5,8 +5,10 @@ misbehaving reward functions, no matplotlib, a crash mid-save, and SIGINT follow
 Every case ends in a clear message (exit status 2, no traceback) or a documented recovery."""
 
 import dataclasses
+import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,7 @@ from fastpo.trainer.checkpoint import CheckpointWarning
 from fastpo.trainer.config import NUMERIC_RANGES, ResumeWarning, TrainConfig, config_fields
 from fastpo.trainer.errors import UserInputError
 from fastpo.trainer.reporting import ReportWarning, read_metrics
-from fastpo.trainer.rewards import RewardFunction, RewardTerm, RewardWarning, call_with_timeout, RewardTimeout
+from fastpo.trainer.rewards import RewardFunction, RewardTerm, RewardTimeout, RewardWarning, call_with_timeout
 from test_trainer import QUICK, ROOT, cli_error, run, small_lm  # noqa: F401  (small_lm is a fixture)
 
 steps_of = lambda out: [r["step"] for r in read_metrics(Path(out) / "metrics.jsonl")]
@@ -254,15 +256,9 @@ def test_call_with_timeout_off_the_main_thread_abandons_the_call():
 ])
 def test_a_misbehaving_reward_scores_zero_with_a_warning_and_a_count(returns, message):
     rf = RewardFunction([RewardTerm.user(lambda p, c: returns(), name="bad")], timeout=0.2)
-    with pytest.warns(RewardWarning, match=re_escape(message)):
+    with pytest.warns(RewardWarning, match=re.escape(message)):
         assert rf(["p", "q"], ["a", "b"]) == [0.0, 0.0]
     assert rf.failures["bad"] == 2
-
-
-def re_escape(text):
-    import re
-
-    return re.escape(text)
 
 
 def test_reward_failures_are_counted_in_metrics(small_lm, tmp_path):
@@ -316,8 +312,6 @@ def test_non_utf8_data_names_the_line(capsys, tmp_path, small_lm):
 @pytest.mark.parametrize("algo,line", [
     ("grpo", {"prompt": " ", "answer": "2"}), ("dpo", {"prompt": "", "chosen": "2", "rejected": "3"})])
 def test_an_empty_prompt_names_the_line(algo, line, capsys, tmp_path, small_lm):
-    import json
-
     data = tmp_path / "data.jsonl"
     good = {"prompt": "1+1=", "answer": "2"} if algo == "grpo" else {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
     data.write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
