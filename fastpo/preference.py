@@ -127,9 +127,13 @@ def nll_loss(token_logp: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
 
     One mean over every counted token of the batch (not a mean of per-sequence means), the
     normalisation of TRL's DPO ``sft`` term (so RPO's) and of CPO's ``cpo_alpha`` term. 0 when no
-    token is counted (TRL: NaN). Padded ``[B, T]`` with ``mask``, or packed ``[N]`` with
-    ``cu_seqlens``; through the fused ``fastpo.sequence_logprobs``, differentiable.
+    token is counted (TRL: NaN). Padded ``[B, T]`` with ``mask``, packed ``[N]`` with
+    ``cu_seqlens``, or any flat ``[N]`` of tokens; through the fused ``fastpo.sequence_logprobs``,
+    differentiable.
     """
+    check.check_float_tensor(token_logp, "token_logp")
+    if token_logp.dim() == 1 and cu_seqlens is None:  # a flat run of tokens: one sequence
+        token_logp, mask = token_logp.unsqueeze(0), None if mask is None else mask.unsqueeze(0)
     seq = sequence_logprobs(token_logp, mask, cu_seqlens=cu_seqlens)
     return spec.token_mean_nll(seq, token_logp, mask)
 

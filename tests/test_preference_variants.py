@@ -213,6 +213,8 @@ def test_nll_and_wpo_weights(backend):
     packed = fastpo.nll_loss(tr.reshape(-1), cu_seqlens=torch.tensor([0, 5, 12, 20], device=backend))
     torch.testing.assert_close(packed, -tr.reshape(-1)[:20].mean())
     assert fastpo.nll_loss(tc, torch.zeros_like(mc)) == 0  # nothing counted: 0, not NaN
+    torch.testing.assert_close(fastpo.nll_loss(tr.reshape(-1)), -tr.mean())  # a flat run of tokens
+    torch.testing.assert_close(fastpo.reference.nll_loss(tc, mc), nll.detach())
     lssp = 2 * torch.nan_to_num(tc) - 0.5
     w = fastpo.wpo_weights(tc, lssp, mc)
     aligned = (torch.nan_to_num(tc) - lssp) * mc

@@ -45,7 +45,7 @@ def run(args, out):
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_every_algorithm_runs_a_few_steps(algo, small_lm, pairs_file, tmp_path):
-    extra = ["--data", pairs_file] if algo == "dpo" else []
+    extra = ["--data", pairs_file] if algo in ("dpo", "rpo") else []
     records = run(["--algo", algo, "--model", small_lm, "--max-steps", "2", *QUICK, *extra], tmp_path)
     assert [r["step"] for r in records] == [1, 2]
     lines = read_metrics(tmp_path / "metrics.jsonl")
@@ -54,8 +54,8 @@ def test_every_algorithm_runs_a_few_steps(algo, small_lm, pairs_file, tmp_path):
         assert set(REQUIRED_KEYS) <= set(line)
         assert line["loss"] is not None and line["tokens_per_s"] > 0 and not line["skipped"]
     assert (tmp_path / "checkpoint-2" / "policy" / "model.safetensors").is_file()
-    assert (tmp_path / "reward.png").is_file() or algo == "dpo"
-    if algo not in ("dpo", "online_dpo"):  # sampled tokens scored by generate and by the trainer agree (same weights)
+    assert (tmp_path / "reward.png").is_file() or algo in ("dpo", "rpo")
+    if algo not in ("dpo", "rpo", "online_dpo"):  # sampled tokens scored by generate and by the trainer agree (same weights)
         assert lines[0]["rollout_logp_abs_diff"] < 1e-4
 
 

@@ -187,6 +187,8 @@ def nll_loss(token_logp: torch.Tensor, mask: Optional[torch.Tensor] = None,
     ``cpo_alpha`` term, a ``CrossEntropyLoss`` over the chosen tokens): one mean over every counted
     token of the batch, not a mean of per-sequence means. 0 when nothing is counted.
     """
+    if token_logp.dim() == 1 and cu_seqlens is None:
+        token_logp, mask = token_logp.unsqueeze(0), None if mask is None else mask.unsqueeze(0)
     seq = sequence_logprobs(token_logp, mask, cu_seqlens)
     return token_mean_nll(seq, token_logp, mask)
 

@@ -11,7 +11,8 @@ from typing import Any, Dict, Optional
 
 from .errors import UserInputError
 
-ALGORITHMS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo", "reinforce_pp", "remax", "ppo", "dpo", "online_dpo")
+ALGORITHMS = ("grpo", "dapo", "dr_grpo", "gspo", "rloo", "reinforce_pp", "remax", "ppo", "dpo", "rpo", "online_dpo")
+OFFLINE_PAIR_ALGOS = ("dpo", "rpo")  # trained on --data preference pairs, no rollout
 ROLLOUTS = ("hf", "vllm")
 ROLLOUT_IS = ("none", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask")
 TASKS = ("arithmetic", "countdown", "jsonl", "dataset")
@@ -97,7 +98,9 @@ class TrainConfig:
     gamma: float = field(default=1.0, metadata={"help": "ppo: discount"})
     lam: float = field(default=0.95, metadata={"help": "ppo: GAE lambda"})
     beta: float = field(default=0.1, metadata={"help": "dpo / online_dpo: beta"})
-    dpo_loss_type: str = field(default="sigmoid", metadata={"help": "dpo: sigmoid | ipo | hinge | robust"})
+    dpo_loss_type: str = field(default="sigmoid", metadata={"help": "dpo / rpo: sigmoid | ipo | hinge | robust"})
+    rpo_alpha: float = field(default=1.0, metadata={
+        "help": "rpo: weight of the chosen responses' NLL (one mean over their tokens) added to the DPO loss"})
     # vLLM rollout (--rollout vllm)
     vllm_max_model_len: Optional[int] = field(default=None, metadata={
         "help": "vllm: longest prompt + response the engine plans for (default: the model's context length)"})
@@ -139,8 +142,8 @@ class TrainConfig:
         choice("dpo_loss_type", ("sigmoid", "ipo", "hinge", "robust"))
         if self.device is not None:
             choice("device", ("cpu", "cuda"))
-        if self.rollout == "vllm" and self.algo == "dpo":
-            raise UserInputError("--rollout vllm: offline dpo generates nothing; use --algo online_dpo to "
+        if self.rollout == "vllm" and self.algo in OFFLINE_PAIR_ALGOS:
+            raise UserInputError(f"--rollout vllm: offline {self.algo} generates nothing; use --algo online_dpo to "
                                  "sample preference pairs with vLLM")
         if self.rollout == "vllm" and self.fsdp:
             raise UserInputError("--rollout vllm cannot be combined with --fsdp: the colocated engine holds "
@@ -152,18 +155,20 @@ class TrainConfig:
         if self.algo in ("grpo", "dapo", "dr_grpo", "gspo", "rloo", "reinforce_pp", "online_dpo") and self.group_size < 2:
             raise UserInputError(f"--group-size must be >= 2 for {self.algo} (it compares responses to the same "
                                  f"prompt), got {self.group_size}")
-        if self.algo in ("dpo", "online_dpo") and (self.mini_batches > 1 or self.micro_batch_size is not None):
+        if self.algo in ("dpo", "rpo", "online_dpo") and (self.mini_batches > 1 or self.micro_batch_size is not None):
             raise UserInputError(f"--mini-batches / --micro-batch-size: not supported with --algo {self.algo} "
                                  "(its loss pairs chosen and rejected sequences of one batch)")
-        if self.algo != "dpo" and self.mini_batches > self.prompts_per_step * self.group_size:
+        if self.algo not in OFFLINE_PAIR_ALGOS and self.mini_batches > self.prompts_per_step * self.group_size:
             raise UserInputError(f"--mini-batches {self.mini_batches} exceeds the {self.prompts_per_step * self.group_size} "
                                  "sequences of a rollout batch (--prompts-per-step x --group-size)")
-        if self.algo == "dpo" and self.data is None:
-            raise UserInputError("--algo dpo trains on preference pairs: pass --data PAIRS.jsonl with "
+        if self.algo in OFFLINE_PAIR_ALGOS and self.data is None:
+            raise UserInputError(f"--algo {self.algo} trains on preference pairs: pass --data PAIRS.jsonl with "
                                  "{\"prompt\", \"chosen\", \"rejected\"} lines")
         if self.task not in TASKS:
             raise UserInputError(f"--task: unknown task {self.task!r}; choose from {', '.join(TASKS)}")
-        if self.task == "jsonl" and self.data is None and self.algo != "dpo":
+        if self.algo == "rpo" and not 0 <= self.rpo_alpha < float("inf"):
+            raise UserInputError(f"--rpo-alpha must be finite and >= 0, got {self.rpo_alpha}")
+        if self.task == "jsonl" and self.data is None and self.algo not in OFFLINE_PAIR_ALGOS:
             raise UserInputError("--task jsonl needs --data PROMPTS.jsonl")
         self._validate_data_and_reward()
         return self
@@ -172,7 +177,7 @@ class TrainConfig:
         from .data import read_template
         from .verifiers import check_reward_spec
 
-        if self.task == "dataset" and self.algo != "dpo" and self.data is None:
+        if self.task == "dataset" and self.algo not in OFFLINE_PAIR_ALGOS and self.data is None:
             raise UserInputError("--task dataset needs --data (a file, a save_to_disk directory or a hub dataset id)")
         if (self.eval_data is not None or self.eval_split is not None) and self.task != "dataset":
             raise UserInputError("--eval-data / --eval-split: held-out sets are read with --task dataset")

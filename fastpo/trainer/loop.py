@@ -34,7 +34,7 @@ from .algos import make_algorithm
 from .batch import TokenScorer, make_token_batch
 from .checkpoint import (check_output_dir, checkpoints, clear_previous_run, gather_state, resume_checkpoint,
                          save_checkpoint, save_optimizer_shard, set_rng_state, staging_dir)
-from .config import TrainConfig
+from .config import OFFLINE_PAIR_ALGOS, TrainConfig
 from .distributed import all_sum, barrier, init_distributed, initialise_sharded, shard, shutdown, wrap
 from .data import PromptFormatter, load_eval_examples
 from .errors import UserInputError
@@ -158,7 +158,7 @@ class Trainer:
 
         cfg = self.cfg
         pairs = prompts = None
-        if cfg.algo == "dpo":
+        if cfg.algo in OFFLINE_PAIR_ALGOS:
             pairs = ExamplePool(load_preferences_jsonl(cfg.data))
         elif cfg.task == "jsonl":
             prompts = ExamplePool(load_prompts_jsonl(cfg.data))
@@ -178,7 +178,7 @@ class Trainer:
         return prompts, pairs, RewardFunction(terms, timeout=cfg.reward_timeout)
 
     def _rollout_engine(self):
-        if self.cfg.algo == "dpo":
+        if self.cfg.algo in OFFLINE_PAIR_ALGOS:
             return None
         if self.cfg.rollout == "vllm":
             return self._vllm_engine()

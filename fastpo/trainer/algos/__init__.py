@@ -1,7 +1,7 @@
 """One module per algorithm family; :func:`make_algorithm` picks by ``--algo``."""
 
 from .base import Algorithm, Experience
-from .dpo import DPO, OnlineDPO
+from .dpo import DPO, RPO, OnlineDPO
 from .grpo import VARIANTS, GroupPolicyGradient, ReMax
 from .ppo import PPO
 
@@ -11,6 +11,8 @@ def make_algorithm(name: str, trainer) -> Algorithm:
         return PPO(trainer)
     if name == "dpo":
         return DPO(trainer)
+    if name == "rpo":
+        return RPO(trainer)
     if name == "online_dpo":
         return OnlineDPO(trainer)
     if name == "remax":

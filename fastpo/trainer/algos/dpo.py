@@ -5,7 +5,8 @@ per response with ``fastpo.sequence_logprobs`` (packed: chosen responses first, 
 the loss is ``fastpo.dpo_loss`` against a frozen reference (the initial policy, refreshable with
 ``--ref-update-every``). IPO uses length-averaged log-probs, as its paper does.
 
-Offline (``dpo``): pairs from ``--data`` JSONL, ``--prompts-per-step`` pairs per step.
+Offline (``dpo``): pairs from ``--data`` JSONL, ``--prompts-per-step`` pairs per step; ``rpo`` adds
+the chosen responses' NLL (``--rpo-alpha``).
 Online (``online_dpo``): G responses per prompt; the highest- and lowest-reward responses form the
 pair (groups where all rewards tie are skipped)."""
 
@@ -55,12 +56,17 @@ class DPO(Algorithm):
         token_logp = token_logprobs(model, batch)
         return fastpo.sequence_logprobs(token_logp, cu_seqlens=batch.cu_seqlens, average=self.average)
 
+    def dpo_terms(self, token_logp: torch.Tensor, batch) -> dict:
+        """Extra ``dpo_loss`` arguments of a variant (RPO's NLL term); plain DPO has none."""
+        return {}
+
     def loss(self, exp: Experience) -> Tuple[torch.Tensor, Dict[str, Optional[float]]]:
-        seq = self.sequence_logp(self.trainer.policy, exp.batch)
+        token_logp = token_logprobs(self.trainer.policy, exp.batch)
+        seq = fastpo.sequence_logprobs(token_logp, cu_seqlens=exp.batch.cu_seqlens, average=self.average)
         ref = exp.tensors["ref_logp"]
         half = seq.numel() // 2
         out = fastpo.dpo_loss(seq[:half], seq[half:], ref[:half], ref[half:], beta=self.cfg.beta,
-                              loss_type=self.cfg.dpo_loss_type)
+                              loss_type=self.cfg.dpo_loss_type, **self.dpo_terms(token_logp, exp.batch))
         m = {k: float(v) for k, v in out.metrics.items()}
         n_tok = max(exp.batch.num_response_tokens, 1)
         # mean per-token log-ratio to the reference over both responses (a k1 estimate of the KL)
@@ -70,6 +76,18 @@ class DPO(Algorithm):
         if "reward_mean" not in exp.metrics:
             m["reward_mean"] = m["reward_accuracy"]
         return out.loss, m
+
+
+class RPO(DPO):
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"), offline on pairs as ``dpo``:
+    the DPO loss plus ``--rpo-alpha`` × the NLL of the chosen responses, one mean over all their
+    tokens in the batch (``fastpo.nll_loss``; TRL's normalisation, its ``loss_type=[..., "sft"]``)."""
+
+    name = "rpo"
+
+    def dpo_terms(self, token_logp: torch.Tensor, batch) -> dict:
+        chosen_tokens = int(batch.cu_seqlens[batch.cu_seqlens.numel() // 2])  # chosen responses come first
+        return {"rpo_alpha": self.cfg.rpo_alpha, "nll": fastpo.nll_loss(token_logp[:chosen_tokens])}
 
 
 class OnlineDPO(DPO):
