@@ -13,9 +13,8 @@ follow verl: a group of one keeps its raw score (mean 0, std 1; ``rloo_vectorize
   position; equal whenever padding holds 0, as verl writes it);
 * a NaN or ±inf at a masked position is ignored (verl propagates it), and NaN counted scores follow
   fastpo's (TRL's) "not scored" semantics;
-* ``gae`` and ``reinforce_plus_plus``: advantages and returns at masked positions come from fastpo's
-  GAE, which gives 0 there (verl carries the running values through); counted positions are equal.
-  ``masked_whiten`` over fewer than two counted tokens raises in verl and returns ``x − mean`` here;
+* ``gae``, ``reinforce_plus_plus``, ``gdpo``, ``reinforce_plus_plus_baseline``: verl's ``masked_whiten``
+  raises on fewer than two counted tokens; here it returns ``x − mean``;
 * ``opo`` on a group whose responses are all empty gives 0 (verl: 0/0 = NaN).
 
 verl's ``compute_advantage`` passes ``sum_pi_squared``/``old_log_probs`` (OTB) and the raw batch (GDPO)
@@ -81,8 +80,15 @@ def _whiten(x, response_mask):
 def compute_gae_advantage_return(token_level_rewards, values, response_mask, gamma, lam):
     import fastpo
 
-    adv, ret = fastpo.gae(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam))
-    return _whiten(adv, response_mask).to(token_level_rewards.dtype), ret.to(token_level_rewards.dtype)
+    adv, _ = fastpo.gae(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam))
+    # verl carries the running advantage through masked positions: there it is the advantage of the next
+    # counted token (0 past the last), and returns = that + values.
+    t = adv.shape[-1]
+    pos = torch.arange(t, device=adv.device)
+    nxt = torch.where(response_mask != 0, pos, t).flip(-1).cummin(-1).values.flip(-1)
+    carried = torch.cat([adv, adv.new_zeros(adv.shape[0], 1)], -1).gather(-1, nxt)
+    returns = carried + values.to(carried.dtype)
+    return _whiten(carried, response_mask).to(token_level_rewards.dtype), returns.to(token_level_rewards.dtype)
 
 
 def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon: float = 1e-6,
