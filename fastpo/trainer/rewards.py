@@ -20,7 +20,9 @@ and training goes on. Only Ctrl-C (``KeyboardInterrupt``) stops it.
 The timeout: on the main thread of a POSIX process, a ``SIGALRM`` timer interrupts the call (a sleep, a
 blocking read or a Python loop); elsewhere the call runs in a daemon thread that is abandoned when it
 overruns (Python cannot stop a thread, so it keeps running in the background). Code that holds the
-GIL inside one C call (a catastrophic regular expression) cannot be interrupted by either.
+GIL inside one C call (a catastrophic regular expression) cannot be interrupted by either. A reward
+that sets its own alarm (``signal.alarm``, as timeout decorators do) replaces this one for the rest of
+that call. The limit is per call: a term that never returns costs ``timeout`` seconds per sample.
 """
 
 from __future__ import annotations
