@@ -173,3 +173,10 @@ def test_overlong_errors(kwargs, exc):
     args = dict(lengths=torch.tensor([3, 9]), max_len=10, buffer=4)
     args.update(kwargs)
     assert_raises_unmodified(fastpo.overlong_penalty, args, exc)
+
+
+def test_bfloat16_scores_are_upcast(backend):
+    s = _case(4).bfloat16()
+    got = fastpo.multi_reward_advantages(s.to(backend), group_size=4, aggregation="normalize_then_sum")
+    assert got.dtype == torch.float32
+    _close(got, fastpo.reference.multi_reward_advantages(s.float(), group_size=4, aggregation="normalize_then_sum"))

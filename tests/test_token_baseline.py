@@ -90,3 +90,14 @@ def test_errors(cpu_backend, name, override, exc, fragment):
                   sum_pi_squared=torch.rand(4, 3), group_size=2)
     kwargs.update(override)
     assert_raises_unmodified(fastpo.optimal_token_baseline, kwargs, exc, match=fragment)
+
+
+def test_bfloat16_inputs(backend):
+    rewards, mask, lp, sp, _ = _case(2)
+    want = fastpo.optimal_token_baseline(*(x.bfloat16().float() if x.dtype != torch.bool else x
+                                           for x in (rewards, mask, lp, sp)), group_size=4)
+    got = fastpo.optimal_token_baseline(*(x.bfloat16().to(backend) if x.dtype != torch.bool else x.to(backend)
+                                          for x in (rewards, mask, lp, sp)), group_size=4)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        _close(a, b)
