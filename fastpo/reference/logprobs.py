@@ -32,7 +32,9 @@ def token_logprobs(
     logp = torch.where(valid, logp, zero)
     if not return_entropy:
         return logp
-    entropy = lse - (torch.softmax(s, dim=-1) * s).sum(dim=-1)
+    p = torch.softmax(s, dim=-1)
+    # −inf logits (a masked-out vocabulary) have p = 0 and contribute 0, not 0·(−inf)
+    entropy = lse - (p * s.masked_fill(p == 0, 0)).sum(dim=-1)
     return logp, torch.where(valid, entropy, zero)
 
 
