@@ -249,6 +249,7 @@ NUMERIC_RANGES = {
     "vllm_kv_cache_gib": (0.0, True, None, False, True),
     "vllm_gpu_memory_utilization": (0.0, True, 1.0, False, False),
     "save_every": (0, False, None, False, False),
+    "rpo_alpha": (0.0, False, None, False, False),
     "lora_rank": (0, False, None, False, False),
     "lora_alpha": (0.0, True, None, False, True),
 }
