@@ -64,8 +64,8 @@ def dpo_loss(
 
         sigmoid       −(1−ε)·logσ(z) − ε·logσ(−z)           DPO; cDPO when ε > 0 (TRL 1.16 ignores ε here)
         hinge         relu(1 − z)                           SLiC
-        ipo           (sc/|c| − sr/|r| − 1/(2β))²            IPO; no lengths: (Δ − 1/(2β))² (pass averaged log-probs)
-        exo_pair      σ(z)(logσ(z) − log(1−ε)) + σ(−z)(logσ(−z) − log ε)     EXO, needs ε > 0
+        ipo           (sc/|c| − sr/|r| − 1/(2β))²            IPO; no lengths: (Δ − 1/(2β))², pass averages
+        exo_pair      σ(z)(logσ(z) − log(1−ε)) + σ(−z)(logσ(−z) − log ε)    EXO, needs ε > 0
         nca_pair      −logσ(βρc) − ½logσ(−βρc) − ½logσ(−βρr)
         robust        ((1−ε)·(−logσ(z)) + ε·logσ(−z)) / (1−2ε)
         bco_pair      −logσ(βρc) − logσ(−βρr)

@@ -72,7 +72,7 @@ def kto_loss(
     With ℓ = logp − ref_logp and z0 the KL reference point, per sample::
 
         kto                desirable: w_d·(1 − σ(β·(ℓ − z0)))    undesirable: w_u·(1 − σ(β·(z0 − ℓ)))
-        apo_zero_unpaired  desirable: w_d·(1 − σ(β·ℓ))           undesirable: w_u·σ(β·ℓ)     (APO-zero, unpaired)
+        apo_zero_unpaired  desirable: w_d·(1 − σ(β·ℓ))           undesirable: w_u·σ(β·ℓ)    (APO-zero)
 
     ``desirable``: bool (or integer, non-zero = desirable) tensor shaped like ``logp``.
     ``kl_ref_point``: z0 as a number or a one-element tensor, used as max(z0, 0) and detached.

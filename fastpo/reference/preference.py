@@ -122,7 +122,7 @@ def orpo_loss(chosen_avg_logp: torch.Tensor, rejected_avg_logp: torch.Tensor, be
 def kto_loss(logp: torch.Tensor, ref_logp: torch.Tensor, desirable: torch.Tensor, beta=0.1,
              desirable_weight=1.0, undesirable_weight=1.0,
              kl_ref_point: Union[None, float, torch.Tensor] = None, loss_type: str = "kto") -> LossOutput:
-    """KTO on unpaired samples: mean over the batch of the per-sample loss, with ℓ = logp − ref_logp
+    """KTO on unpaired samples: the batch mean of the per-sample loss, with ℓ = logp − ref_logp
 
         kto                desirable: w_d·(1 − σ(β·(ℓ − z0)))    undesirable: w_u·(1 − σ(β·(z0 − ℓ)))
         apo_zero_unpaired  desirable: w_d·(1 − σ(β·ℓ))           undesirable: w_u·σ(β·ℓ)
