@@ -131,7 +131,8 @@ struct SurIn {
 template <class T>
 inline SurOut<T> sur_clip(const TokenConsts<T>& k, const SurIn<T>& in) {
   const T A = in.A, r = in.ratio;
-  const T unclipped = -A * std::min(r, k.delta);
+  const T r1 = std::min(r, k.delta);
+  const T unclipped = -A * r1;
   const T clipped_value = -A * std::min(std::max(r, k.lo), k.hi);
   const bool clipped = clipped_value > unclipped;
   const T pg_clip = clipped ? clipped_value : unclipped;
@@ -142,7 +143,8 @@ inline SurOut<T> sur_clip(const TokenConsts<T>& k, const SurIn<T>& in) {
   d = r > k.delta ? T(0) : d;
   d = dual ? T(0) : d;
   const T neg = A < T(0) ? T(1) : T(0), pos = A > T(0) ? T(1) : T(0);
-  return {pg, d, clipped ? neg : T(0), clipped ? pos : T(0), dual ? T(1) : T(0)};
+  // the bounds' flags from r' (TRL's clip_ratio metrics; without δ the same as "the clipped branch")
+  return {pg, d, r1 < k.lo ? neg : T(0), r1 > k.hi ? pos : T(0), dual ? T(1) : T(0)};
 }
 
 // cispo: l = −sg(clip(r, lo, hi))·A·x, ∂l/∂x = −clip(r, lo, hi)·A (lo = 0 for TRL's upper-only form).

@@ -73,7 +73,7 @@ def _sur_clip(a, r, dr, lo, hi, delta_cap, dual_clip, DUAL: tl.constexpr):
         dual = (a < 0.0) & (loss > cap)
         loss = tl.where(dual, cap, loss)
         dloss = tl.where(dual, 0.0, dloss)
-    return loss, dloss, clipped & (a < 0.0), clipped & (a > 0.0), dual
+    return loss, dloss, (r1 < lo) & (a < 0.0), (r1 > hi) & (a > 0.0), dual  # flags from r' (TRL)
 
 
 @triton.jit

@@ -73,7 +73,10 @@ def clip(c: Ctx, cfg) -> Terms:
         cap = -cfg.dual_clip * A
         dual = (A < 0) & (pg > cap)
         pg = torch.where(dual, cap, pg)
-    return Terms(pg, clipped & (A < 0), clipped & (A > 0), dual)
+    # the bounds' flags from r' (as TRL's clip_ratio metrics; without delta the same as "the clipped
+    # branch is the max")
+    r1 = r1.detach()
+    return Terms(pg, (r1 < 1.0 - cfg.clip_low) & (A < 0), (r1 > 1.0 + cfg.clip_high) & (A > 0), dual)
 
 
 def cispo(c: Ctx, cfg) -> Terms:
