@@ -16,6 +16,8 @@ import torch
 
 import fastpo
 
+from .precision import FULL, Precision, head_operands, run_decoder
+
 
 @dataclass
 class TokenBatch:
@@ -120,19 +122,19 @@ class TokenScorer(torch.nn.Module):
     ``fastpo.linear_token_logprobs`` applies the lm_head chunk by chunk, so the ``[B, L, V]`` logits
     never exist. Everything happens inside ``forward``, so DDP and FSDP wrap this module as usual."""
 
-    def __init__(self, lm: torch.nn.Module, *, temperature: float = 1.0, chunk_size: Optional[int] = None):
+    def __init__(self, lm: torch.nn.Module, *, temperature: float = 1.0, chunk_size: Optional[int] = None,
+                 precision: Precision = FULL):
         super().__init__()
         self.lm = lm
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.precision = precision  # --bf16, --cast-lm-head-fp32 (precision.py)
 
     def forward(self, input_ids, attention_mask, rows, positions, labels, return_entropy: bool = False):
-        decoder = self.lm.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        head = self.lm.get_output_embeddings()
-        return fastpo.linear_token_logprobs(hidden[rows, positions], head.weight, labels, bias=head.bias,
-                                            temperature=self.temperature, return_entropy=return_entropy,
-                                            chunk_size=self.chunk_size)
+        hidden = run_decoder(self.lm.get_decoder(), input_ids, attention_mask, self.precision)
+        h, weight, bias = head_operands(hidden[rows, positions], self.lm.get_output_embeddings(), self.precision)
+        return fastpo.linear_token_logprobs(h, weight, labels, bias=bias, temperature=self.temperature,
+                                            return_entropy=return_entropy, chunk_size=self.chunk_size)
 
 
 def token_logprobs(scorer: torch.nn.Module, batch: TokenBatch, *, return_entropy: bool = False):

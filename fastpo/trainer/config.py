@@ -79,6 +79,18 @@ class TrainConfig:
         "help": "learning rate (AdamW); the built-in tiny model is stable at 2e-4 and collapses from ~1e-3"})
     weight_decay: float = 0.0
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    lr_scheduler: str = field(default="constant", metadata={
+        "help": "constant | linear | cosine decay over --max-steps, after --warmup-steps of linear warm-up"})
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear learning-rate warm-up"})
+    # memory
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each decoder layer's activations in the backward instead of keeping them"})
+    bf16: bool = field(default=False, metadata={
+        "help": "bf16 autocast over float32 master weights (as Hugging Face's Trainer bf16=True); needs "
+                "--dtype float32"})
+    cast_lm_head_fp32: bool = field(default=False, metadata={
+        "help": "compute the lm_head log-probs from float32 hidden states and weights (under --bf16 or "
+                "--dtype bfloat16)"})
     # LoRA (peft)
     lora_rank: int = field(default=0, metadata={
         "help": "LoRA adapter rank (0 = full fine-tuning); the reference is the adapter-disabled base model"})
@@ -189,6 +201,13 @@ class TrainConfig:
         read_template(self.chat_template)
         check_reward_spec(self.reward)
         self._validate_lora()
+        from .schedule import SCHEDULERS
+
+        if self.lr_scheduler not in SCHEDULERS:
+            raise UserInputError(f"--lr-scheduler: unknown value {self.lr_scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+        if self.bf16 and self.dtype != "float32":
+            raise UserInputError("--bf16 autocasts over float32 master weights: use it with --dtype float32 "
+                                 "(--dtype bfloat16 alone trains a bf16 model)")
 
     def _validate_lora(self) -> None:
         if not self.lora_rank:
@@ -251,6 +270,7 @@ NUMERIC_RANGES = {
     "save_every": (0, False, None, False, False),
     "rpo_alpha": (0.0, False, None, False, False),
     "lora_rank": (0, False, None, False, False),
+    "warmup_steps": (0, False, None, False, False),
     "lora_alpha": (0.0, True, None, False, True),
 }
 

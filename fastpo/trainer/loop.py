@@ -38,9 +38,10 @@ from .config import OFFLINE_PAIR_ALGOS, TrainConfig
 from .distributed import all_sum, barrier, init_distributed, initialise_sharded, shard, shutdown, wrap
 from .data import PromptFormatter, load_eval_examples
 from .errors import UserInputError
-from .models import ValueModel, load_policy, prepare_policy, reference_policy, resolve_model_source
+from .models import ValueModel, load_policy, precision_of, prepare_policy, reference_policy, resolve_model_source
 from .microbatch import accumulate_gradients, split_experience
 from .reporting import Reporter
+from .schedule import apply_lr, lr_factor
 
 
 class NonFiniteLossWarning(RuntimeWarning):
@@ -122,10 +123,10 @@ class Trainer:
             self.ref = reference_policy(self.lm, cfg)  # a frozen copy, or LoRA's adapter-disabled base
         self.ref_step = 0
         self.critic = self.critic_eval = None
-        self.policy_eval = TokenScorer(self.lm, temperature=cfg.temperature)
+        self.policy_eval = TokenScorer(self.lm, temperature=cfg.temperature, precision=precision_of(cfg))
         self.trainable_modules = torch.nn.ModuleDict({"policy": self.policy_eval})
         if self.algo.needs_critic:
-            self.critic_eval = ValueModel(self.lm)
+            self.critic_eval = ValueModel(self.lm, precision=precision_of(cfg))
             self.trainable_modules["critic"] = self.critic_eval
         if cfg.fsdp:  # shard before the optimiser sees the parameters
             probe = make_token_batch([[self.tokenizer.pad_token_id]], [[self.tokenizer.pad_token_id]],
@@ -280,6 +281,9 @@ class Trainer:
     def _update(self, step: int, exp, t0: float, t_experience: float, reward_failures: int):
         """The optimiser passes over a step's experience and the engine's weight sync."""
         metrics: Dict[str, Optional[float]] = dict(exp.metrics)
+        # --lr-scheduler / --warmup-steps: this step's rate on every parameter group (schedule.py)
+        metrics["lr"] = apply_lr(self.optimizer, lr_factor(step, kind=self.cfg.lr_scheduler,
+                                                           warmup=self.cfg.warmup_steps, total=self.cfg.max_steps))
         updated = True
         losses = []
         # --mini-batches optimiser steps per pass, each accumulating --micro-batch-size forward/backwards;

@@ -27,6 +27,7 @@ import torch
 
 from .batch import TokenScorer
 from .errors import UserInputError
+from .precision import FULL, Precision
 
 
 def target_modules(spec: str) -> Union[str, List[str]]:
@@ -70,5 +71,5 @@ class AdapterDisabledScorer(TokenScorer):
             return super().forward(*args, **kwargs)
 
 
-def lora_reference(lm: torch.nn.Module, temperature: float) -> TokenScorer:
-    return AdapterDisabledScorer(lm, temperature=temperature)
+def lora_reference(lm: torch.nn.Module, temperature: float, precision: Precision = FULL) -> TokenScorer:
+    return AdapterDisabledScorer(lm, temperature=temperature, precision=precision)

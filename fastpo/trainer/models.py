@@ -11,6 +11,7 @@ import torch
 
 from .batch import TokenBatch, TokenScorer
 from .errors import UserInputError
+from .precision import FULL, Precision, enable_gradient_checkpointing, run_decoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -53,12 +54,20 @@ def _looks_like_path(name: str) -> bool:
 
 
 def prepare_policy(lm: torch.nn.Module, cfg) -> torch.nn.Module:
-    """The loaded policy as the run trains it: with LoRA adapters under ``--lora-rank``."""
+    """The loaded policy as the run trains it: gradient checkpointing under ``--gradient-checkpointing``,
+    LoRA adapters under ``--lora-rank``."""
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(lm)
     if cfg.lora_rank:
         from .lora import apply_lora
 
         lm = apply_lora(lm, rank=cfg.lora_rank, alpha=cfg.lora_alpha, modules=cfg.lora_target_modules)
     return lm
+
+
+def precision_of(cfg) -> Precision:
+    """The forward passes' precision settings (``--bf16``, ``--cast-lm-head-fp32``; see precision.py)."""
+    return Precision(autocast=torch.bfloat16 if cfg.bf16 else None, head_fp32=cfg.cast_lm_head_fp32)
 
 
 def reference_policy(lm: torch.nn.Module, cfg) -> TokenScorer:
@@ -67,16 +76,16 @@ def reference_policy(lm: torch.nn.Module, cfg) -> TokenScorer:
     from .lora import is_lora, lora_reference
 
     if is_lora(lm):
-        return lora_reference(lm, cfg.temperature)
-    return frozen_copy(lm, cfg.temperature)
+        return lora_reference(lm, cfg.temperature, precision_of(cfg))
+    return frozen_copy(lm, cfg.temperature, precision_of(cfg))
 
 
-def frozen_copy(lm: torch.nn.Module, temperature: float) -> TokenScorer:
+def frozen_copy(lm: torch.nn.Module, temperature: float, precision: Precision = FULL) -> TokenScorer:
     """A reference policy: a deep copy, in eval mode, with no gradients."""
     ref = copy.deepcopy(lm)
     ref.eval()
     ref.requires_grad_(False)
-    return TokenScorer(ref, temperature=temperature)
+    return TokenScorer(ref, temperature=temperature, precision=precision)
 
 
 class ValueModel(torch.nn.Module):
@@ -84,8 +93,9 @@ class ValueModel(torch.nn.Module):
     so the first values are 0). Values are read at the positions that score each response token,
     i.e. the state before the token is generated."""
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, precision: Precision = FULL):
         super().__init__()
+        self.precision = precision
         self.backbone = copy.deepcopy(lm.get_decoder())
         self.backbone.requires_grad_(True)
         width = lm.get_output_embeddings().weight.shape[1]
@@ -96,7 +106,7 @@ class ValueModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = run_decoder(self.backbone, input_ids, attention_mask, self.precision)
         return self.head(hidden[rows, positions].float()).squeeze(-1)
 
 
