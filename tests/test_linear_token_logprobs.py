@@ -162,3 +162,39 @@ def test_token_logprobs_forward_allocates_only_per_row_outputs(cpu_backend):
     with _LargestAllocation() as seen:
         fastpo.token_logprobs(logits, make_labels((64,), 500), return_entropy=True)
     assert seen.largest <= 64
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_zero_hidden_size(backend, bias):
+    """D = 0: the logits are the bias (or 0), so logp = log_softmax(bias)[y] (−log V without one);
+    was a reshape RuntimeError."""
+    vocab = 11
+    hidden = torch.randn(4, 0, device=backend, requires_grad=True)
+    weight = torch.randn(vocab, 0, device=backend, requires_grad=True)
+    b = torch.randn(vocab, device=backend, requires_grad=True) if bias else None
+    labels = torch.tensor([0, 3, -100, 10], device=backend)
+    logp, entropy = fastpo.linear_token_logprobs(hidden, weight, labels, bias=b, return_entropy=True)
+    (logp.sum() + entropy.sum()).backward()
+    z = (b.detach().cpu().double() if bias else torch.zeros(vocab, dtype=torch.float64)).expand(4, vocab)
+    zr = z.clone().requires_grad_()
+    want_logp, want_entropy = reference.token_logprobs(zr, labels.cpu(), 1.0, -100, True)
+    (want_logp.sum() + want_entropy.sum()).backward()
+    torch.testing.assert_close(logp.cpu().double(), want_logp.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(entropy.cpu().double(), want_entropy.detach(), atol=1e-6, rtol=1e-6)
+    if not bias:
+        assert torch.allclose(logp[labels != -100].cpu(), torch.tensor(-torch.log(torch.tensor(11.0)).item()))
+    assert hidden.grad.shape == (4, 0) and weight.grad.shape == (vocab, 0)
+    if bias:
+        torch.testing.assert_close(b.grad.cpu().double(), zr.grad.sum(0), atol=1e-6, rtol=1e-5)
+
+
+def test_double_backward_raises_not_implemented(backend):
+    hidden, weight, _, labels = _inputs(6, 8, 30, torch.float32, bias=False, seed=5)
+    h = hidden.to(backend).requires_grad_()
+    logp = fastpo.linear_token_logprobs(h, weight.to(backend), labels.to(backend), chunk_size=4)
+    (grad,) = torch.autograd.grad(logp.sum(), h, create_graph=True)
+    hr = hidden.double().requires_grad_()
+    (want,) = torch.autograd.grad(reference.linear_token_logprobs(hr, weight.double(), labels).sum(), hr)
+    torch.testing.assert_close(grad.cpu().double(), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="linear_token_logprobs does not support double backward"):
+        grad.square().sum().backward()

@@ -179,3 +179,23 @@ def test_reference_backend_dispatch(monkeypatch):
     logits = torch.randn(3, 8)
     labels = torch.tensor([1, 2, 3])
     torch.testing.assert_close(fastpo.token_logprobs(logits, labels), reference.token_logprobs(logits, labels))
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_double_backward_raises_not_implemented(backend, inplace_backward):
+    """A gradient of the gradient is refused with a clear NotImplementedError (was torch's
+    developer-facing "no autograd formula was registered"); create_graph=True alone still gives the
+    right first-order gradient, and the in-place backward then leaves the logits alone."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(5, 13, generator=g).to(backend)
+    labels = make_labels((5,), 13, generator=g, device=backend)
+    x = logits.clone().requires_grad_()
+    logp, entropy = fastpo.token_logprobs(x, labels, return_entropy=True, inplace_backward=inplace_backward)
+    (grad,) = torch.autograd.grad(logp.sum() + entropy.sum(), x, create_graph=True)
+    xr = logits.cpu().double().requires_grad_()
+    want_logp, want_entropy = reference.token_logprobs(xr, labels.cpu(), 1.0, -100, True)
+    (want,) = torch.autograd.grad(want_logp.sum() + want_entropy.sum(), xr)
+    assert_close(grad, want, torch.float32, grad=True)
+    assert torch.equal(x.detach(), logits)
+    with pytest.raises(NotImplementedError, match="token_logprobs does not support double backward"):
+        grad.square().sum().backward()
