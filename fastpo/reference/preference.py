@@ -2,9 +2,9 @@
 
 The spec of ``fastpo.sequence_logprobs``, ``simpo_loss``, ``orpo_loss``, ``kto_loss``, ``cpo_loss``
 and ``nll_loss`` (``dpo_loss`` is in ``fastpo.reference.dpo``). The losses act on one value per
-pair (or sample) and are small composites of
-numerically stable torch ops (log-sigmoid, ``log1p``/``expm1`` forms): the public functions validate
-their arguments and run these same functions, which trace under ``torch.compile``.
+pair (or sample) and are small composites of numerically stable torch ops (log-sigmoid,
+``log1p``/``expm1`` forms): the public functions validate their arguments and run these same
+functions, which trace under ``torch.compile``.
 
 Conventions shared by the losses: inputs of any floating dtype, computed in float32 (float64 when an
 input is float64); reference log-probs are constants (detached); the loss is the mean over pairs
