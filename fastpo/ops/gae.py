@@ -83,6 +83,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor
     flat = lambda x: layout.flat(x.detach().to(dtype))  # noqa: E731
     flat_mask = None if layout.mask is None else layout.mask != 0
     max_len = layout.padded_len if layout.is_padded else layout.num_tokens
-    gamma_lam = torch.tensor([gamma, lam], dtype=torch.float64)
+    # ones·γ, not torch.tensor([γ, λ]): a SymFloat multiplying a tensor stays a graph input under
+    # torch.compile's AOT backends, while one used to build a tensor is specialised (recompile per value)
+    one = torch.ones((), dtype=torch.float64)
+    gamma_lam = torch.stack([one * gamma, one * lam])
     adv, ret = _gae_op(flat(rewards), flat(values), flat_mask, layout.cu_seqlens, gamma_lam, max_len, backend)
     return layout.unflatten(adv), layout.unflatten(ret)

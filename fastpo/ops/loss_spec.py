@@ -78,10 +78,10 @@ class TokenLossSpec(NamedTuple):
         return AGGREGATIONS[self.aggregation] == "seq_mean_token_mean"
 
     def floats(self) -> List[float]:
-        return [float(getattr(self, f)) for f in self._fields if isinstance(self._field_defaults[f], float)]
+        return [float(getattr(self, f)) for f in FLOAT_FIELDS]
 
     def ints(self) -> List[int]:
-        return [int(getattr(self, f)) for f in self._fields if not isinstance(self._field_defaults[f], float)]
+        return [int(getattr(self, f)) for f in INT_FIELDS]
 
     @classmethod
     def from_lists(cls, floats, ints) -> "TokenLossSpec":
@@ -91,6 +91,12 @@ class TokenLossSpec(NamedTuple):
             default = cls._field_defaults[f]
             kw[f] = float(next(fi)) if isinstance(default, float) else type(default)(next(ii))
         return cls(**kw)
+
+
+# The field names by kind, fixed at import: floats() / ints() read no float default under torch.compile
+# (which would trace the defaults as symbolic floats, then restart its analysis to specialise them).
+FLOAT_FIELDS = tuple(f for f in TokenLossSpec._fields if isinstance(TokenLossSpec._field_defaults[f], float))
+INT_FIELDS = tuple(f for f in TokenLossSpec._fields if f not in FLOAT_FIELDS)
 
 
 def policy_spec(config: PolicyLossConfig, *, has_ref: bool, has_entropy: bool, norm_length: int,

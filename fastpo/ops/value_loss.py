@@ -97,7 +97,9 @@ def value_loss(
                                     aggregation=aggregation)
     # norm_length 0: the longest sequence (T when padded), found in the op; the clip goes as a tensor
     spec = value_spec(None, aggregation, 0)
-    clip_t = torch.full((), math.inf if clip is None else clip, dtype=torch.float64)
+    # ones·clip, not torch.full/tensor(clip): a SymFloat multiplying a tensor stays a graph input under
+    # torch.compile's AOT backends, while one used to build a tensor is specialised (recompile per value)
+    clip_t = torch.ones((), dtype=torch.float64) * (math.inf if clip is None else clip)
     old, ret, m = flat_inputs(layout, old_values, returns, layout.mask)
     loss, stats, _, _ = _value_loss_fwd(layout.flat(values), old, ret, m, layout.cu_seqlens, clip_t, spec.floats(),
                                         spec.ints(), not layout.is_padded, backend)
