@@ -144,8 +144,7 @@ def test_resume_with_no_usable_checkpoint_lists_each_problem(two_checkpoints, sm
     shutil.copytree(two_checkpoints, out)
     truncate(out / "checkpoint-2" / "policy" / "model.safetensors")
     shutil.rmtree(out / "checkpoint-1" / "policy")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CheckpointWarning)
+    with pytest.warns(CheckpointWarning, match="checkpoint-2"):
         err = cli_error(resume_args(small_lm, out), capsys)
     assert "no usable checkpoint" in err and "model.safetensors" in err and "checkpoint-1" in err
 
