@@ -357,10 +357,15 @@ class Trainer:
             save_optimizer_shard(self.output_dir, step, self.dist.rank, self.optimizer)
         barrier(self.dist)
         if self.dist.is_main:
-            save_checkpoint(self.output_dir, step, models, policy=self.lm, tokenizer=self.tokenizer,
-                            optimizer_state=None if self.cfg.fsdp else self.optimizer.state_dict(),
-                            reference=self.ref.lm if self.ref is not None and self.ref_step else None,
-                            ref_step=self.ref_step, config=self.cfg.to_dict())
+            try:
+                save_checkpoint(self.output_dir, step, models, policy=self.lm, tokenizer=self.tokenizer,
+                                optimizer_state=None if self.cfg.fsdp else self.optimizer.state_dict(),
+                                reference=self.ref.lm if self.ref is not None and self.ref_step else None,
+                                ref_step=self.ref_step, config=self.cfg.to_dict())
+            except OSError as exc:  # disk full, permissions: the staged copy is never read
+                last = f"checkpoint-{self.saved_step}" if self.saved_step else "none"
+                raise UserInputError(f"cannot write checkpoint-{step} in {self.output_dir} ({exc.strerror or exc}); "
+                                     f"the last complete checkpoint ({last}) is intact: free space and --resume") from None
         barrier(self.dist)
         self.saved_step = step
 
