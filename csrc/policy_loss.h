@@ -48,7 +48,7 @@ namespace fastpo {
 enum class Aggregation { kTokenMean, kSeqMeanTokenMean, kSeqMeanTokenSum, kTokenSumNorm, kTokenSum };
 
 // fastpo.ops.loss_spec.SURROGATE_CODES
-enum Surrogate { kClip, kCispo, kSapo, kReinforce, kDppoTv, kDppoKl, kDro, kGeoMean, kVespo, kNumSurrogates };
+enum Surrogate { kClip, kCispo, kSapo, kReinforce, kDppoTv, kDppoKl, kDro, kGeoMean, kVespo, kRatio, kNumSurrogates };
 
 struct TokenLossSpec {
   bool value = false;             // the value loss instead of the policy loss
@@ -231,6 +231,12 @@ inline SurOut<T> sur_vespo(const TokenConsts<T>& k, const SurIn<T>& in) {
   return {-phi * in.A * in.x, -phi * in.A, T(0), T(0), T(0)};
 }
 
+// ratio: l = −A·r, ∂l/∂x = −A·∂r/∂x (the unclipped IS policy gradient; verl's kl_cov base).
+template <class T>
+inline SurOut<T> sur_ratio(const TokenConsts<T>&, const SurIn<T>& in) {
+  return {-in.A * in.ratio, -in.A * in.d_ratio, T(0), T(0), T(0)};
+}
+
 // The surrogate of the compile-time code SURR.
 template <int SURR, class T>
 inline SurOut<T> surrogate(const TokenConsts<T>& k, const SurIn<T>& in) {
@@ -242,7 +248,8 @@ inline SurOut<T> surrogate(const TokenConsts<T>& k, const SurIn<T>& in) {
   else if constexpr (SURR == kDppoKl) return sur_dppo<T, true>(k, in);
   else if constexpr (SURR == kDro) return sur_dro(k, in);
   else if constexpr (SURR == kGeoMean) return sur_geo_mean(k, in);
-  else return sur_vespo(k, in);
+  else if constexpr (SURR == kVespo) return sur_vespo(k, in);
+  else return sur_ratio(k, in);
 }
 
 // Tokens per block: the token loop writes its per-token terms for a block into L1-resident arrays,

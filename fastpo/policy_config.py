@@ -20,9 +20,10 @@ __all__ = [
 ]
 
 # The per-token objective; fastpo.reference.policy states each formula.
-SURROGATES = ("clip", "cispo", "cispo_upper", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro", "geo_mean", "vespo")
+SURROGATES = ("clip", "cispo", "cispo_upper", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro", "geo_mean", "vespo",
+              "ratio")
 # Surrogates whose ratio may be the GSPO sequence ratio (the others read log-probs, not a ratio).
-SEQUENCE_RATIO_SURROGATES = ("clip", "cispo", "cispo_upper", "sapo")
+SEQUENCE_RATIO_SURROGATES = ("clip", "cispo", "cispo_upper", "sapo", "ratio")
 RATIO_LEVELS = ("token", "sequence")
 # kX+: the value of kX with the gradient of k2 (verl's straight-through estimators).
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
@@ -85,7 +86,7 @@ class PolicyLossConfig:
     ``surrogate`` picks the per-token objective (formulas in :func:`fastpo.policy_loss`): "clip"
     (PPO, the default), "cispo" (verl, both bounds), "cispo_upper" (TRL: only the upper bound
     1 + clip_high), "sapo", "reinforce" (−A·logp: verl's gpg and bypass REINFORCE), "dppo_tv",
-    "dppo_kl", "dro", "geo_mean" (GMPO) or "vespo". ``delta`` (None or > 1): TRL's two-sided clip,
+    "dppo_kl", "dro", "geo_mean" (GMPO), "vespo" or "ratio" (−A·r unclipped: verl's kl_cov base). ``delta`` (None or > 1): TRL's two-sided clip,
     the unclipped ratio capped at delta ("clip" only). ``sapo_tau_pos`` / ``sapo_tau_neg`` (> 0): SAPO's
     gate temperatures for A > 0 / A <= 0. ``dppo_ratio_cap`` (> 0): the truncation of DPPO's detached
     ratio (clip_low / clip_high are DPPO's divergence thresholds). ``dro_beta`` (> 0, needed by "dro"):

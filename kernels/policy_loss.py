@@ -59,6 +59,7 @@ def _counted(mask_ptr, offs, end, HAS_MASK: tl.constexpr):
 #              for A = 0); the kernel writes ∂l/∂x = L_i·g_t and the 1/n_i is seq_mean_token_mean's weight
 #              (any other aggregation sums n_i copies of L_i, whose derivative is again L_i·g_t)
 #   vespo:     l = −sg(φ_i)·A·x, ∂l/∂x = −φ_i·A (φ from the sequence's Σ Δ, pass 1)
+#   ratio:     l = −A·r, ∂l/∂x = −A·dr
 @triton.jit
 def _sur_clip(a, r, dr, lo, hi, delta_cap, dual_clip, DUAL: tl.constexpr):
     r1 = tl.minimum(r, delta_cap)
@@ -262,7 +263,9 @@ def _token_loss_fwd_kernel(
                 loss = tl.zeros([BLOCK], dtype=tl.float32) + geo_loss
                 dloss = loss * g
                 f_low, f_high, f_dual = outside & (a < 0.0), outside & (a > 0.0), none
-            else:
+            elif SURR == 9:
+                loss, dloss, f_low, f_high, f_dual = -a * r, -a * dr, none, none, none
+            elif SURR == 8:
                 phi = _vespo_phi(a, vespo_log_w, vk_pos, vl_pos, vk_neg, vl_neg)
                 loss, dloss, f_low, f_high, f_dual = -phi * a * x, -phi * a, none, none, none
             c_dual += tl.sum(tl.where(f_dual, m, 0.0), axis=0)

@@ -43,12 +43,13 @@ def make_batch(seed, *, token_adv=False):
     return log_prob, old, adv, mask.float(), weights
 
 
-def actor_config(name, info, rollout_correction=None):
+def actor_config(name, info, rollout_correction=None, policy_loss=None):
     kw = dict(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, ppo_mini_batch_size=4, rollout_n=1,
               clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28)
     if name == "geo_mean":  # GMPO clips log-ratios: a width that clips some of these tokens
         kw.update(clip_ratio_low=0.25, clip_ratio_high=0.25)
     loss_kw = {"dro_beta": 0.3} if name == "dro" else {}
+    loss_kw.update(policy_loss or {})
     if rollout_correction is not None:
         loss_kw["rollout_correction"] = RolloutCorrectionConfig(**rollout_correction)
     config = ActorConfig(policy_loss=VerlPolicyLossConfig(**loss_kw), **kw)
@@ -137,11 +138,39 @@ def test_blocking_catches_delegation():
             core_algos.get_policy_loss_fn("gspo")(old, log_prob, adv, mask, "token-mean", config)
 
 
-def test_every_builtin_but_cov_is_registered():
+def test_every_builtin_is_registered():
     names = set(core_algos.POLICY_LOSS_REGISTRY)
     builtins = {n for n in names if not n.startswith("fastpo_")}
-    assert builtins - {"clip_cov", "kl_cov"} <= {n[len("fastpo_"):] for n in names if n.startswith("fastpo_")}
-    assert set(fastpo_verl.LOSSES) == builtins - {"clip_cov", "kl_cov"}
+    assert builtins == {n[len("fastpo_"):] for n in names if n.startswith("fastpo_")}
+    assert set(fastpo_verl.LOSSES) == builtins
+
+
+@pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("info", list(INFOS))
+def test_cov_losses_equal_verl(name, mode, info):
+    """Clip-Cov / KL-Cov with a selection ratio that picks several tokens of this small batch (the same
+    global-generator state for verl's and fastpo's random pick)."""
+    overrides = dict(clip_cov_ratio=0.1, clip_cov_lb=-1.0, clip_cov_ub=5.0, kl_cov_ratio=0.1, ppo_kl_coef=0.5)
+    for seed in (0, 1):
+        log_prob, old, adv, mask, weights = make_batch(seed, token_adv=seed == 1)
+        w = weights if name == "clip_cov" and seed == 1 else None
+        config = actor_config(name, INFOS[info], policy_loss=overrides)
+        torch.manual_seed(seed)
+        want = run(core_algos.get_policy_loss_fn(name), log_prob, old, adv, mask, mode, config, w)
+        torch.manual_seed(seed)
+        with verl_blocked():
+            got = run(core_algos.get_policy_loss_fn(f"fastpo_{name}"), log_prob, old, adv, mask, mode, config, w)
+        compare(got, want)
+
+
+def test_clip_cov_generator_repeats():
+    from fastpo.ops.token_selection import clip_cov_weights
+    log_prob, old, adv, mask, _ = make_batch(1, token_adv=True)
+    pick = lambda seed: clip_cov_weights(log_prob, old, adv, mask, clip_cov_ratio=0.2, clip_cov_lb=-1.0,  # noqa: E731
+                                         generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(pick(3), pick(3)) and (pick(3) == 0).sum() >= 2
+    assert any(not torch.equal(pick(3), pick(s)) for s in range(4, 10))
 
 
 def test_import_fastpo_does_not_import_verl():

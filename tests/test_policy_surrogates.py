@@ -28,6 +28,8 @@ CONFIGS = {
     "geo-seq-is": dataclasses.replace(pc.GMPO, rollout_is="sequence_mask", rollout_is_cap=1.1, clip_low=0.1),
     "cispo-token-is": dataclasses.replace(pc.CISPO, rollout_is="token_truncate", rollout_is_cap=1.1),
     "vespo-neg": dataclasses.replace(pc.VESPO, vespo_k_neg=1.5, vespo_lambda_neg=0.5),
+    "ratio-kl-abs": R(surrogate="ratio", kl_coef=0.5, kl_estimator="abs", kl_clamp=None),
+    "ratio-seq": R(surrogate="ratio", ratio_level="sequence"),
     **{f"kl-{est}": R(kl_coef=0.1, kl_estimator=est, kl_clamp=0.3) for est in ("abs", "k1+", "k2+", "k3+", "abs+")},
     "kl-bias": R(kl_coef=0.1, kl_bias_correction=True, kl_clamp=None),
     "kl-bias-seq": R(kl_coef=0.1, kl_bias_correction=True, ratio_level="sequence", kl_estimator="k2"),
@@ -37,7 +39,7 @@ CONFIGS = {
 }
 # Configs whose gradient is the derivative of their value (gradcheck applies): not the stop-gradient forms
 # (cispo's and dppo's sg(ratio), vespo's sg(φ), the GSPO token-gradient ratio, straight-through kX+).
-GRADCHECKABLE = [n for n, c in CONFIGS.items() if c.surrogate in ("clip", "sapo", "reinforce", "dro", "geo_mean")
+GRADCHECKABLE = [n for n, c in CONFIGS.items() if c.surrogate in ("clip", "sapo", "reinforce", "dro", "geo_mean", "ratio")
                  and c.ratio_level == "token" and not c.kl_estimator.endswith("+")]
 SEQUENCE_LEVEL = ["LUSPO", "GMPO", "VESPO", "sapo-seq", "cispo-seq", "geo-seq-is", "kl-bias-seq", "count-empty-mean"]
 
@@ -168,6 +170,7 @@ def test_surrogates_by_hand(backend):
         "cispo": (R(surrogate="cispo", clip_high=0.2), -1.2 * A * x, -1.2 * A),
         "cispo_upper": (R(surrogate="cispo_upper", clip_high=1.0), -r * A * x, -r * A),
         "reinforce": (R(surrogate="reinforce"), -A * x, -A),
+        "ratio": (R(surrogate="ratio"), -A * r, -A * r),
         "dro": (R(surrogate="dro", dro_beta=0.4), -(A * x - 0.2 * 0.25), -A + 0.4 * 0.5),
         "sapo": (R(surrogate="sapo", sapo_tau_pos=1.0),
                  -A * 4 / (1 + math.exp(-(r - 1))), -4 * A * (s := 1 / (1 + math.exp(-(r - 1)))) * (1 - s) * r),

@@ -23,7 +23,7 @@ POLICY_METRICS = STATS[2:]
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4}
 # One kernel per surrogate family: "cispo_upper" is "cispo" with the lower bound 0 (clip_low = 1).
 SURROGATE_CODES = {"clip": 0, "cispo": 1, "cispo_upper": 1, "sapo": 2, "reinforce": 3, "dppo_tv": 4, "dppo_kl": 5,
-                   "dro": 6, "geo_mean": 7, "vespo": 8}
+                   "dro": 6, "geo_mean": 7, "vespo": 8, "ratio": 9}
 assert set(SURROGATE_CODES) == set(SURROGATES)
 # The rollout slot's meaning: a fastpo rollout_is mode (rollout_logp), or "weights" (the caller's is_weights).
 ROLLOUT_CODES = ROLLOUT_IS_MODES + ("weights",)

@@ -157,7 +157,12 @@ def vespo(c: Ctx, cfg) -> Terms:
     return Terms(-phi * A * c.x, _none(c), _none(c), _none(c))
 
 
+def ratio(c: Ctx, cfg) -> Terms:
+    """The unclipped importance-sampled policy gradient: −A·r (verl's kl_cov before its KL term)."""
+    return Terms(-c.adv * c.ratio, _none(c), _none(c), _none(c))
+
+
 SURROGATE_FNS: Dict[str, Callable[[Ctx, object], Terms]] = {
     "clip": clip, "cispo": cispo, "cispo_upper": cispo, "sapo": sapo, "reinforce": reinforce,
-    "dppo_tv": dppo_tv, "dppo_kl": dppo_kl, "dro": dro, "geo_mean": geo_mean, "vespo": vespo,
+    "dppo_tv": dppo_tv, "dppo_kl": dppo_kl, "dro": dro, "geo_mean": geo_mean, "vespo": vespo, "ratio": ratio,
 }

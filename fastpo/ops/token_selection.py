@@ -1,0 +1,75 @@
+"""Token selection over the whole batch for Clip-Cov and KL-Cov (Cui et al. 2025, "The Entropy Mechanism of
+Reinforcement Learning for Reasoning Language Models", arXiv 2505.22617), as verl 0.9 implements them.
+
+Both rank tokens by the centred covariance cov_t = (A_t − mean A)·(logp_t − mean logp) over the counted
+tokens of the batch (one pass; the means are the batch's, so pass the whole data-parallel batch for a
+global selection). The selection is detached: it feeds ``fastpo.policy_loss`` as per-token weights
+(Clip-Cov) or as the tokens that carry KL-Cov's |logp − old_logp| term, and the loss stays one fused pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["clip_cov_weights", "kl_cov_tokens"]
+
+
+def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return torch.where(m, x, torch.zeros_like(x)).sum() / m.sum().clamp(min=1)
+
+
+def _check(logp, old_logp, advantages, mask, ratio, name):
+    for n, t in (("old_logp", old_logp), ("advantages", advantages), ("mask", mask)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{n} must have logp's shape {tuple(logp.shape)}, got {tuple(t.shape)}")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1], got {ratio}")
+
+
+@torch.no_grad()
+def clip_cov_weights(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                     clip_low: float = 0.2, clip_high: float = 0.2, clip_cov_ratio: float = 2e-4,
+                     clip_cov_lb: float = 1.0, clip_cov_ub: float = 5.0,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Clip-Cov's per-token weight [B, T] (1 = kept, 0 = its gradient is cut), as verl's ``clip_cov``.
+
+    Candidates are counted tokens that PPO's clip has not already clipped (−A·clip(r) > −A·r) with
+    clip_cov_lb < cov_t < clip_cov_ub; max(1, ⌊clip_cov_ratio·Σmask⌋) of them, drawn uniformly at random
+    with ``generator`` (``torch.randperm``: the global generator when None, as verl), get weight 0.
+    Multiply the result into ``policy_loss``'s ``is_weights``.
+    """
+    _check(logp, old_logp, advantages, mask, clip_cov_ratio, "clip_cov_ratio")
+    m = mask != 0
+    x, a = logp.detach(), advantages.detach()
+    ratio = torch.exp(x - old_logp)
+    clipped = (-a * torch.clamp(ratio, 1 - clip_low, 1 + clip_high) > -a * ratio) & m
+    cov = (a - _masked_mean(a, m)) * (x - _masked_mean(x, m))
+    cov = torch.where(m & ~clipped, cov, torch.full_like(cov, -float("inf")))
+    num = max(int(clip_cov_ratio * m.sum().item()), 1)
+    idx = torch.nonzero((cov < clip_cov_ub) & (cov > clip_cov_lb) & m)
+    keep = torch.ones_like(a)
+    if len(idx) > 0:
+        idx = idx[torch.randperm(len(idx), generator=generator)[:min(num, len(idx))]]
+        keep[tuple(idx.unbind(-1))] = 0
+    return keep
+
+
+@torch.no_grad()
+def kl_cov_tokens(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                  kl_cov_ratio: float = 2e-4) -> torch.Tensor:
+    """KL-Cov's selected tokens, bool [B, T]: the max(1, ⌊kl_cov_ratio·Σmask⌋) counted tokens of largest
+    cov_t (``torch.topk``, as verl's ``kl_cov``); none when nothing is counted."""
+    _check(logp, None, advantages, mask, kl_cov_ratio, "kl_cov_ratio")
+    m = mask != 0
+    selected = torch.zeros_like(m)
+    flat = torch.nonzero(m.reshape(-1), as_tuple=True)[0]
+    if flat.numel() == 0:
+        return selected
+    a = advantages.detach().reshape(-1)[flat]
+    x = logp.detach().reshape(-1)[flat]
+    cov = (a - a.mean()) * (x - x.mean())
+    k = max(1, int(flat.numel() * kl_cov_ratio))
+    selected.view(-1)[flat[torch.topk(cov, k, largest=True).indices]] = True
+    return selected
