@@ -205,7 +205,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(small_lm, tmp_path,
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(ckpt.torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(UserInputError, match=r"checkpoint-2 .*No space left on device.*checkpoint-1\) is intact"):
         run(["--model", small_lm, "--max-steps", "2", "--save-every", "1", *QUICK], out)
     monkeypatch.setattr(ckpt.torch, "save", real_save)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
