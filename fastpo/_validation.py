@@ -2,7 +2,9 @@
 
 Every check runs before any kernel and never modifies its inputs. Shape and dtype checks are static
 (they trace under ``torch.compile``); the data-dependent label range check runs inside the custom
-op, which ``torch.compile`` treats as opaque.
+op, which ``torch.compile`` treats as opaque. So do value checks of float hyperparameters while
+tracing (:func:`is_tracing`): reading a symbolic float would specialise the graph on its value, so
+it is handed to the op as a tensor (:func:`scalar_tensor`) and checked there.
 """
 
 from __future__ import annotations

@@ -23,6 +23,13 @@ def _token_loss(logits, labels, temperature):
     return -(logp.sum() + 0.1 * entropy.sum())
 
 
+def _token_inplace_loss(hidden, weight, labels, temperature):
+    """The in-place backward writes into the lm_head output (a non-leaf, as in a model)."""
+    logp, entropy = fastpo.token_logprobs(hidden @ weight.t(), labels, temperature=temperature,
+                                          return_entropy=True, inplace_backward=True)
+    return -(logp.sum() + 0.1 * entropy.sum())
+
+
 def _linear_loss(hidden, weight, labels, temperature):
     logp, entropy = fastpo.linear_token_logprobs(hidden, weight, labels, temperature=temperature,
                                                  return_entropy=True)
@@ -42,7 +49,11 @@ def _linear_inputs(n, seed):
     return (torch.randn(n, D, generator=g), torch.randn(V, D, generator=g)), labels
 
 
-OPS = {"token_logprobs": (_token_loss, _token_inputs), "linear_token_logprobs": (_linear_loss, _linear_inputs)}
+OPS = {
+    "token_logprobs": (_token_loss, _token_inputs),
+    "token_logprobs_inplace": (_token_inplace_loss, _linear_inputs),
+    "linear_token_logprobs": (_linear_loss, _linear_inputs),
+}
 
 
 def _loss_and_grads(fn, tensors, labels, temperature):
