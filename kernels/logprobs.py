@@ -93,7 +93,7 @@ def _logprobs_fwd_kernel(
         tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0).to(entropy_ptr.dtype.element_ty))
 
 
-# Backward. With s = z/τ, p = softmax(s), lse and H from the forward:
+# Backward. With s = z/τ, p = softmax(s) and H from the forward:
 #   ∂logp/∂s_j = 1[j = y] − p_j
 #   ∂H/∂s_j    = −Σ_k ∂p_k/∂s_j·(log p_k + 1) = −p_j·(log p_j + H)
 # so, with upstream g_l = ∂L/∂logp and g_H = ∂L/∂H,

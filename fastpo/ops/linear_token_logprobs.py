@@ -2,7 +2,7 @@
 without ever building the ``[N, V]`` logits.
 
 Tokens are processed in chunks: the chunk's logits ``h_c·Wᵀ + b`` are formed, reduced by the row
-kernels to (logp, entropy, lse), and dropped. The backward recomputes each chunk's logits, turns
+kernels to (logp, entropy, row_max, log_norm), and dropped. The backward recomputes each chunk's logits, turns
 them into ∂L/∂logits in place (the row kernel's in-place backward), then
     ∂L/∂h_c = G_c·W,   ∂L/∂W += G_cᵀ·h_c,   ∂L/∂b += Σ_rows G_c
 with ∂L/∂W and ∂L/∂b accumulated in float32. Peak extra memory is one chunk of logits (plus its
