@@ -21,6 +21,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 
 import fastpo  # noqa: E402
 from fastpo import PolicyLossConfig  # noqa: E402
+from fastpo.ops.token_selection import high_entropy_mask, off_policy_sequence_mask  # noqa: E402
 
 B, T, MAX_LEN = 6, 9, 16
 EPS_LOW, EPS_HIGH, BETA = 0.2, 0.28, 0.04
@@ -42,19 +43,20 @@ class _Accelerator:
 
 
 def fake_trainer(loss_type, logp, entropy, *, beta=BETA, level="token", bias_kl=True, delta=None,
-                 eps_high=EPS_HIGH, use_vllm=False):
+                 eps_high=EPS_HIGH, use_vllm=False, top_entropy_quantile=1.0, opsm=None):
     args = SimpleNamespace(use_bias_correction_kl=bias_kl, delta=delta, sapo_temperature_pos=1.0,
                            sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
                            vespo_lambda_neg=2.0, steps_per_generation=1)
     t = SimpleNamespace(
         args=args, loss_type=loss_type, beta=beta, epsilon_low=EPS_LOW, epsilon_high=eps_high,
-        importance_sampling_level=level, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level=level, top_entropy_quantile=top_entropy_quantile, off_policy_mask_threshold=opsm,
         use_vllm=use_vllm, vllm_importance_sampling_correction=use_vllm, model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1, max_completion_length=MAX_LEN, accelerator=_Accelerator(),
         _entropy_bonus_enabled=False, aux_loss_enabled=False,
         _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
         get_off_policy_mask=GRPOTrainer.get_off_policy_mask, get_gamma_weights=GRPOTrainer.get_gamma_weights)
     t._get_per_token_logps_and_entropies = lambda *a, **k: (logp, entropy, None)
+    t.get_high_entropy_mask = lambda *a: GRPOTrainer.get_high_entropy_mask(t, *a)
     return t
 
 
@@ -70,14 +72,18 @@ def make_batch(seed):
     return logp, old, ref, adv, mask, is_ratio
 
 
+def entropies():
+    return torch.rand(B, T, generator=torch.Generator().manual_seed(11)) * 3
+
+
 def trl_loss(loss_type, batch, **kw):
     logp, old, ref, adv, mask, is_ratio = batch
     x = logp.clone().requires_grad_()
-    trainer = fake_trainer(loss_type, x, torch.rand(B, T), **kw)
+    trainer = fake_trainer(loss_type, x, entropies(), **kw)
     inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
               "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask, "advantages": adv,
               "old_per_token_logps": old, "ref_per_token_logps": ref,
-              "num_items_in_batch": mask.sum()}
+              "num_items_in_batch": mask.sum(), "sampling_per_token_logps": sampling_logps(batch)}
     if kw.get("use_vllm"):  # TRL puts the ratio in the inputs only when it generates with vLLM
         inputs["importance_sampling_ratio"] = is_ratio
     loss = GRPOTrainer._compute_loss(trainer, None, inputs)
@@ -102,13 +108,26 @@ def fastpo_config(loss_type, *, beta=BETA, level="token", bias_kl=True, delta=No
     return PolicyLossConfig(**{**kw, **per_type})
 
 
-def fastpo_loss(loss_type, batch, *, use_vllm=False, **kw):
+def sampling_logps(batch):
+    """vLLM's log-probs: the old ones shifted, with NaN where it could not score a token."""
+    old = batch[1]
+    s = old - 0.3 * torch.rand(B, T, generator=torch.Generator().manual_seed(12))
+    s[0, 2] = s[3, 1] = float("nan")
+    return s
+
+
+def fastpo_loss(loss_type, batch, *, use_vllm=False, top_entropy_quantile=1.0, opsm=None, **kw):
     logp, old, ref, adv, mask, is_ratio = batch
     x = logp.clone().requires_grad_()
     cfg = fastpo_config(loss_type, **kw)
     num_tokens = int(mask.sum()) if cfg.aggregation == "token_mean" and loss_type != "bnpo" else None
+    w = is_ratio.clone() if use_vllm else torch.ones(B, T)
+    if top_entropy_quantile < 1.0:
+        w = w * high_entropy_mask(entropies(), mask, top_entropy_quantile)
+    if opsm is not None:
+        w = w * off_policy_sequence_mask(x, sampling_logps(batch), adv, mask, opsm)
     out = fastpo.policy_loss(x, old, adv[:, None].expand(B, T), mask.bool(), ref_logp=ref,
-                             is_weights=is_ratio if use_vllm else None, num_tokens=num_tokens, config=cfg)
+                             is_weights=w, num_tokens=num_tokens, config=cfg)
     out.loss.backward()
     return out.loss.detach(), x.grad, out.metrics
 
@@ -171,3 +190,13 @@ def test_fastpo_really_computes(monkeypatch, cpu_backend):
     got = fastpo_loss("bnpo", batch, eps_high=0.1)
     with pytest.raises(AssertionError):
         compare(got, trl_loss("bnpo", batch))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "sapo"])
+@pytest.mark.parametrize("quantile,opsm", [(0.2, None), (0.5, None), (1.0, 0.05), (0.4, -0.1)])
+def test_entropy_mask_and_off_policy_mask(loss_type, quantile, opsm, cpu_backend):
+    """top_entropy_quantile (TRL's get_high_entropy_mask) and off_policy_mask_threshold (get_off_policy_mask,
+    vLLM's NaN log-probs included) as fastpo.ops.token_selection masks in is_weights."""
+    batch = make_batch(5)
+    kw = dict(top_entropy_quantile=quantile, opsm=opsm)
+    compare(fastpo_loss(loss_type, batch, **kw), trl_loss(loss_type, batch, **kw))

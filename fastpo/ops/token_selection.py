@@ -1,5 +1,7 @@
-"""Token selection over the whole batch for Clip-Cov and KL-Cov (Cui et al. 2025, "The Entropy Mechanism of
-Reinforcement Learning for Reasoning Language Models", arXiv 2505.22617), as verl 0.9 implements them.
+"""Token selection over the whole batch: Clip-Cov and KL-Cov (Cui et al. 2025, "The Entropy Mechanism of
+Reinforcement Learning for Reasoning Language Models", arXiv 2505.22617) as verl 0.9 implements them, and
+TRL 1.16's high-entropy token mask (``top_entropy_quantile``, Wang et al. 2025, "Beyond the 80/20 Rule")
+and off-policy sequence mask (``off_policy_mask_threshold``, DeepSeek-V3.2's OPSM).
 
 Both rank tokens by the centred covariance cov_t = (A_t − mean A)·(logp_t − mean logp) over the counted
 tokens of the batch (one pass; the means are the batch's, so pass the whole data-parallel batch for a
@@ -13,7 +15,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["clip_cov_weights", "kl_cov_tokens"]
+__all__ = ["clip_cov_weights", "kl_cov_tokens", "high_entropy_mask", "off_policy_sequence_mask"]
 
 
 def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -73,3 +75,46 @@ def kl_cov_tokens(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tens
     k = max(1, int(flat.numel() * kl_cov_ratio))
     selected.view(-1)[flat[torch.topk(cov, k, largest=True).indices]] = True
     return selected
+
+
+@torch.no_grad()
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_entropy_quantile: float, *,
+                      threshold: Optional[torch.Tensor] = None, group=None) -> torch.Tensor:
+    """TRL's high-entropy mask, bool [B, T]: counted tokens whose entropy is >= the (1 − top_entropy_quantile)
+    quantile of the counted entropies (``torch.quantile``, linear interpolation). Global over data-parallel
+    ranks: pass the ``threshold`` computed elsewhere, or a process ``group`` (the counted entropies of every
+    rank are all-gathered, as TRL does). Multiply the result into ``policy_loss``'s ``is_weights``."""
+    if entropy.shape != mask.shape:
+        raise ValueError(f"mask must have entropy's shape {tuple(entropy.shape)}, got {tuple(mask.shape)}")
+    if not 0.0 < top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must lie in (0, 1], got {top_entropy_quantile}")
+    m = mask != 0
+    if threshold is None:
+        local = entropy.detach()[m].float()
+        if group is not None:
+            import torch.distributed as dist
+            sizes = [torch.zeros((), dtype=torch.long, device=local.device) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(sizes, torch.tensor(local.numel(), device=local.device), group=group)
+            padded = torch.full((int(max(sizes)),), float("nan"), device=local.device)
+            padded[:local.numel()] = local
+            parts = [torch.empty_like(padded) for _ in sizes]
+            dist.all_gather(parts, padded, group=group)
+            local = torch.cat([p[:int(n)] for p, n in zip(parts, sizes)])
+        if local.numel() == 0:
+            return torch.zeros_like(m)
+        threshold = torch.quantile(local, 1.0 - top_entropy_quantile)
+    return (torch.where(m, entropy.detach(), torch.zeros_like(entropy)) >= threshold) & m
+
+
+@torch.no_grad()
+def off_policy_sequence_mask(logp: torch.Tensor, sampling_logp: torch.Tensor, advantages: torch.Tensor,
+                             mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """TRL's OPSM, [B, 1] of 0/1 in the mask's dtype: a sequence is kept when its advantage is >= 0 or the
+    mean over its counted tokens of sampling_logp − logp is <= threshold; NaN sampling log-probs (tokens
+    vLLM could not score) count as 0. ``advantages`` is [B] or [B, T] (its first token per row then)."""
+    m = (mask != 0).to(logp.dtype)
+    kl = torch.nan_to_num(sampling_logp - logp.detach(), nan=0.0)
+    avg = (kl * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    adv = advantages.detach()
+    adv = adv[:, None] if adv.dim() == 1 else adv[:, :1]
+    return ((adv >= 0) | (avg <= threshold)).to(mask.dtype if mask.dtype.is_floating_point else logp.dtype)
