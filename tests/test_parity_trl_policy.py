@@ -193,7 +193,7 @@ def test_fastpo_really_computes(monkeypatch, cpu_backend):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "sapo"])
-@pytest.mark.parametrize("quantile,opsm", [(0.2, None), (0.5, None), (1.0, 0.05), (0.4, -0.1)])
+@pytest.mark.parametrize("quantile,opsm", [(0.2, None), (0.5, None), (1.0, -0.3), (0.4, -0.4)])  # -0.3: drops row 3, not row 1
 def test_entropy_mask_and_off_policy_mask(loss_type, quantile, opsm, cpu_backend):
     """top_entropy_quantile (TRL's get_high_entropy_mask) and off_policy_mask_threshold (get_off_policy_mask,
     vLLM's NaN log-probs included) as fastpo.ops.token_selection masks in is_weights."""
