@@ -124,15 +124,13 @@ def test_aot_autograd_dynamic_gradients_without_recompiles(monkeypatch):
     """Through AOT autograd (the inductor path's front end), with backward: gradients match eager for
     changing sizes and scalars, and no call recompiles (error_on_recompile)."""
     def fn(c, r, rc, rr, n, w, a, b):
-        dpo = fastpo.dpo_loss(c, r, rc, rr, beta=a, loss_type=["exo_pair", "apo_down", "discopop", "robust"],
-                              loss_weights=[1.0, 0.5, 0.2, b], label_smoothing=0.01, discopop_tau=b, weights=w)
-        kto = fastpo.kto_loss(c, rc, n > 4, beta=a, kl_ref_point=b)
-        cpo = fastpo.cpo_loss(c / n, r / n, beta=a, loss_type="alphapo", alpha=b)
-        return dpo.loss + kto.loss + cpo.loss
+        dpo = fastpo.dpo_loss(c, r, rc, rr, beta=a, loss_type=["exo_pair", "discopop"], loss_weights=[1.0, b],
+                              label_smoothing=0.01, discopop_tau=b, weights=w)
+        return dpo.loss + fastpo.kto_loss(c, rc, n > 4, beta=a, kl_ref_point=b).loss
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend="aot_eager", dynamic=True, fullgraph=True)
-    for i, (n, a, b) in enumerate(((3, 0.1, 0.3), (5, 0.2, 0.5), (8, 0.3, 0.7))):
+    for i, (n, a, b) in enumerate(((3, 0.1, 0.3), (6, 0.2, 0.5))):
         results = []
         for f in (compiled, fn):
             xs = _inputs(n)
