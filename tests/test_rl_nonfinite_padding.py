@@ -18,6 +18,9 @@ POLICY_CONFIGS = {
     "grpo": fastpo.GRPO, "gspo": fastpo.GSPO, "ppo_dual_clip": fastpo.PPO, "dr_grpo": fastpo.DR_GRPO,
     "full_seq_mean": FULL,
     "token_mask_is": dataclasses.replace(FULL, rollout_is="token_mask", aggregation="seq_mean_token_sum"),
+    # every other preset: each surrogate of fastpo.policy_config.SURROGATES
+    **{name.lower(): getattr(fastpo, name) for name in ("BNPO", "LUSPO", "CISPO", "CISPO_TRL", "SAPO", "GMPO", "GPG",
+                                                        "DPPO_TV", "DPPO_KL", "DRO", "VESPO")},
 }
 
 
