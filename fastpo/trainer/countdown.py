@@ -1,13 +1,13 @@
 """The second built-in task, ``--task countdown``: reach a target with 3 or 4 given numbers.
 
 A prompt lists the numbers, then ``=`` and the target, then a space: ``"7 3 5=9 "``; the example's
-answer field holds the problem itself (``"7 3 5=9"``, so the check needs no prompt). The answer is an
-expression that uses every given number exactly once, in any order, joined by ``+`` and ``-`` (the
-first one unsigned), and equals the target: ``"7+5-3"``. Several answers may be right; the reward
+answer field holds the problem itself (``"7 3 5=9"``, so the check needs no prompt). A right
+completion is an expression that uses every given number exactly once, in any order, joined by ``+``
+and ``-`` (the first one unsigned), and equals the target: ``"7+5-3"``. Several answers may be right; the reward
 checks the expression, not a reference string. Every prompt has a solution: the target is made by
 signing a shuffled draw of the numbers (redrawn while it is negative). With 3-4 numbers of up to two
-digits, an answer is 5-11 tokens for the character-level tiny model, whose alphabet
-(``0-9 + - =`` and space) holds every prompt and answer, so ``--max-new-tokens 16`` leaves room.
+digits, a completion is 5-11 tokens for the character-level tiny model, whose alphabet
+(``0-9 + - =`` and space) holds every prompt and completion, so ``--max-new-tokens 16`` leaves room.
 
 Countdown proper (TinyZero's) also allows ``*``, ``/`` and parentheses; here only ``+`` and ``-``,
 so that the tiny model's vocabulary covers the task and an answer is checked without ``eval``.
