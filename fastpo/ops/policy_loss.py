@@ -131,8 +131,8 @@ def check_num_tokens_value(num_tokens: torch.Tensor) -> None:
     """A ``num_tokens`` tensor holds a finite count > 0. Data-dependent, so it runs inside the custom op
     (not traced by torch.compile): on the host for a CPU tensor; for a CUDA tensor on the device with
     ``torch._assert_async`` (no host sync: a bad count fails at the next synchronisation, with a
-    device-side assertion)."""
-    if num_tokens.device.type == "cpu":
+    device-side assertion). Traced (the reference backend under torch.compile), it is the device check too."""
+    if num_tokens.device.type == "cpu" and not torch.compiler.is_compiling():
         value = float(num_tokens)
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"num_tokens must be a finite count > 0, got a tensor holding {value}")
