@@ -112,15 +112,18 @@ def test_fastpo_loss_equals_verl(name, mode, info):
 
 
 @pytest.mark.parametrize("loss_type", ["ppo_clip", "reinforce"])
-@pytest.mark.parametrize("level,threshold,normalize", [
-    (None, 2.0, False), ("token", 1.2, False), ("sequence", 2.0, False), ("token", "0.8_1.3", False),
-    ("token", 1.5, True), ("sequence", "0.5_3.0", True),
+@pytest.mark.parametrize("level,threshold,normalize,rs,rs_threshold", [
+    (None, 2.0, False, None, None), ("token", 1.2, False, None, None), ("sequence", 2.0, False, None, None),
+    ("token", "0.8_1.3", False, None, None), ("token", 1.5, True, None, None), ("sequence", "0.5_3.0", True, None, None),
+    ("token", 2.0, False, "token_k1", 1.6), ("sequence", 2.0, False, "seq_max_k2,seq_mean_k3", "0.3,0.05"),
+    (None, 2.0, False, "seq_sum_k1", "0.5_3.0"),
 ])
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum"])
-def test_fastpo_bypass_mode_equals_verl(loss_type, level, threshold, normalize, mode):
+def test_fastpo_bypass_mode_equals_verl(loss_type, level, threshold, normalize, rs, rs_threshold, mode):
     log_prob, old, adv, mask, _ = make_batch(3)
     config = actor_config("bypass_mode", {}, dict(loss_type=loss_type, rollout_is=level, rollout_is_threshold=threshold,
-                                                   rollout_is_batch_normalize=normalize))
+                                                   rollout_is_batch_normalize=normalize, rollout_rs=rs,
+                                                   rollout_rs_threshold=rs_threshold))
     want = run(core_algos.get_policy_loss_fn("bypass_mode"), log_prob, old, adv, mask, mode, config, None)
     with verl_blocked():
         got = run(core_algos.get_policy_loss_fn("fastpo_bypass_mode"), log_prob, old, adv, mask, mode, config, None)

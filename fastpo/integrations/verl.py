@@ -18,8 +18,9 @@ returns the same metric keys as Python floats. The loss and its gradient come fr
 
 ``clip_cov`` and ``kl_cov`` select their tokens with ``fastpo.ops.token_selection`` (one pass over the
 micro-batch, as verl; ``clip_cov``'s random pick draws from torch's global generator, as verl).
+``bypass_mode``'s weights and rejection sampling come from ``fastpo.ops.rollout_correction``.
 Not covered (NotImplementedError): ``kl_cov`` with ``rollout_is_weights``, and in ``bypass_mode``
-rejection sampling (``rollout_rs``) and batch-normalised weights under torch.distributed. ``bypass_mode``'s ``rollout_corr/*`` diagnostics are computed by
+batch-normalised weights under torch.distributed. ``bypass_mode``'s ``rollout_corr/*`` diagnostics are computed by
 verl's own ``compute_rollout_correction_and_rejection_mask`` (no_grad, metrics only), so that the keys
 and values match verl's; the weights and the loss are fastpo's.
 """
@@ -34,6 +35,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 import fastpo
+from fastpo.ops.rollout_correction import rejection_mask, rollout_is_weights
 from fastpo.ops.token_selection import clip_cov_weights, kl_cov_tokens
 from fastpo.policy_config import PolicyLossConfig
 
@@ -175,34 +177,14 @@ def _is_threshold(spec) -> Tuple[float, Optional[float]]:
 
 
 def _bypass_weights(log_prob, rollout_log_prob, mask, level, threshold, batch_normalize):
-    """verl's rollout IS weights π_current/π_rollout (detached): per token, or exp(Σ_t log-ratio) per
-    sequence, clamped to ±20 in log space, then TIS (min(w, upper)) or IcePop (0 outside [lower, upper]),
-    optionally divided by their batch mean."""
-    upper, lower = _is_threshold(threshold)
-    m = mask.to(log_prob.dtype)
-    log_ratio = (log_prob.detach() - rollout_log_prob).float()
-    if level == "token":
-        w = torch.exp(log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND))
-    elif level == "sequence":
-        total = torch.where(mask, log_ratio, torch.zeros_like(log_ratio)).sum(-1, keepdim=True)
-        w = torch.exp(total.clamp(-SAFETY_BOUND, SAFETY_BOUND)).expand_as(log_ratio)
-    else:
+    """verl's rollout IS weights π_current/π_rollout (fastpo.ops.rollout_correction, detached)."""
+    if level not in ("token", "sequence"):
         raise ValueError(f"Invalid rollout_is: {level}. Must be one of {{'token', 'sequence'}}.")
-    w = w * m
-    w = w.clamp(max=upper) if lower is None else torch.where((w >= lower) & (w <= upper), w, torch.zeros_like(w))
-    if batch_normalize:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            raise NotImplementedError("fastpo_bypass_mode: rollout_is_batch_normalize under torch.distributed")
-        if level == "token":
-            mean = (w * m).sum() / m.sum().clamp_min(1e-8)
-        else:
-            counts = m.sum(-1)
-            seq = (w * m).sum(-1) / counts.clamp_min(1e-8)
-            nonempty = (counts > 0).to(w.dtype)
-            mean = (seq * nonempty).sum() / nonempty.sum().clamp_min(1e-8)
-        if mean > 1e-8:
-            w = w / mean
-    return w
+    if batch_normalize and torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise NotImplementedError("fastpo_bypass_mode: rollout_is_batch_normalize under torch.distributed")
+    upper, lower = _is_threshold(threshold)
+    return rollout_is_weights(log_prob, rollout_log_prob, mask, level=level, mode="truncate" if lower is None else "mask",
+                              upper=upper, lower=lower, batch_normalize=batch_normalize)
 
 
 def fastpo_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -223,21 +205,20 @@ def fastpo_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advan
     level = rc.get("rollout_is", None)
     threshold = rc.get("rollout_is_threshold", 2.0)
     batch_normalize = rc.get("rollout_is_batch_normalize", False)
-    if rc.get("rollout_rs", None) is not None:
-        raise NotImplementedError("fastpo_bypass_mode: rollout_rs (rejection sampling) is not in fastpo yet; use "
-                                  "loss_mode=bypass_mode")
+    rs, rs_threshold = rc.get("rollout_rs", None), rc.get("rollout_rs_threshold", None)
     with torch.no_grad():  # verl's diagnostics, for the same rollout_corr/* keys and values
         _, _, rollout_metrics = compute_rollout_correction_and_rejection_mask(
             old_log_prob=log_prob, rollout_log_prob=old_log_prob, response_mask=response_mask, rollout_is=level,
-            rollout_is_threshold=threshold, rollout_is_batch_normalize=batch_normalize)
-    mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+            rollout_is_threshold=threshold, rollout_is_batch_normalize=batch_normalize, rollout_rs=rs,
+            rollout_rs_threshold=rs_threshold)
+    response = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    # verl's rejection sampling: the kept tokens are the loss mask (the weights use the whole response)
+    mask = response if rs is None else rejection_mask(log_prob, old_log_prob, response, rs, rs_threshold)
     if loss_type == "reinforce":
         w = None
         if level is not None and threshold is not None:
-            w = _bypass_weights(log_prob, old_log_prob, mask, level, threshold, batch_normalize)
-        cfg = PolicyLossConfig(surrogate="reinforce", kl_coef=0.0, aggregation=_AGG.get(loss_agg_mode, "token_mean"))
-        if loss_agg_mode not in _AGG:
-            raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
+            w = _bypass_weights(log_prob, old_log_prob, response, level, threshold, batch_normalize)
+        cfg = PolicyLossConfig(surrogate="reinforce", kl_coef=0.0, aggregation=_AGG[_check_mode(loss_agg_mode)])
         loss, metrics = _call(cfg, old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, w)
         pg_metrics = {"actor/ppo_kl": _f(metrics, "ppo_kl")}
     elif loss_type == "ppo_clip":
