@@ -30,6 +30,18 @@ def _token_inplace_loss(hidden, weight, labels, temperature):
     return -(logp.sum() + 0.1 * entropy.sum())
 
 
+def _shifted_loss(logits, ids, temperature):
+    """A model's [B, T, V] logits shifted against its ids: read in place as [B, T - 1, V] blocks."""
+    logp, entropy = fastpo.token_logprobs(logits[:, :-1], ids[:, 1:], temperature=temperature,
+                                          return_entropy=True, inplace_backward=True)
+    return -(logp.sum() + 0.1 * entropy.sum())
+
+
+def _shifted_inputs(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 4, V, generator=g),), torch.randint(0, V, (n, 4), generator=g)
+
+
 def _linear_loss(hidden, weight, labels, temperature):
     logp, entropy = fastpo.linear_token_logprobs(hidden, weight, labels, temperature=temperature,
                                                  return_entropy=True)
@@ -52,6 +64,7 @@ def _linear_inputs(n, seed):
 OPS = {
     "token_logprobs": (_token_loss, _token_inputs),
     "token_logprobs_inplace": (_token_inplace_loss, _linear_inputs),
+    "token_logprobs_shifted_batch": (_shifted_loss, _shifted_inputs),
     "linear_token_logprobs": (_linear_loss, _linear_inputs),
 }
 

@@ -23,6 +23,7 @@ def _leaves(seed, dtype):
         "logits_tbv": 3 * torch.randn(3, 2, V, generator=g, dtype=dtype),  # [T, B, V]
         "logits_wide": 3 * torch.randn(N, 2 * V, generator=g, dtype=dtype),
         "logits_row": 3 * torch.randn(1, V, generator=g, dtype=dtype),
+        "logits_btv": 3 * torch.randn(2, 4, V, generator=g, dtype=dtype),  # [B, T + 1, V]
     }
 
 
@@ -45,6 +46,9 @@ TOKEN_CASES = {
     "logits_strided_rows": (lambda t: t["logits_wide"][:, :V], lambda ids: ids[:, 2].contiguous()),
     "logits_every_other_column": (lambda t: t["logits_wide"][:, ::2][:, :V], lambda ids: ids[:, 2].contiguous()),
     "logits_expanded_rows": (lambda t: t["logits_row"].expand(N, V), lambda ids: ids[:, 1].contiguous()),
+    "logits_shifted": (lambda t: t["logits_btv"][:, :-1], lambda ids: ids[:, 4].view(2, 3).contiguous()),
+    "logits_shifted_strided_rows": (lambda t: t["logits_wide"].view(2, 3, 2 * V)[:, 1:, 3:V + 3],
+                                    lambda ids: ids[:4, 0].view(2, 2).contiguous()),
     "all_strided": (lambda t: t["logits_t"].t(), lambda ids: ids[:, 3]),
 }
 
@@ -86,18 +90,27 @@ def test_token_logprobs_views(backend, case, inplace_backward):
         torch.testing.assert_close(got[2][k].cpu().double(), want[2][k], atol=2e-5, rtol=1e-4, msg=k)
 
 
-def test_token_logprobs_does_not_copy_row_contiguous_logits(cpu_backend):
-    """Rows at a stride (a slice of a wider buffer) are read in place, and the in-place backward
-    writes the gradient into that very buffer."""
-    wide = torch.randn(N, V + 5)
-    logits = wide[:, :V]
-    labels = _ids(1)[:, 0].contiguous()
-    x = logits.detach().clone().requires_grad_()
-    fastpo.token_logprobs(x, labels).sum().backward()
-    view = wide[:, :V]
-    leaf = view.detach().requires_grad_()  # shares wide's memory
-    fastpo.token_logprobs(leaf, labels, inplace_backward=True).sum().backward()
-    torch.testing.assert_close(wide[:, :V], x.grad, atol=0, rtol=0)  # the gradient landed in the buffer
+@pytest.mark.parametrize("layout", ["strided_rows", "shifted_batch"])
+def test_token_logprobs_does_not_copy_row_contiguous_logits(cpu_backend, layout):
+    """Rows at a stride (a slice of a wider buffer) and the shifted logits[:, :-1] of a [B, T, V]
+    output are read in place: the in-place backward writes the gradient into that very buffer."""
+    if layout == "strided_rows":
+        buffer = torch.randn(N, V + 5)
+
+        def view(t):
+            return t[:, :V]
+        labels = _ids(1)[:, 0].contiguous()
+    else:
+        buffer = torch.randn(2, 4, V)
+
+        def view(t):
+            return t[:, :-1]
+        labels = _ids(1)[:, 0].view(2, 3).contiguous()
+    x = view(buffer).detach().clone().requires_grad_()
+    fastpo.token_logprobs(x, labels, return_entropy=True)[0].sum().backward()
+    leaf = view(buffer).detach().requires_grad_()  # shares the buffer's memory
+    fastpo.token_logprobs(leaf, labels, return_entropy=True, inplace_backward=True)[0].sum().backward()
+    torch.testing.assert_close(view(buffer), x.grad, atol=0, rtol=0)  # the gradient landed in the buffer
 
 
 def _linear_leaves(seed, dtype):

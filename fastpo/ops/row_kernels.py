@@ -31,11 +31,63 @@ def flat_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.reshape(-1).to(torch.int64).contiguous()
 
 
-def empty_row_outputs(rows: torch.Tensor, dtype: torch.dtype):
+def empty_row_outputs(rows: torch.Tensor, dtype: torch.dtype, n_rows=None):
     """Uninitialised forward results (also the fake ones): logp, entropy, row_max and log_norm, each
-    ``[rows.shape[0]]``."""
-    out = rows.new_empty(rows.shape[0], dtype=result_dtype(dtype))
+    ``[n_rows]`` (default ``rows.shape[0]``)."""
+    out = rows.new_empty(rows.shape[0] if n_rows is None else n_rows, dtype=result_dtype(dtype))
     return out, torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
+
+
+def as_row_blocks(logits: torch.Tensor) -> torch.Tensor:
+    """``logits [..., V]`` as the ops take it, copying only when the kernels cannot read it in place:
+    ``[N, V]`` rows at any row stride, or ``[B, T, V]`` blocks of such rows for a batch that is not
+    one stride apart, such as the shifted ``logits[:, :-1]`` of a ``[B, T + 1, V]`` model output
+    (``reshape`` would copy all of it). A last dimension that is not contiguous (a transpose) or
+    rows that overlap (an ``expand``) are made contiguous."""
+    vocab = logits.shape[-1]
+    if logits.dim() == 3 and logits.stride(-1) == 1 and logits.stride(1) >= vocab \
+            and logits.stride(0) > logits.shape[1] * logits.stride(1):
+        return logits
+    rows = logits.reshape(-1, vocab)
+    if rows.stride(-1) != 1 or rows.stride(0) < vocab:
+        rows = rows.contiguous()
+    return rows
+
+
+def num_rows(blocks: torch.Tensor):
+    """Rows of an :func:`as_row_blocks` tensor."""
+    return blocks.shape[0] * blocks.shape[1] if blocks.dim() == 3 else blocks.shape[0]
+
+
+def blocked_forward(kernels, blocks: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+                    with_entropy: bool):
+    """``kernels.logprob_forward`` over ``[N, V]`` rows, or over each ``[T, V]`` block of ``[B, T, V]``."""
+    if blocks.dim() == 2:
+        return kernels.logprob_forward(blocks, labels, temperature, ignore_index, with_entropy)
+    n_per_block = blocks.shape[1]
+    outputs = empty_row_outputs(blocks, blocks.dtype, num_rows(blocks))
+    for b in range(blocks.shape[0]):
+        rows = slice(b * n_per_block, (b + 1) * n_per_block)
+        for out, part in zip(outputs, kernels.logprob_forward(blocks[b], labels[rows], temperature, ignore_index,
+                                                             with_entropy)):
+            out[rows] = part
+    return outputs
+
+
+def blocked_backward(kernels, blocks: torch.Tensor, labels: torch.Tensor, row_max, log_norm, entropy, grad_logp,
+                     grad_entropy, temperature: float, ignore_index: int, out: torch.Tensor) -> None:
+    """``kernels.logprob_backward`` over rows or blocks; ``out`` has ``blocks``' shape (may be it)."""
+    if blocks.dim() == 2:
+        kernels.logprob_backward(blocks, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
+                                 ignore_index, out)
+        return
+    n_per_block = blocks.shape[1]
+    for b in range(blocks.shape[0]):
+        rows = slice(b * n_per_block, (b + 1) * n_per_block)
+        kernels.logprob_backward(
+            blocks[b], labels[rows], row_max[rows], log_norm[rows], entropy[rows],
+            None if grad_logp is None else grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
+            temperature, ignore_index, out[b])
 
 
 def no_double_backward(public_name: str):

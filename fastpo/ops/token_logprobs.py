@@ -17,7 +17,10 @@ import torch
 from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
-from fastpo.ops.row_kernels import empty_row_outputs, flat_labels, no_double_backward, row_kernels
+from fastpo.ops.row_kernels import (
+    as_row_blocks, blocked_backward, blocked_forward, empty_row_outputs, flat_labels, no_double_backward, num_rows,
+    row_kernels,
+)
 
 __all__ = ["token_logprobs"]
 
@@ -27,16 +30,16 @@ def _token_logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, temperature: torch.Tensor, ignore_index: int,
     with_entropy: bool, inplace_backward: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, entropy, row_max, log_norm) for ``logits [N, V]``; ``inplace_backward`` is read by the
-    backward only."""
+    """(logp, entropy, row_max, log_norm) for ``logits [N, V]`` or ``[B, T, V]`` (see
+    ``as_row_blocks``); ``inplace_backward`` is read by the backward only."""
     tau = check.check_temperature_value(float(temperature))
-    check.check_label_range(labels, logits.shape[1], ignore_index)
-    return row_kernels(backend).logprob_forward(logits, labels, tau, ignore_index, with_entropy)
+    check.check_label_range(labels, logits.shape[-1], ignore_index)
+    return blocked_forward(row_kernels(backend), logits, labels, tau, ignore_index, with_entropy)
 
 
 @_token_logprobs_fwd.register_fake
 def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend):
-    return empty_row_outputs(logits, logits.dtype)
+    return empty_row_outputs(logits, logits.dtype, num_rows(logits))
 
 
 @torch.library.custom_op("fastpo::token_logprobs_bwd", mutates_args=())
@@ -47,8 +50,8 @@ def _token_logprobs_bwd(
 ) -> torch.Tensor:
     """∂L/∂logits as a new (contiguous) tensor of the logits' dtype."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    row_kernels(backend).logprob_backward(
-        logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, float(temperature), ignore_index, grad)
+    blocked_backward(row_kernels(backend), logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
+                     float(temperature), ignore_index, grad)
     return grad
 
 
@@ -67,8 +70,8 @@ def _token_logprobs_bwd_inplace(
     temperature: torch.Tensor, ignore_index: int, backend: str,
 ) -> None:
     """∂L/∂logits written over ``logits`` itself (saves one ``[N, V]`` buffer)."""
-    row_kernels(backend).logprob_backward(
-        logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, float(temperature), ignore_index, logits)
+    blocked_backward(row_kernels(backend), logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
+                     float(temperature), ignore_index, logits)
 
 
 @_token_logprobs_bwd_inplace.register_fake
@@ -123,9 +126,10 @@ def token_logprobs(
 
     Returns float32 tensors shaped like ``labels`` (float64 for float64 logits); ``ignore_index``
     labels give 0 and no gradient. Both outputs are differentiable (once: a double backward raises
-    ``NotImplementedError``). Any strides are accepted: rows at any stride are read in place; logits
-    whose last dimension is not contiguous (a transpose) or whose rows overlap (an ``expand``) are
-    copied first, strided or expanded labels are copied (N integers). The full softmax is never
+    ``NotImplementedError``). Any strides are accepted: rows at any stride, and the shifted
+    ``logits[:, :-1]`` of a ``[B, T, V]`` output, are read in place; logits whose last dimension is
+    not contiguous (a transpose) or whose rows overlap (an ``expand``) are copied first, strided or
+    expanded labels are copied (N integers). The full softmax is never
     materialised: the forward streams each row once, the backward writes ``g·(onehot − p)`` (plus
     the entropy term) block by block, into the logits buffer itself when ``inplace_backward=True``
     (then ``logits`` holds its gradient after backward: do not reuse it; a copied ``logits`` leaves
@@ -145,12 +149,8 @@ def token_logprobs(
         check.check_label_range(labels, logits.shape[-1], ignore_index)
         return reference.token_logprobs(logits, labels, temperature, ignore_index, return_entropy)
 
-    vocab = logits.shape[-1]
-    rows = logits.reshape(-1, vocab)
-    if rows.stride(-1) != 1 or rows.stride(0) < vocab:
-        rows = rows.contiguous()  # a transposed or expanded view; row-contiguous logits are never copied
     logp, entropy, _, _ = _token_logprobs_fwd(
-        rows, flat_labels(labels), check.scalar_tensor(temperature), ignore_index,
+        as_row_blocks(logits), flat_labels(labels), check.scalar_tensor(temperature), ignore_index,
         return_entropy, inplace_backward, backend)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
