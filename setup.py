@@ -59,7 +59,7 @@ ext_modules = [
 
 setup(
     packages=["fastpo", "fastpo.ops", "fastpo.reference", "fastpo.kernels", "fastpo.trainer", "fastpo.rollout",
-              "benchmarks"],
+              "fastpo.trainer.algos", "fastpo.integrations", "benchmarks"],
     package_dir={"fastpo": "fastpo", "fastpo.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},
