@@ -3,7 +3,6 @@ without its package ``__init__`` by tests/openrlhf_loader.py): every mode on ran
 gradients, a counter proving fastpo computed them, and ``install()``."""
 
 import itertools
-import math
 import sys
 import types
 
@@ -123,7 +122,8 @@ def test_install_patches_the_trainer_modules(monkeypatch):
     models = sys.modules["openrlhf.models"]
     monkeypatch.setattr(models, "PolicyLoss", L.PolicyLoss, raising=False)
     monkeypatch.setattr(models, "ValueLoss", L.ValueLoss, raising=False)
-    actor, critic = types.ModuleType("openrlhf.trainer.ray.ppo_actor"), types.ModuleType("openrlhf.trainer.ray.ppo_critic")
+    actor = types.ModuleType("openrlhf.trainer.ray.ppo_actor")
+    critic = types.ModuleType("openrlhf.trainer.ray.ppo_critic")
     actor.PolicyLoss, critic.ValueLoss = L.PolicyLoss, L.ValueLoss
     monkeypatch.setitem(sys.modules, actor.__name__, actor)
     monkeypatch.setitem(sys.modules, critic.__name__, critic)

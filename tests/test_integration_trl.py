@@ -11,7 +11,6 @@
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -21,7 +20,9 @@ pytest.importorskip("datasets")
 
 from datasets import Dataset  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
+from trl import (  # noqa: E402
+    DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer,
+)
 
 from fastpo.integrations import trl as ftrl  # noqa: E402
 from fastpo.integrations.trl_head import head_settings, wrap_fused_lm_head  # noqa: E402
@@ -331,7 +332,8 @@ def test_head_parity(mode, grpo_batch):
     t, inputs, _ = grpo_batch
     model = t.model
     ours_forward = model.forward
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "bf16-autocast" else torch.autocast("cpu", enabled=False)
+    bf16 = mode == "bf16-autocast"
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
     if mode == "no-compaction":
         model.forward = model._fastpo_trl_forward
         del model._fastpo_trl_forward

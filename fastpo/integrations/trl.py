@@ -14,18 +14,20 @@ What fastpo serves:
   (:mod:`fastpo.integrations.trl_head`, which lists what it hands back to TRL);
 * GRPO: ``_compute_loss`` through one :func:`fastpo.policy_loss` call for the loss types grpo, bnpo,
   dr_grpo, dapo, luspo, cispo (``epsilon_high >= 1``), sapo and vespo (without the vLLM ratio), token or
-  sequence ratio, ``beta`` with or without ``use_bias_correction_kl`` (sequence ratio: without), ``delta``,
+  sequence ratio, ``beta`` with or without ``use_bias_correction_kl`` (sequence ratio: without), ``delta``
+  (>= 1 + epsilon_high, as TRL recommends),
   ``top_entropy_quantile`` / ``off_policy_mask_threshold`` / the vLLM ``importance_sampling_ratio`` as
   per-token weights (``is_weights``; under a sequence ratio only sequence-constant ones);
 * RLOO: ``_compute_loss`` as a one-token-per-sequence ``fastpo.policy_loss``.
 
-Everything else (the entropy bonus, MoE aux loss, multi-dimensional advantages under a sequence ratio, the
-cases above excluded) runs TRL's own ``_compute_loss`` (``super()``), logged once per reason. The metrics keep
+Everything else (the entropy bonus, MoE aux loss, a ``delta`` below 1 + epsilon_high, multi-dimensional
+advantages under a sequence ratio, the cases above excluded) runs TRL's own ``_compute_loss`` (``super()``), logged once per reason. The metrics keep
 TRL's names and its cross-process reductions (computed from detached tensors as TRL does). Log-ratios are
 clamped to +-20 before the exponential (fastpo's convention; TRL does not clamp), so they differ only when
 |logp - old_logp| > 20. Counts of served and delegated passes are in :data:`STATS`.
 
-Outside the tested TRL range (:data:`TESTED_TRL`) the classes warn and behave exactly as TRL's.
+Outside the tested TRL range (:data:`TESTED_TRL`) the classes warn and behave exactly as TRL's. The ready
+classes are built on first access (module ``__getattr__``), so importing this module does not import TRL.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import warnings
 
 import torch
 
-import fastpo
 from fastpo.integrations import trl_losses
 from fastpo.integrations.trl_head import STATS, head_settings, record_delegation, wrap_fused_lm_head
 
@@ -184,8 +185,10 @@ def _ready(name, mixin, base_name):
 
 
 def __getattr__(name):  # the ready classes import TRL lazily
-    pairs = {"FastpoGRPOTrainer": (FastpoGRPOMixin, "GRPOTrainer"), "FastpoRLOOTrainer": (FastpoRLOOMixin, "RLOOTrainer"),
-             "FastpoDPOTrainer": (FastpoDPOMixin, "DPOTrainer"), "FastpoKTOTrainer": (FastpoKTOMixin, "KTOTrainer")}
+    pairs = {"FastpoGRPOTrainer": (FastpoGRPOMixin, "GRPOTrainer"),
+             "FastpoRLOOTrainer": (FastpoRLOOMixin, "RLOOTrainer"),
+             "FastpoDPOTrainer": (FastpoDPOMixin, "DPOTrainer"),
+             "FastpoKTOTrainer": (FastpoKTOMixin, "KTOTrainer")}
     if name in pairs:
         cls = _ready(name, *pairs[name])
         cls.__module__ = __name__
