@@ -43,6 +43,14 @@ class TrainConfig:
         "help": "--task dataset: a held-out set, in any --data form (default: none, or --data with --eval-split)"})
     eval_split: Optional[str] = field(default=None, metadata={
         "help": "--task dataset: the held-out split (default: 'test', or 'train' of an --eval-data file)"})
+    eval_every: int = field(default=0, metadata={
+        "help": "evaluate on the held-out set every N steps (0 = never): eval_* keys in metrics.jsonl and "
+                "eval.png (see fastpo/trainer/evaluation.py)"})
+    eval_temperature: float = field(default=0.0, metadata={
+        "help": "sampling temperature of the evaluation (0 = greedy)"})
+    eval_size: Optional[int] = field(default=None, metadata={
+        "help": "held-out prompts per evaluation (default: all of --eval-data / --eval-split; 64 of a "
+                "built-in task's fixed eval set)"})
     chat_template: str = field(default="auto", metadata={
         "help": "auto (the tokenizer's chat template when it has one, on every prompt), none, or a Jinja "
                 "template FILE"})
@@ -201,6 +209,7 @@ class TrainConfig:
         read_template(self.chat_template)
         check_reward_spec(self.reward)
         self._validate_lora()
+        self._validate_eval()
         from .schedule import SCHEDULERS
 
         if self.lr_scheduler not in SCHEDULERS:
@@ -208,6 +217,18 @@ class TrainConfig:
         if self.bf16 and self.dtype != "float32":
             raise UserInputError("--bf16 autocasts over float32 master weights: use it with --dtype float32 "
                                  "(--dtype bfloat16 alone trains a bf16 model)")
+
+    def _validate_eval(self) -> None:
+        if not self.eval_every:
+            return
+        if self.algo in OFFLINE_PAIR_ALGOS:
+            raise UserInputError(f"--eval-every: offline {self.algo} generates nothing to evaluate; use --algo "
+                                 "online_dpo or an RL algorithm")
+        if self.task == "jsonl":
+            raise UserInputError("--eval-every: --task jsonl has no held-out set; use --task dataset with "
+                                 "--eval-data or --eval-split, or a built-in task")
+        if self.task == "dataset" and self.eval_data is None and self.eval_split is None:
+            raise UserInputError("--eval-every with --task dataset needs a held-out set: --eval-data or --eval-split")
 
     def _validate_lora(self) -> None:
         if not self.lora_rank:
@@ -272,6 +293,9 @@ NUMERIC_RANGES = {
     "lora_rank": (0, False, None, False, False),
     "warmup_steps": (0, False, None, False, False),
     "lora_alpha": (0.0, True, None, False, True),
+    "eval_every": (0, False, None, False, False),
+    "eval_temperature": (0.0, False, None, False, False),
+    "eval_size": (1, False, None, False, True),
 }
 
 
@@ -287,7 +311,7 @@ def _range_text(low, low_open, high, high_open) -> str:
 RESUME_MUST_MATCH = ("algo", "model", "fsdp")
 RESUME_FREE = ("max_steps", "save_every", "resume", "overwrite", "output_dir", "progress", "tensorboard", "device",
                "reward_timeout", "vllm_max_model_len", "vllm_kv_cache_gib", "vllm_gpu_memory_utilization",
-               "vllm_sleep")
+               "vllm_sleep", "eval_every", "eval_size", "eval_temperature")
 
 
 class ResumeWarning(UserWarning):

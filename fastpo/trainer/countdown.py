@@ -65,6 +65,10 @@ class CountdownTask:
             out.append(self.make(numbers, target))
         return out
 
+    def eval_set(self, n: int, seed: int = 1234) -> List[Example]:
+        """A fixed evaluation set: ``n`` examples from ``random.Random(seed)`` (as ``ArithmeticTask``'s)."""
+        return self.sample(n, random.Random(seed))
+
 
 def parse_problem(problem: str) -> Tuple[List[int], int]:
     """``(numbers, target)`` of a countdown problem (``"7 3 5=9"``: an example's answer field)."""

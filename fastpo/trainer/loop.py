@@ -38,6 +38,7 @@ from .config import OFFLINE_PAIR_ALGOS, TrainConfig
 from .distributed import all_sum, barrier, init_distributed, initialise_sharded, shard, shutdown, wrap
 from .data import PromptFormatter, load_eval_examples
 from .errors import UserInputError
+from .evaluation import Evaluator
 from .models import ValueModel, load_policy, precision_of, prepare_policy, reference_policy, resolve_model_source
 from .microbatch import accumulate_gradients, split_experience
 from .reporting import Reporter
@@ -147,6 +148,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.trainable = [p for g in groups for p in g["params"]]
         self.rollout = self._rollout_engine()
+        self.evaluator = Evaluator(self)  # --eval-every (evaluation.py)
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -241,6 +243,8 @@ class Trainer:
                 with _FinishStepOnInterrupt():
                     in_update = True
                     record, updated = self._update(step, *collected)
+                    if self.evaluator.due(step):
+                        record.update(self.evaluator(step))
                     reporter.log(record)
                     records.append(record)
                     if not updated:

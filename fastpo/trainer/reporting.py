@@ -14,7 +14,7 @@ from .errors import UserInputError
 # Always present in every metrics.jsonl line (None -> JSON null where an algorithm has no such thing).
 REQUIRED_KEYS = ("step", "reward_mean", "loss", "kl", "clip_frac", "entropy", "tokens_per_s")
 # Wall-clock figures of a step: they differ between otherwise identical runs (resume comparisons skip them).
-TIMING_KEYS = ("tokens_per_s", "step_time_s", "experience_s", "update_s", "sync_s")
+TIMING_KEYS = ("tokens_per_s", "step_time_s", "experience_s", "update_s", "sync_s", "eval_s")
 # What a run writes into --output-dir besides its checkpoints (--overwrite deletes these).
 REPORT_FILES = ("metrics.jsonl", "reward.png", "eval.png", "tensorboard")
 BAR_KEYS = (("reward_mean", "reward"), ("kl", "kl"), ("clip_frac", "clip"), ("tokens_per_s", "tok/s"))
@@ -110,39 +110,22 @@ class Reporter:
             print(text, flush=True)
 
     def plot(self) -> Optional[Path]:
-        """reward.png: the mean reward per step and its running mean."""
+        """reward.png (mean reward and its running mean, KL, entropy, response length) and, with
+        evaluations, eval.png; see ``plots.py``. The path of reward.png, or None."""
         if not self.enabled:
             return None
-        records = [r for r in read_metrics(self.metrics_path) if r.get("reward_mean") is not None]
-        if not records:
+        records = read_metrics(self.metrics_path)
+        if not any(r.get("reward_mean") is not None or r.get("eval_accuracy") is not None for r in records):
             return None
         try:
-            import matplotlib
+            import matplotlib  # noqa: F401
         except ImportError:
             warnings.warn(f"matplotlib is not installed: no {self.dir / 'reward.png'} (pip install matplotlib); "
                           f"the numbers are in {self.metrics_path}", ReportWarning, stacklevel=2)
             return None
+        from .plots import write_plots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        steps = [r["step"] for r in records]
-        rewards = [r["reward_mean"] for r in records]
-        window = max(1, len(rewards) // 20)
-        smooth = [sum(rewards[max(0, i - window + 1):i + 1]) / len(rewards[max(0, i - window + 1):i + 1])
-                  for i in range(len(rewards))]
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-        ax.plot(steps, rewards, alpha=0.35, label="reward_mean")
-        ax.plot(steps, smooth, label=f"running mean ({window} steps)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("mean reward")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = self.dir / "reward.png"
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return write_plots(self.dir, records)
 
     def close(self) -> None:
         if self.bar is not None:

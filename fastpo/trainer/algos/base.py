@@ -116,15 +116,20 @@ class Algorithm(ABC):
         return [e.prompt if fmt is None else fmt(e.prompt) for e in examples]
 
     def score(self, examples, rollout: Rollout) -> torch.Tensor:
-        """Rewards ``[B]`` float32 of each response against its prompt's example; batched reward
+        """Rewards ``[B]`` float32 of each response against its prompt's example: the weighted sum
+        of :meth:`reward_breakdown`."""
+        values = self.trainer.rewards.total(self.reward_breakdown(examples, rollout))
+        return torch.tensor(values, dtype=torch.float32, device=self.trainer.device)
+
+    def reward_breakdown(self, examples, rollout: Rollout) -> Dict[str, List[float]]:
+        """Each reward term's unweighted value per response, ``{term name: [B]}``; batched reward
         functions also get the examples' other fields as columns (one entry per response)."""
         per_sample = [examples[g] for g in rollout.group_index]
         answers = [e.answer for e in per_sample]
         columns = {"answer": answers}
         if per_sample and all(getattr(e, "columns", None) for e in per_sample):
             columns = {k: [e.columns.get(k) for e in per_sample] for k in per_sample[0].columns}
-        values = self.trainer.rewards(self.prompt_texts(per_sample), rollout.completions, answers, columns)
-        return torch.tensor(values, dtype=torch.float32, device=self.trainer.device)
+        return self.trainer.rewards.breakdown(self.prompt_texts(per_sample), rollout.completions, answers, columns)
 
     def token_batch(self, rollout: Rollout) -> TokenBatch:
         return make_token_batch(rollout.prompt_ids, rollout.response_ids, self.trainer.tokenizer.pad_token_id,
