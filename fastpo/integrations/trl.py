@@ -22,9 +22,10 @@ What fastpo serves:
 
 Everything else (the entropy bonus, MoE aux loss, a ``delta`` below 1 + epsilon_high, multi-dimensional
 advantages under a sequence ratio, the cases above excluded) runs TRL's own ``_compute_loss`` (``super()``),
-logged once per reason. The metrics keep TRL's names and its cross-process reductions (computed from
-detached tensors as TRL does). Log-ratios are clamped to +-20 before the exponential (fastpo's convention; TRL does not clamp), so they differ only when
-|logp - old_logp| > 20. Counts of served and delegated passes are in :data:`STATS`.
+logged once per reason. The metrics keep TRL's names and its cross-process reductions (computed from detached
+tensors as TRL does). Log-ratios are clamped to +-20 before the exponential (fastpo's convention; TRL does not
+clamp), so they differ only when |logp - old_logp| > 20. Counts of served and delegated passes are in
+:data:`STATS`.
 
 Outside the tested TRL range (:data:`TESTED_TRL`) the classes warn and behave exactly as TRL's. The ready
 classes are built on first access (module ``__getattr__``), so importing this module does not import TRL.
