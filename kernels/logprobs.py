@@ -14,8 +14,10 @@ Launchers (same contract as the CPU path in ``fastpo.ops.cpu_logprobs``):
         -> (logp [N], entropy [N], row_max [N], log_norm [N])     fp32 (fp64 for fp64 logits)
     logprob_backward(logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
                      temperature, ignore_index, out [N, V])  writes dL/dlogits into ``out`` (may be ``logits``)
-``logits`` and ``out`` may have any row stride, but a contiguous last dimension; ``labels`` and the
-per-row vectors are contiguous.
+``logits`` is ``[N, V]`` rows at any row stride, or ``[B, T, V]`` blocks of such rows at any block
+stride (N = B·T; e.g. the shifted ``logits[:, :-1]`` of a model output, read in place); its last
+dimension is contiguous. ``out`` has the shape of ``logits`` and its own strides. ``labels`` and the
+per-row vectors are contiguous ``[N]``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _num_warps(block: int) -> int:
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, entropy_ptr, row_max_ptr, log_norm_ptr,
-    n_cols, stride_row, inv_temperature, ignore_index,
+    n_cols, rows_per_block, stride_block, stride_row, inv_temperature, ignore_index,
     WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # One program per row; one pass over the vocabulary with an online logsumexp relative to the
@@ -54,7 +56,7 @@ def _logprobs_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = logits_ptr + (row // rows_per_block) * stride_block + (row % rows_per_block) * stride_row
     # Ignored rows skip the stream entirely (zero trip count).
     n_stream = tl.where(valid, n_cols, 0)
 
@@ -104,10 +106,12 @@ def _logprobs_fwd_kernel(
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr, grad_ptr, labels_ptr, row_max_ptr, log_norm_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
-    n_cols, stride_row, stride_grad_row, inv_temperature, ignore_index,
+    n_cols, rows_per_block, stride_block, stride_row, stride_grad_block, stride_grad_row, inv_temperature,
+    ignore_index,
     HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    block, row_in_block = row // rows_per_block, row % rows_per_block
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_row = cols < n_cols
     label = tl.load(labels_ptr + row)
@@ -115,7 +119,8 @@ def _logprobs_bwd_kernel(
 
     # Ignored rows read nothing (an empty read range) and write zeros.
     to_read = cols < tl.where(valid, n_cols, 0)
-    z = tl.load(logits_ptr + row * stride_row + cols, mask=to_read, other=0.0).to(tl.float32)
+    z = tl.load(logits_ptr + block * stride_block + row_in_block * stride_row + cols, mask=to_read,
+                other=0.0).to(tl.float32)
     row_max = tl.load(row_max_ptr + row).to(tl.float32)
     log_norm = tl.load(log_norm_ptr + row).to(tl.float32)
     log_p = (z - row_max) * inv_temperature - log_norm
@@ -129,7 +134,15 @@ def _logprobs_bwd_kernel(
         entropy = tl.load(entropy_ptr + row).to(tl.float32)
         grad -= g_entropy * p * tl.where(p > 0.0, log_p + entropy, 0.0)
     grad = tl.where(valid, grad * inv_temperature, 0.0)
-    tl.store(grad_ptr + row * stride_grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+    tl.store(grad_ptr + block * stride_grad_block + row_in_block * stride_grad_row + cols,
+             grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def _row_layout(t: torch.Tensor):
+    """(rows, rows per block, block stride, row stride) of ``[N, V]`` rows or ``[B, T, V]`` blocks."""
+    if t.dim() == 3:
+        return t.shape[0] * t.shape[1], max(t.shape[1], 1), t.stride(0), t.stride(1)
+    return t.shape[0], max(t.shape[0], 1), 0, t.stride(0)
 
 
 def _output_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -138,8 +151,9 @@ def _output_dtype(logits: torch.Tensor) -> torch.dtype:
 
 def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                     with_entropy: bool):
-    """Launch the forward over rows of ``logits [N, V]`` (last dim contiguous)."""
-    n_rows, n_cols = logits.shape
+    """Launch the forward over the rows of ``logits`` (see the module docstring)."""
+    n_rows, rows_per_block, stride_block, stride_row = _row_layout(logits)
+    n_cols = logits.shape[-1]
     out_dtype = _output_dtype(logits)
     logp = torch.empty(n_rows, dtype=out_dtype, device=logits.device)
     row_max = torch.empty_like(logp)
@@ -150,7 +164,7 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     block = _block_size(n_cols)
     _logprobs_fwd_kernel[(n_rows,)](
         logits, labels, logp, entropy, row_max, log_norm,
-        n_cols, logits.stride(0), 1.0 / temperature, ignore_index,
+        n_cols, rows_per_block, stride_block, stride_row, 1.0 / temperature, ignore_index,
         WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block),
     )
     return logp, entropy, row_max, log_norm
@@ -159,8 +173,10 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
 def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
                      entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                      temperature: float, ignore_index: int, out: torch.Tensor) -> None:
-    """Write ∂L/∂logits into ``out [N, V]``; ``out`` may be ``logits`` itself (in-place backward)."""
-    n_rows, n_cols = logits.shape
+    """Write ∂L/∂logits into ``out`` (``logits``' shape); ``out`` may be ``logits`` itself (in-place backward)."""
+    n_rows, rows_per_block, stride_block, stride_row = _row_layout(logits)
+    _, _, stride_grad_block, stride_grad_row = _row_layout(out)
+    n_cols = logits.shape[-1]
     if n_rows == 0:
         return
     block = _block_size(n_cols)
@@ -169,7 +185,8 @@ def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.
         logits, out, labels, row_max, log_norm, entropy,
         grad_logp if grad_logp is not None else log_norm,
         grad_entropy if grad_entropy is not None else log_norm,
-        n_cols, logits.stride(0), out.stride(0), 1.0 / temperature, ignore_index,
+        n_cols, rows_per_block, stride_block, stride_row, stride_grad_block, stride_grad_row, 1.0 / temperature,
+        ignore_index,
         HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
         BLOCK_V=block, num_warps=_num_warps(block),
     )

@@ -12,15 +12,15 @@ from fastpo.kernels import logprobs
 # row offset computed as row * stride in i32 would overflow once N·V passes 2^31.
 def _fwd_signature(dtype):
     return {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
-            "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32", "n_cols": "i32", "stride_row": "i32",
-            "inv_temperature": "fp32", "ignore_index": "i32"}
+            "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32", "n_cols": "i32", "rows_per_block": "i32",
+            "stride_block": "i32", "stride_row": "i32", "inv_temperature": "fp32", "ignore_index": "i32"}
 
 
 def _bwd_signature(dtype):
     return {"logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "labels_ptr": "*i64", "row_max_ptr": "*fp32",
             "log_norm_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
-            "n_cols": "i32", "stride_row": "i32", "stride_grad_row": "i32", "inv_temperature": "fp32",
-            "ignore_index": "i32"}
+            "n_cols": "i32", "rows_per_block": "i32", "stride_block": "i32", "stride_row": "i32",
+            "stride_grad_block": "i32", "stride_grad_row": "i32", "inv_temperature": "fp32", "ignore_index": "i32"}
 
 
 def cases():

@@ -34,6 +34,8 @@ def _as_numpy(t: Optional[torch.Tensor]):
 
 def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                     with_entropy: bool):
+    if logits.dim() == 3:  # [B, T, V] blocks: one call per [T, V] block
+        return _per_block_forward(logits, labels, temperature, ignore_index, with_entropy)
     n_rows = logits.shape[0]
     logp = torch.empty(n_rows, dtype=result_dtype(logits.dtype))
     row_max = torch.empty_like(logp)
@@ -51,6 +53,14 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
 def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
                      entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                      temperature: float, ignore_index: int, out: torch.Tensor) -> None:
+    if logits.dim() == 3:
+        n = logits.shape[1]
+        for b in range(logits.shape[0]):
+            rows = slice(b * n, (b + 1) * n)
+            logprob_backward(logits[b], labels[rows], row_max[rows], log_norm[rows], entropy[rows],
+                             None if grad_logp is None else grad_logp[rows],
+                             None if grad_entropy is None else grad_entropy[rows], temperature, ignore_index, out[b])
+        return
     if logits.shape[0] == 0:
         return
     _C.logprob_backward(
@@ -58,3 +68,12 @@ def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.
         _as_numpy(grad_logp), _as_numpy(grad_entropy), _as_numpy(out),
         1.0 / temperature, ignore_index, _DTYPE_NAMES[logits.dtype],
     )
+
+
+def _per_block_forward(logits, labels, temperature, ignore_index, with_entropy):
+    n = logits.shape[1]
+    parts = [logprob_forward(logits[b], labels[b * n:(b + 1) * n], temperature, ignore_index, with_entropy)
+             for b in range(logits.shape[0])]
+    if not parts:
+        return logprob_forward(logits.reshape(0, logits.shape[-1]), labels, temperature, ignore_index, with_entropy)
+    return tuple(torch.cat(column) for column in zip(*parts))

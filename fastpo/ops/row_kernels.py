@@ -2,7 +2,8 @@
 the two log-prob ops share around them.
 
 Both backends share one contract (see ``fastpo.kernels.logprobs``): rows of ``logits [N, V]`` with
-a contiguous last dimension and any row stride, contiguous ``labels [N]`` int64, and results in
+a contiguous last dimension and any row stride (or ``[B, T, V]`` blocks of such rows, see
+:func:`as_row_blocks`), contiguous ``labels [N]`` int64, and results in
 float32 (float64 for float64): logp, entropy and the backward's row statistics ``row_max`` (the raw
 maximum of each row) and ``log_norm`` (log Σ e^{(z − row_max)/τ}).
 """
@@ -57,37 +58,6 @@ def as_row_blocks(logits: torch.Tensor) -> torch.Tensor:
 def num_rows(blocks: torch.Tensor):
     """Rows of an :func:`as_row_blocks` tensor."""
     return blocks.shape[0] * blocks.shape[1] if blocks.dim() == 3 else blocks.shape[0]
-
-
-def blocked_forward(kernels, blocks: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-                    with_entropy: bool):
-    """``kernels.logprob_forward`` over ``[N, V]`` rows, or over each ``[T, V]`` block of ``[B, T, V]``."""
-    if blocks.dim() == 2:
-        return kernels.logprob_forward(blocks, labels, temperature, ignore_index, with_entropy)
-    n_per_block = blocks.shape[1]
-    outputs = empty_row_outputs(blocks, blocks.dtype, num_rows(blocks))
-    for b in range(blocks.shape[0]):
-        rows = slice(b * n_per_block, (b + 1) * n_per_block)
-        for out, part in zip(outputs, kernels.logprob_forward(blocks[b], labels[rows], temperature, ignore_index,
-                                                             with_entropy)):
-            out[rows] = part
-    return outputs
-
-
-def blocked_backward(kernels, blocks: torch.Tensor, labels: torch.Tensor, row_max, log_norm, entropy, grad_logp,
-                     grad_entropy, temperature: float, ignore_index: int, out: torch.Tensor) -> None:
-    """``kernels.logprob_backward`` over rows or blocks; ``out`` has ``blocks``' shape (may be it)."""
-    if blocks.dim() == 2:
-        kernels.logprob_backward(blocks, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
-                                 ignore_index, out)
-        return
-    n_per_block = blocks.shape[1]
-    for b in range(blocks.shape[0]):
-        rows = slice(b * n_per_block, (b + 1) * n_per_block)
-        kernels.logprob_backward(
-            blocks[b], labels[rows], row_max[rows], log_norm[rows], entropy[rows],
-            None if grad_logp is None else grad_logp[rows], None if grad_entropy is None else grad_entropy[rows],
-            temperature, ignore_index, out[b])
 
 
 def no_double_backward(public_name: str):

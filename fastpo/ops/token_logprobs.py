@@ -18,8 +18,7 @@ from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
 from fastpo.ops.row_kernels import (
-    as_row_blocks, blocked_backward, blocked_forward, empty_row_outputs, flat_labels, no_double_backward, num_rows,
-    row_kernels,
+    as_row_blocks, empty_row_outputs, flat_labels, no_double_backward, num_rows, row_kernels,
 )
 
 __all__ = ["token_logprobs"]
@@ -34,7 +33,7 @@ def _token_logprobs_fwd(
     ``as_row_blocks``); ``inplace_backward`` is read by the backward only."""
     tau = check.check_temperature_value(float(temperature))
     check.check_label_range(labels, logits.shape[-1], ignore_index)
-    return blocked_forward(row_kernels(backend), logits, labels, tau, ignore_index, with_entropy)
+    return row_kernels(backend).logprob_forward(logits, labels, tau, ignore_index, with_entropy)
 
 
 @_token_logprobs_fwd.register_fake
@@ -50,8 +49,8 @@ def _token_logprobs_bwd(
 ) -> torch.Tensor:
     """∂L/∂logits as a new (contiguous) tensor of the logits' dtype."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    blocked_backward(row_kernels(backend), logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
-                     float(temperature), ignore_index, grad)
+    row_kernels(backend).logprob_backward(
+        logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, float(temperature), ignore_index, grad)
     return grad
 
 
@@ -70,8 +69,8 @@ def _token_logprobs_bwd_inplace(
     temperature: torch.Tensor, ignore_index: int, backend: str,
 ) -> None:
     """∂L/∂logits written over ``logits`` itself (saves one ``[N, V]`` buffer)."""
-    blocked_backward(row_kernels(backend), logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
-                     float(temperature), ignore_index, logits)
+    row_kernels(backend).logprob_backward(
+        logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, float(temperature), ignore_index, logits)
 
 
 @_token_logprobs_bwd_inplace.register_fake
