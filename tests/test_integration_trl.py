@@ -25,7 +25,7 @@ from trl import (  # noqa: E402
 )
 
 from fastpo.integrations import trl as ftrl  # noqa: E402
-from fastpo.integrations.trl_head import head_settings, wrap_fused_lm_head  # noqa: E402
+from fastpo.integrations.trl_head import head_settings, record_delegation, wrap_fused_lm_head  # noqa: E402
 from fastpo.trainer.tiny_model import build_tokenizer  # noqa: E402
 
 if not ftrl.trl_supported():
@@ -400,3 +400,42 @@ def test_version_gate(tiny, tmp_path, monkeypatch):
         t = _rl_trainer(ftrl.FastpoGRPOTrainer, GRPOConfig, tiny, tmp_path)
     assert "_fastpo_trl_forward" not in vars(t.model)
     assert "untested" in t._fastpo_loss_reason({})
+
+
+def test_grpo_lora_train_parity(tiny, tmp_path):
+    """Under PEFT TRL patches the base model and takes the reference with the adapter disabled: both passes
+    go through fastpo's head."""
+    peft = pytest.importorskip("peft")
+    kw = dict(beta=0.04, loss_type="grpo", num_iterations=2)
+
+    def make(cls):
+        path, tok = tiny
+        args = GRPOConfig(**_common(tmp_path, num_generations=4, max_completion_length=6, **kw))
+        return cls(model=path, reward_funcs=reward_len, args=args, processing_class=tok,
+                   train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+                   peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    stock, ours, stats = _train_pair(GRPOTrainer, ftrl.FastpoGRPOTrainer, make)
+    torch.testing.assert_close(_losses(ours), _losses(stock), **TOL)
+    for (name, p), q in zip(stock.model.named_parameters(), ours.model.parameters()):
+        torch.testing.assert_close(q, p, **TOL, msg=lambda m: f"{name}: {m}")
+    assert stats.get("served:grpo_loss") == 3 and stats.get("served:lm_head", 0) >= 6, stats
+    assert "delegated:lm_head" not in stats, stats
+
+
+def test_delegation_logged_once(caplog):
+    ftrl.STATS.clear()
+    with caplog.at_level("WARNING", logger="fastpo.integrations.trl"):
+        for _ in range(3):
+            record_delegation("test_pass", "a reason seen for the first time")
+    assert ftrl.STATS["delegated:test_pass"] == 3
+    assert sum("a reason seen for the first time" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_contract_check_on_trainer_attributes(grpo_batch, monkeypatch):
+    """A TRL whose trainer lacks an attribute the hook reads gets its own _compute_loss back."""
+    t, inputs, _ = grpo_batch
+    assert t._fastpo_contract() is None
+    monkeypatch.setattr(type(t), "_fastpo_attributes", ("epsilon_low", "args.no_such_field"), raising=False)
+    assert "no_such_field" in t._fastpo_contract()
+    assert "no_such_field" in t._fastpo_loss_reason(inputs)

@@ -107,11 +107,18 @@ class _FastpoTRLMixin:
             targets.append(self.accelerator.unwrap_model(self.ref_model))
         return targets
 
+    _fastpo_attributes: tuple = ()  # trainer attributes ("args.x" for TrainingArguments fields) the loss reads
+
     def _fastpo_contract(self) -> str | None:
-        """None when ``_get_per_token_logps_and_entropies`` has the signature the loss hook calls."""
+        """None when ``_get_per_token_logps_and_entropies`` has the signature the loss hook calls and the
+        trainer has every attribute the hook reads (the runtime contract check)."""
         params = inspect.signature(self._get_per_token_logps_and_entropies).parameters
         missing = [name for name in _PER_TOKEN_KWARGS if name not in params]
-        return f"_get_per_token_logps_and_entropies lacks {missing}" if missing else None
+        if missing:
+            return f"_get_per_token_logps_and_entropies lacks {missing}"
+        absent = [name for name in self._fastpo_attributes
+                  if not hasattr(self.args if name.startswith("args.") else self, name.removeprefix("args."))]
+        return f"the trainer lacks {absent}" if absent else None
 
     def _fastpo_per_token(self, model, inputs):
         """TRL's own policy pass (the same call as its ``_compute_loss``): (logps, entropies, aux_loss, mask)."""
@@ -160,12 +167,20 @@ class FastpoGRPOMixin(_FastpoLossMixin):
     (:mod:`fastpo.integrations.trl_losses` has the mapping and what is delegated)."""
 
     _fastpo_name = "grpo"
+    _fastpo_attributes = (
+        "loss_type", "beta", "epsilon_low", "epsilon_high", "importance_sampling_level", "top_entropy_quantile",
+        "off_policy_mask_threshold", "use_vllm", "vllm_importance_sampling_correction", "max_completion_length",
+        "aux_loss_enabled", "_entropy_bonus_enabled", "_metrics", "get_high_entropy_mask", "get_off_policy_mask",
+        "get_gamma_weights", "args.delta", "args.use_bias_correction_kl", "args.steps_per_generation",
+        "args.sapo_temperature_pos", "args.sapo_temperature_neg", "args.vespo_k_pos", "args.vespo_lambda_pos",
+        "args.vespo_k_neg", "args.vespo_lambda_neg")
 
 
 class FastpoRLOOMixin(_FastpoLossMixin):
     """RLOO: the fused head and ``_compute_loss`` by ``fastpo.policy_loss`` (one token per sequence)."""
 
     _fastpo_name = "rloo"
+    _fastpo_attributes = ("epsilon_low", "epsilon_high", "aux_loss_enabled", "_metrics")
 
 
 class FastpoDPOMixin(_FastpoTRLMixin):
