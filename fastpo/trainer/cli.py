@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
             help_text += f" (default: {f.default})"
         if kind is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(kind) is list:  # a flag that may be given several times (--reward)
+            ap.add_argument(flag, action="append", metavar=f.name.upper(), help=help_text)
         else:
             ap.add_argument(flag, type=kind, metavar=f.name.upper(), help=help_text)
     return ap
@@ -54,6 +56,12 @@ def parse_config(argv: Optional[List[str]]) -> TrainConfig:
     types = {f.name: _flag_type(f) for f in config_fields()}
     for name, value in settings.items():
         kind = types[name]
+        if typing.get_origin(kind) is list:  # a list of strings, or one string (a YAML scalar)
+            if isinstance(value, str):
+                settings[name] = [value]
+            elif value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise UserInputError(f"{name}: expected a string or a list of strings, got {value!r}")
+            continue
         if value is None or isinstance(value, kind) or (kind is float and isinstance(value, int)
                                                         and not isinstance(value, bool)):
             continue

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from .errors import UserInputError
 
@@ -54,11 +54,18 @@ class TrainConfig:
     chat_template: str = field(default="auto", metadata={
         "help": "auto (the tokenizer's chat template when it has one, on every prompt), none, or a Jinja "
                 "template FILE"})
-    reward: Optional[str] = field(default=None, metadata={
+    reward: Optional[List[str]] = field(default=None, metadata={
         "help": "'math' (math-verify answer check, in place of the exact-number one), 'format' "
                 "(<think>...</think> then an answer), 'regex:PATTERN', or a user function 'module:function' / "
                 "'file.py:function', reward(prompt, completion) or batched reward(prompts, completions, "
-                "**columns); added to the task's reward"})
+                "**columns); added to the task's reward; may be given several times (one term each)"})
+    reward_weights: Optional[str] = field(default=None, metadata={
+        "help": "comma-separated weights, one per --reward in order (default: 1 each; the task's own terms "
+                "keep theirs), e.g. 1,0.5"})
+    multi_objective: Optional[str] = field(default=None, metadata={
+        "help": "grpo/dapo/gspo/dr_grpo: advantages from the reward terms through fastpo.multi_reward_advantages: "
+                "sum_then_normalize | normalize_then_sum | gdpo (default: the algorithm's estimator of the "
+                "summed reward)"})
     reward_timeout: float = field(default=30.0, metadata={
         "help": "seconds one reward call may take; a call that takes longer, raises or returns no finite "
                 "number scores 0 with a warning and is counted in reward_failures (0 = no limit; "
@@ -195,7 +202,6 @@ class TrainConfig:
 
     def _validate_data_and_reward(self) -> None:
         from .data import read_template
-        from .verifiers import check_reward_spec
 
         if self.task == "dataset" and self.algo not in OFFLINE_PAIR_ALGOS and self.data is None:
             raise UserInputError("--task dataset needs --data (a file, a save_to_disk directory or a hub dataset id)")
@@ -207,7 +213,19 @@ class TrainConfig:
         if self.eval_split == "":
             raise UserInputError("--eval-split: must not be empty")
         read_template(self.chat_template)
-        check_reward_spec(self.reward)
+        if isinstance(self.reward, str):  # one reward (a YAML string, a saved config, TrainConfig(reward=...))
+            self.reward = [self.reward]
+        from .multi_reward import MULTI_OBJECTIVE, SCALE_REWARDS, check_reward_specs, parse_reward_weights
+
+        check_reward_specs(self.reward)
+        parse_reward_weights(self.reward_weights, self.reward)
+        if self.multi_objective is not None:
+            if self.multi_objective not in MULTI_OBJECTIVE:
+                raise UserInputError(f"--multi-objective: unknown value {self.multi_objective!r}; choose from "
+                                     f"{', '.join(MULTI_OBJECTIVE)}")
+            if self.algo not in SCALE_REWARDS:
+                raise UserInputError(f"--multi-objective: only with --algo {', '.join(SCALE_REWARDS)} (group-normalised "
+                                     f"advantages), not {self.algo}")
         self._validate_lora()
         self._validate_eval()
         from .schedule import SCHEDULERS

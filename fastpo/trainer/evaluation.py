@@ -24,6 +24,7 @@ import torch
 
 from ..rollout.base import SamplingSettings
 from .errors import UserInputError
+from .multi_reward import mean_std, term_statistics
 
 BUILTIN_EVAL_SIZE = 64
 EVAL_SEED = 1234  # the built-in tasks' held-out draw (ArithmeticTask.eval_set's default)
@@ -41,22 +42,6 @@ def eval_examples_of(trainer) -> List:
         raise UserInputError(f"--eval-every: --task {cfg.task} has no held-out set; use --task dataset with "
                              "--eval-data or --eval-split, or a built-in task")
     return eval_set(cfg.eval_size or BUILTIN_EVAL_SIZE, seed=EVAL_SEED)
-
-
-def mean_std(values: List[float]):
-    """Mean and Bessel-corrected std (0 for fewer than two values) of a list, as ``reward_std``."""
-    if not values:
-        return None, None
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
-
-
-def term_statistics(breakdown: Dict[str, List[float]], prefix: str) -> Dict[str, Optional[float]]:
-    """``{prefix}rewards/NAME/mean`` and ``/std`` of each reward term's values (TRL's metric names)."""
-    out = {}
-    for name, values in breakdown.items():
-        out[f"{prefix}rewards/{name}/mean"], out[f"{prefix}rewards/{name}/std"] = mean_std(values)
-    return out
 
 
 class Evaluator:

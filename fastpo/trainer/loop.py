@@ -157,7 +157,7 @@ class Trainer:
         from .countdown import CountdownTask, countdown_reward
         from .data import load_train_examples
         from .tasks import ArithmeticTask, load_preferences_jsonl, load_prompts_jsonl
-        from .verifiers import reward_terms
+        from .multi_reward import run_reward_terms
 
         cfg = self.cfg
         pairs = prompts = None
@@ -177,7 +177,8 @@ class Trainer:
             terms = [RewardTerm.builtin(countdown_reward, name="countdown")]
         else:
             terms = [RewardTerm.builtin(exact_answer_reward)]
-        terms = reward_terms(cfg.reward, terms)  # --reward: math / format / regex:P / a user function
+        # --reward (each: math / format / regex:P / a user function) with --reward-weights
+        terms = run_reward_terms(cfg.reward, cfg.reward_weights, terms)
         return prompts, pairs, RewardFunction(terms, timeout=cfg.reward_timeout)
 
     def _rollout_engine(self):

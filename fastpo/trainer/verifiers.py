@@ -90,7 +90,7 @@ def regex_reward(pattern: str) -> Callable[[str, Optional[str]], float]:
 def check_reward_spec(spec: Optional[str]) -> None:
     """Raise ``UserInputError`` for a bad named ``--reward`` (before any model loads). User functions
     (``module:function``) are checked when they are imported."""
-    if spec is None:
+    if spec is None or spec == "format":
         return
     if spec == "math":
         _math_verify()

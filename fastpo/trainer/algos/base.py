@@ -105,10 +105,22 @@ class Algorithm(ABC):
 
     def rollout(self, step: int, n: int):
         """Sample prompts, generate ``n`` responses each and score them: (examples, rollout, rewards [B])."""
-        examples = self.trainer.prompts.sample(self.cfg.prompts_per_step, self.trainer.rng_for(step))
-        rollout = self.trainer.rollout.generate(self.prompt_texts(examples), self.sampling(step, n=n))
-        rewards = self.score(examples, rollout)
-        return examples, rollout, rewards
+        return self.scored_rollout(step, n)[:3]
+
+    def scored_rollout(self, step: int, n: int, round_: int = 0):
+        """:meth:`rollout` plus each reward term's unweighted values ``[B, K]`` (the run's term order)
+        and their ``rewards/NAME/mean|std`` metrics; ``round_`` > 0 draws other prompts and samples
+        (dynamic sampling's further rounds)."""
+        from ..multi_reward import term_matrix, term_statistics
+
+        rng = self.trainer.rng_for(step) if round_ == 0 else self.trainer.rng_for(step, purpose=100 + round_)
+        examples = self.trainer.prompts.sample(self.cfg.prompts_per_step, rng)
+        settings = self.sampling(step, n=n, purpose=0 if round_ == 0 else 100 + round_)
+        rollout = self.trainer.rollout.generate(self.prompt_texts(examples), settings)
+        breakdown = self.reward_breakdown(examples, rollout)
+        rewards = torch.tensor(self.trainer.rewards.total(breakdown), dtype=torch.float32, device=self.trainer.device)
+        terms = term_matrix(breakdown, [t.name for t in self.trainer.rewards.terms], self.trainer.device)
+        return examples, rollout, rewards, terms, term_statistics(breakdown)
 
     def prompt_texts(self, examples) -> List[str]:
         """What the model continues: each example's prompt through ``--chat-template``."""

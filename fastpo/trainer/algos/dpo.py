@@ -95,7 +95,7 @@ class OnlineDPO(DPO):
 
     @torch.no_grad()
     def experience(self, step: int) -> Experience:
-        examples, rollout, rewards = self.rollout(step, self.cfg.group_size)
+        examples, rollout, rewards, _, term_metrics = self.scored_rollout(step, self.cfg.group_size)
         g = self.cfg.group_size
         prompts, chosen, rejected = [], [], []
         for p in range(len(examples)):
@@ -106,7 +106,8 @@ class OnlineDPO(DPO):
                 chosen.append(rollout.response_ids[p * g + best])
                 rejected.append(rollout.response_ids[p * g + worst])
         metrics = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-                   "pairs": float(len(prompts)), "response_len": sum(map(len, rollout.response_ids)) / len(rollout)}
+                   "pairs": float(len(prompts)), "response_len": sum(map(len, rollout.response_ids)) / len(rollout),
+                   **term_metrics}
         exp = self.pair_experience(prompts, chosen, rejected, metrics)
         exp.num_tokens = rollout.num_tokens
         return exp

@@ -69,17 +69,17 @@ class GroupPolicyGradient(Algorithm):
 
     @torch.no_grad()
     def experience(self, step: int) -> Experience:
-        examples, rollout, rewards = self.rollout(step, self.cfg.group_size)
+        examples, rollout, rewards, terms, term_metrics = self.scored_rollout(step, self.cfg.group_size)
         batch = self.token_batch(rollout)
         old_logp, entropy = self.old_policy(batch)
         rollout_logp = packed_rollout_logp(rollout.rollout_logp, self.trainer.device)
         metrics = self.rollout_metrics(rollout, rewards, old_logp, entropy, rollout_logp, batch)
+        metrics.update(term_metrics)  # rewards/NAME/mean|std of each reward term
         baseline = self.baseline(step, examples)
         if baseline is not None:
             baseline = baseline.repeat_interleave(self.cfg.group_size)
             metrics["baseline_reward_mean"] = float(baseline.mean())
-        adv = fastpo.group_advantages(rewards, group_size=self.cfg.group_size, method=self.method,
-                                      baseline=baseline)
+        adv = self.advantages(rewards, terms, baseline)
         tensors = {"old_logp": old_logp, "advantages": batch.per_token(adv), "rollout_logp": rollout_logp}
         if self.needs_reference:
             tensors["ref_logp"] = self.reference_logp(batch)
@@ -88,6 +88,18 @@ class GroupPolicyGradient(Algorithm):
             metrics["kept_frac"] = float(keep.float().mean())
             tensors["mask"] = batch.per_token(keep).float()
         return Experience(batch, tensors, metrics, rollout.num_tokens)
+
+    def advantages(self, rewards: torch.Tensor, terms: torch.Tensor, baseline: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-sequence advantages: the estimator of the total reward, or with ``--multi-objective``
+        the aggregation of the reward terms ``[B, K]`` (``multi_reward.py``)."""
+        if self.cfg.multi_objective is None:
+            return fastpo.group_advantages(rewards, group_size=self.cfg.group_size, method=self.method,
+                                           baseline=baseline)
+        from ..multi_reward import multi_objective_advantages
+
+        return multi_objective_advantages(terms, [t.weight for t in self.trainer.rewards.terms],
+                                          group_size=self.cfg.group_size, aggregation=self.cfg.multi_objective,
+                                          algo=self.name)
 
     def keep_sequences(self, rewards: torch.Tensor) -> Optional[torch.Tensor]:
         """DAPO's dynamic sampling: keep groups whose rewards differ (the others have no signal)."""

@@ -36,11 +36,12 @@ class PPO(Algorithm):
 
     @torch.no_grad()
     def experience(self, step: int) -> Experience:
-        _, rollout, scores = self.rollout(step, self.cfg.group_size)
+        _, rollout, scores, _, term_metrics = self.scored_rollout(step, self.cfg.group_size)
         batch = self.token_batch(rollout)
         old_logp, entropy = self.old_policy(batch)
         rollout_logp = packed_rollout_logp(rollout.rollout_logp, self.trainer.device)
         metrics = self.rollout_metrics(rollout, scores, old_logp, entropy, rollout_logp, batch)
+        metrics.update(term_metrics)  # rewards/NAME/mean|std of each reward term
         old_values = score_in_chunks(lambda b: values_of(self.trainer.critic_eval, b), batch,
                                      self.cfg.micro_batch_size)
         token_rewards = torch.zeros_like(old_logp)
