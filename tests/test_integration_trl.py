@@ -185,7 +185,7 @@ def grpo_batch(tiny, tmp_path_factory):
 
 SETTINGS = ("loss_type", "importance_sampling_level", "beta", "epsilon_high", "top_entropy_quantile",
             "off_policy_mask_threshold", "use_vllm", "vllm_importance_sampling_correction", "_entropy_bonus_enabled",
-            "entropy_coef")
+            "entropy_coef", "use_adaptive_entropy", "_last_world_entropy", "_entropy_window_stats")
 ARG_SETTINGS = ("delta", "use_bias_correction_kl")
 
 
@@ -200,16 +200,20 @@ def _grpo_case(t, inputs, ratios, *, vllm=None, **settings):
     try:
         for k, v in settings.items():
             setattr(t.args if k in ARG_SETTINGS else t, k, v)
+        state = {k: getattr(t, k) for k in SETTINGS}  # the adaptive entropy controller changes some
         results = []
         for fn in (GRPOTrainer._compute_loss, type(t)._compute_loss):
+            for k, v in state.items():
+                setattr(t, k, v)
             t._metrics["train"].clear()
             t.model.zero_grad(set_to_none=True)
             ftrl.STATS.clear()
             loss = fn(t, t.model, inputs)
             loss.backward()
             grads = [p.grad.clone() for p in t.model.parameters() if p.grad is not None]
-            results.append((loss.detach(), grads, {k: v[-1] for k, v in t._metrics["train"].items()},
-                            dict(ftrl.STATS)))
+            metrics = {k: v[-1] for k, v in t._metrics["train"].items()}
+            metrics["state:entropy_coef"], metrics["state:last_world_entropy"] = t.entropy_coef, t._last_world_entropy
+            results.append((loss.detach(), grads, metrics, dict(ftrl.STATS)))
         return results
     finally:
         for k, v in saved.items():
@@ -230,6 +234,9 @@ SERVED = {
     "sapo-vllm": dict(loss_type="sapo", vllm="token"),
     "vespo": dict(loss_type="vespo"),
     "beta0-delta": dict(loss_type="grpo", beta=0.0, delta=1.3, epsilon_high=0.28),
+    "dapo-entropy-bonus": dict(loss_type="dapo", _entropy_bonus_enabled=True, entropy_coef=0.05),
+    "grpo-adaptive-entropy-masked": dict(loss_type="grpo", _entropy_bonus_enabled=True, use_adaptive_entropy=True,
+                                         entropy_coef=0.05, _last_world_entropy=0.0, top_entropy_quantile=0.5),
     "seq-grpo": dict(loss_type="grpo", importance_sampling_level="sequence", use_bias_correction_kl=False),
     "seq-bnpo-offpolicy": dict(loss_type="bnpo", importance_sampling_level="sequence", beta=0.0,
                                off_policy_mask_threshold=0.05),
@@ -255,6 +262,10 @@ def _compare(stock, ours):
 @pytest.mark.parametrize("case", list(SERVED))
 def test_grpo_loss_served(case, grpo_batch):
     stock, ours = _grpo_case(*grpo_batch, **SERVED[case])
+    if "entropy" in case and "bonus" in case or "adaptive" in case:
+        assert "policy_loss" in ours[2] and "entropy_coef" in ours[2], ours[2]
+    if "adaptive" in case:
+        assert ours[2]["state:entropy_coef"] != SERVED[case]["entropy_coef"]  # the controller stepped
     assert ours[3].get("served:grpo_loss") == 1 and "delegated:grpo_loss" not in ours[3], ours[3]
     _compare(stock, ours)
 
@@ -263,7 +274,6 @@ DELEGATED = {
     "cispo-cap-below-1": dict(loss_type="cispo", epsilon_high=0.28),
     "vespo-vllm": dict(loss_type="vespo", vllm="token"),
     "delta-below-clip": dict(loss_type="grpo", beta=0.0, delta=1.1, epsilon_high=0.28),
-    "entropy-bonus": dict(loss_type="dapo", _entropy_bonus_enabled=True, entropy_coef=0.01),
     "seq-bias-kl": dict(loss_type="grpo", importance_sampling_level="sequence"),
     "seq-entropy-mask": dict(loss_type="bnpo", importance_sampling_level="sequence", beta=0.0,
                              top_entropy_quantile=0.5),

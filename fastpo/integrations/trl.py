@@ -18,9 +18,10 @@ What fastpo serves:
   (>= 1 + epsilon_high, as TRL recommends),
   ``top_entropy_quantile`` / ``off_policy_mask_threshold`` / the vLLM ``importance_sampling_ratio`` as
   per-token weights (``is_weights``; under a sequence ratio only sequence-constant ones);
+  the entropy bonus (static or adaptive) stays TRL's term on fastpo's entropies;
 * RLOO: ``_compute_loss`` as a one-token-per-sequence ``fastpo.policy_loss``.
 
-Everything else (the entropy bonus, MoE aux loss, a ``delta`` below 1 + epsilon_high, multi-dimensional
+Everything else (MoE aux loss, a ``delta`` below 1 + epsilon_high, multi-dimensional
 advantages under a sequence ratio, the cases above excluded) runs TRL's own ``_compute_loss`` (``super()``),
 logged once per reason. The metrics keep TRL's names and its cross-process reductions (computed from detached
 tensors as TRL does). Log-ratios are clamped to +-20 before the exponential (fastpo's convention; TRL does not
@@ -173,7 +174,8 @@ class FastpoGRPOMixin(_FastpoLossMixin):
         "aux_loss_enabled", "_entropy_bonus_enabled", "_metrics", "get_high_entropy_mask", "get_off_policy_mask",
         "get_gamma_weights", "args.delta", "args.use_bias_correction_kl", "args.steps_per_generation",
         "args.sapo_temperature_pos", "args.sapo_temperature_neg", "args.vespo_k_pos", "args.vespo_lambda_pos",
-        "args.vespo_k_neg", "args.vespo_lambda_neg")
+        "args.vespo_k_neg", "args.vespo_lambda_neg", "entropy_coef", "use_adaptive_entropy", "_last_world_entropy",
+        "args.entropy_target", "args.entropy_coef_delta", "args.entropy_coef_min", "args.entropy_coef_max")
 
 
 class FastpoRLOOMixin(_FastpoLossMixin):

@@ -16,6 +16,7 @@ The GRPO mapping (TRL's ``_compute_loss``, with Δ = logp − old, r = exp(Δ) o
   accumulation steps afterwards, as TRL.
 * beta: k3 to ``ref_per_token_logps``, unclamped, times the ratio with ``use_bias_correction_kl``
   (``kl_bias_correction``).
+* The entropy bonus (static or adaptive) is TRL's term and controller, on fastpo's differentiable entropies.
 * The entropy mask, the off-policy mask and the vLLM importance-sampling ratio multiply the policy term
   only: fastpo's ``is_weights``. Under a sequence ratio the gradient of TRL's loss flows through the
   sequence mean, which equals fastpo's token-gradient form only when the weights and advantages are constant
@@ -71,8 +72,6 @@ def grpo_delegation(t, inputs) -> str | None:
     """Why TRL must compute this batch's GRPO loss itself; None when fastpo computes it exactly."""
     if t.loss_type not in _TYPES:
         return f"loss_type={t.loss_type!r}"
-    if t._entropy_bonus_enabled:
-        return "entropy bonus (entropy_coef / adaptive entropy)"
     if t.aux_loss_enabled:
         return "MoE router aux loss"
     if t.loss_type == "vespo" and _vllm_ratio_on(t):
@@ -138,9 +137,41 @@ def grpo_loss(t, model, inputs):
                              ref_logp=inputs["ref_per_token_logps"] if t.beta != 0.0 else None,
                              is_weights=weight, num_tokens=num_tokens, config=cfg)
     loss = out.loss if t.loss_type in _GLOBAL_NORMALISER else out.loss / ga
+    if t._entropy_bonus_enabled:
+        loss = loss - _entropy_bonus(t, mode, ga, out.loss.detach(), entropies, mask, entropy_mask)
     STATS["served:grpo_loss"] += 1
     _grpo_metrics(t, mode, inputs, logps.detach(), old, adv, mask, entropies)
     return loss
+
+
+def _entropy_bonus(t, mode, ga, policy_loss, entropies, mask, entropy_mask):
+    """TRL's entropy bonus, coef·(token mean of H over the effective mask)/GA whatever the loss type, and its
+    adaptive controller (state on the trainer: entropy_coef, _last_world_entropy, _entropy_window_stats); the
+    entropies are fastpo's (differentiable)."""
+    effective = mask if entropy_mask is None else mask * entropy_mask
+    entropy_loss = (entropies * effective).sum() / effective.sum().clamp(min=1.0) / ga
+    args = t.args
+    if t.use_adaptive_entropy:
+        coef = t.entropy_coef if t._last_world_entropy <= args.entropy_target else 0.0
+    else:
+        coef = t.entropy_coef
+    metrics = t._metrics[mode]
+    metrics["policy_loss"].append(t.accelerator.gather(policy_loss).nanmean().item())
+    if t.use_adaptive_entropy and mode == "train":
+        stats = torch.stack([(entropies * effective).sum(), effective.sum()]).detach()
+        t._entropy_window_stats = stats if t._entropy_window_stats is None else t._entropy_window_stats + stats
+        if t.accelerator.sync_gradients:
+            window = t.accelerator.reduce(t._entropy_window_stats, reduction="sum")
+            world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+            if world_entropy <= args.entropy_target:
+                t.entropy_coef = min(t.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+            else:
+                t.entropy_coef = max(t.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+            t._last_world_entropy = world_entropy
+            t._entropy_window_stats = None
+    if mode == "train" and t.accelerator.sync_gradients:
+        metrics["entropy_coef"].append(t.entropy_coef)
+    return coef * entropy_loss
 
 
 @torch.no_grad()
