@@ -398,8 +398,10 @@ void gae(const py::object& rewards_obj, const py::object& values_obj, const py::
 // The loss spec from a dict with fastpo.ops.loss_spec.TokenLossSpec's fields (plus the derived
 // rollout_seq, rollout_mask and the aggregation by name); a missing key raises ValueError.
 fastpo::TokenLossSpec parse_loss_spec(const py::dict& d) {
-  auto get = [&d](const char* key) -> py::object {
+  size_t read = 0;  // every key must be read: a key this build does not know is an error, not a default
+  auto get = [&d, &read](const char* key) -> py::object {
     if (!d.contains(key)) throw py::value_error(std::string("spec: missing key '") + key + "'");
+    ++read;
     return d[key];
   };
   fastpo::TokenLossSpec s;
@@ -446,6 +448,9 @@ fastpo::TokenLossSpec parse_loss_spec(const py::dict& d) {
   if (s.surrogate < 0 || s.surrogate >= fastpo::kNumSurrogates)
     throw py::value_error("spec: unknown surrogate code " + std::to_string(s.surrogate));
   if (s.rollout_given && !s.rollout) throw py::value_error("spec: rollout_given needs rollout != 0");
+  if (read != d.size())
+    throw py::value_error("spec: " + std::to_string(d.size() - read) + " unknown key(s); the extension is older "
+                          "than fastpo.ops.loss_spec (rebuild it: pip install -e .)");
   if (s.rollout_seq && !s.rollout) throw py::value_error("spec: rollout_seq needs rollout != 0");
   return s;
 }

@@ -121,6 +121,8 @@ ERRORS = {
     "spec_missing_key": (_drop("clip_low"), "spec: missing key 'clip_low'"),
     "spec_unknown_aggregation": (_set("aggregation", "mean"), "unknown aggregation 'mean'"),
     "spec_bad_kl": (_set("kl", 7), "kl must be"),
+    "spec_unknown_key": (_set("future_option", 1.0), r"spec: 1 unknown key\(s\)"),
+    "spec_bad_surrogate": (_set("surrogate", 99), "unknown surrogate code 99"),
     "ref_missing": (_set("ref", None), "ref: required"),
     "rollout_not_used": (lambda a: a["spec"].update(rollout=0, rollout_seq=False), "rollout: not used"),
     "dtype_mismatch": (_set("old", np.zeros(12, np.float64)), "old: must have the dtype of x"),
