@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastpo.ops.rollout_correction import RS_OPTIONS, rejection_mask, rollout_is_weights
+from fastpo.ops.rollout_correction import RS_OPTIONS, rejection_mask, rollout_is_metrics, rollout_is_weights
 
 B, T = 6, 10
 
@@ -106,3 +106,18 @@ def test_batch_normalize_mean_one_and_errors():
         rejection_mask(old, rollout, mask, "seq_max_k2", "0.1_0.3")
     with pytest.raises(ValueError, match="shape"):
         rejection_mask(old, rollout[:, :3], mask, "token_k2", 1.0)
+
+
+@pytest.mark.parametrize("threshold", [2.0, 1.1, "0.7_1.4"])
+def test_metrics_equal_verl(verl_helper, threshold):
+    old, rollout, mask = make_batch(7)
+    want_w, want = verl_helper.compute_rollout_correction_weights(old - rollout, mask.float(), rollout_is="token",
+                                                                  rollout_is_threshold=threshold)
+    lo, hi = (None, float(threshold)) if not isinstance(threshold, str) else map(float, threshold.split("_"))
+    w = rollout_is_weights(old, rollout, mask, mode="truncate" if lo is None else "mask", upper=hi, lower=lo)
+    got = rollout_is_metrics(w, mask, upper=hi)
+    for key in ("mean", "min", "max", "std", "eff_sample_size"):
+        assert got[key].item() == pytest.approx(want[f"rollout_is_{key}"], abs=1e-6, rel=1e-5), key
+    equal = rollout_is_metrics(torch.ones(B, T), mask)
+    assert equal["eff_sample_size"].item() == pytest.approx(1.0) and equal["std"].item() == 0.0
+    assert rollout_is_metrics(w, torch.zeros_like(mask))["eff_sample_size"].item() == 0.0

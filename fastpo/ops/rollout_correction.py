@@ -15,6 +15,8 @@ token vLLM could not score, gives Δ = 0: weight 1 and no evidence for rejection
   ``seq_sum_k1/k2/k3``, ``seq_mean_k1/k2/k3``, ``seq_max_k2/k3`` with k1 = −Δ, k2 = ½Δ², k3 = e^Δ − 1 − Δ
   (Δ clamped ±20); k1 options keep log(lower) <= stat <= log(upper) (lower defaults to 1/upper), the
   others stat <= upper.
+* :func:`rollout_is_metrics`: the weights' mean / min / max / std and effective sample size over the
+  counted tokens, as verl's ``rollout_is_*`` metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["rollout_is_weights", "rejection_mask", "RS_OPTIONS"]
+__all__ = ["rollout_is_weights", "rejection_mask", "rollout_is_metrics", "RS_OPTIONS"]
 
 RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3", "seq_mean_k1",
               "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
@@ -141,3 +143,24 @@ def rejection_mask(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: tor
         ok = stat <= hi if lo is None else (stat >= lo) & (stat <= hi)
         keep &= ok.expand_as(m)
     return keep
+
+
+@torch.no_grad()
+def rollout_is_metrics(weights: torch.Tensor, mask: torch.Tensor, *, upper: Optional[float] = None) -> dict:
+    """verl's token-level weight statistics over the counted tokens, as 0-d tensors: ``mean``, ``min``,
+    ``max``, ``std`` (population, of the weights clamped to [0, upper]) and ``eff_sample_size`` =
+    1 / mean((w / mean w)²) of those clamped weights (verl's ``rollout_is_eff_sample_size``; 1 for equal
+    weights, → 1/N when one token carries them all). Nothing counted gives zeros."""
+    m = mask != 0
+    w = weights.detach().float()
+    n = m.sum()
+    if n == 0:
+        zero = w.new_zeros(())
+        return {k: zero for k in ("mean", "min", "max", "std", "eff_sample_size")}
+    mean = lambda v: torch.where(m, v, torch.zeros_like(v)).sum() / n  # noqa: E731
+    c = w.clamp(min=0.0, max=math.inf if upper is None else upper)
+    mc = mean(c)
+    std = torch.sqrt(torch.clamp(mean(c * c) - mc * mc, min=0.0)) if n > 1 else w.new_zeros(())
+    return {"mean": mean(w), "min": torch.where(m, w, torch.full_like(w, math.inf)).amin(),
+            "max": torch.where(m, w, torch.full_like(w, -math.inf)).amax(), "std": std,
+            "eff_sample_size": 1.0 / mean((c / (mc + 1e-8)) ** 2)}
