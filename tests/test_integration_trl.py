@@ -95,3 +95,40 @@ def test_grpo_lora_train_parity(tiny, tmp_path):
         torch.testing.assert_close(q, p, **TOL, msg=lambda m: f"{name}: {m}")
     assert stats.get("served:grpo_loss") == 3 and stats.get("served:lm_head", 0) >= 6, stats
     assert "delegated:lm_head" not in stats, stats
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """A tiny random Mixtral (4 experts, top 2) that returns router logits: TRL adds the load-balancing loss."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from fastpo.trainer.tiny_model import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, tie_word_embeddings=False, output_router_logits=True,
+                        router_aux_loss_coef=0.05, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                        bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("tiny-mixtral"))
+    MixtralForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, tok
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_moe_aux_loss_train_parity(kind, tiny_moe, tmp_path):
+    cls, config_cls, ours_cls = {"grpo": (GRPOTrainer, GRPOConfig, ftrl.FastpoGRPOTrainer),
+                                 "rloo": (RLOOTrainer, RLOOConfig, ftrl.FastpoRLOOTrainer)}[kind]
+    kw = dict(beta=0.04, num_iterations=2)
+    stock, ours, stats = train_pair(cls, ours_cls, lambda c: rl_trainer(c, config_cls, tiny_moe, tmp_path, **kw))
+    assert stock.aux_loss_enabled
+    torch.testing.assert_close(losses(ours), losses(stock), **TOL)
+    for (name, p), q in zip(stock.model.named_parameters(), ours.model.parameters()):
+        torch.testing.assert_close(q, p, **TOL, msg=lambda m: f"{name}: {m}")
+    aux = [(a["aux_loss"], b["aux_loss"]) for a, b in zip(stock.state.log_history, ours.state.log_history)
+           if "aux_loss" in a]
+    assert aux and all(a == pytest.approx(b, rel=1e-5) for a, b in aux)
+    assert stats.get(f"served:{kind}_loss") == 3 and stats.get("served:lm_head", 0) >= 6, stats
+    assert "delegated:lm_head" not in stats, stats

@@ -18,10 +18,10 @@ What fastpo serves:
   (>= 1 + epsilon_high, as TRL recommends),
   ``top_entropy_quantile`` / ``off_policy_mask_threshold`` / the vLLM ``importance_sampling_ratio`` as
   per-token weights (``is_weights``; under a sequence ratio only sequence-constant ones);
-  the entropy bonus (static or adaptive) stays TRL's term on fastpo's entropies;
+  the entropy bonus (static or adaptive) and the MoE aux loss stay TRL's terms, on fastpo's entropies;
 * RLOO: ``_compute_loss`` as a one-token-per-sequence ``fastpo.policy_loss``.
 
-Everything else (MoE aux loss, a ``delta`` below 1 + epsilon_high, multi-dimensional
+Everything else (a ``delta`` below 1 + epsilon_high, multi-dimensional
 advantages under a sequence ratio, the cases above excluded) runs TRL's own ``_compute_loss`` (``super()``),
 logged once per reason. The metrics keep TRL's names and its cross-process reductions (computed from detached
 tensors as TRL does). Log-ratios are clamped to +-20 before the exponential (fastpo's convention; TRL does not
@@ -171,7 +171,8 @@ class FastpoGRPOMixin(_FastpoLossMixin):
     _fastpo_attributes = (
         "loss_type", "beta", "epsilon_low", "epsilon_high", "importance_sampling_level", "top_entropy_quantile",
         "off_policy_mask_threshold", "use_vllm", "vllm_importance_sampling_correction", "max_completion_length",
-        "aux_loss_enabled", "_entropy_bonus_enabled", "_metrics", "get_high_entropy_mask", "get_off_policy_mask",
+        "aux_loss_enabled", "router_aux_loss_coef",
+        "_entropy_bonus_enabled", "_metrics", "get_high_entropy_mask", "get_off_policy_mask",
         "get_gamma_weights", "args.delta", "args.use_bias_correction_kl", "args.steps_per_generation",
         "args.sapo_temperature_pos", "args.sapo_temperature_neg", "args.vespo_k_pos", "args.vespo_lambda_pos",
         "args.vespo_k_neg", "args.vespo_lambda_neg", "entropy_coef", "use_adaptive_entropy", "_last_world_entropy",
@@ -182,7 +183,7 @@ class FastpoRLOOMixin(_FastpoLossMixin):
     """RLOO: the fused head and ``_compute_loss`` by ``fastpo.policy_loss`` (one token per sequence)."""
 
     _fastpo_name = "rloo"
-    _fastpo_attributes = ("epsilon_low", "epsilon_high", "aux_loss_enabled", "_metrics")
+    _fastpo_attributes = ("epsilon_low", "epsilon_high", "aux_loss_enabled", "router_aux_loss_coef", "_metrics")
 
 
 class FastpoDPOMixin(_FastpoTRLMixin):

@@ -13,7 +13,8 @@ wrapper never guesses what TRL would have done; if they cannot be read, nothing 
 Served: ``log_probs``, ``entropy`` (both differentiable) and ``mean_logits`` (closed form, no gradient:
 mean_v z_v = (h·mean_v W_v + mean_v b_v)/T). Delegated to TRL: ``is_top1`` and ``log_sum_sq_probs``
 requests (DPO's and SFT's policy forwards), ``final_logit_softcapping`` or a logit scale != 1, MoE router
-logits, DeepSpeed ZeRO-3 (partitioned head weight) and FSDP2 DTensor weights.
+logits on transformers < 5.6 (from 5.6 the load-balancing aux loss is TRL's same call), DeepSpeed ZeRO-3
+(partitioned head weight) and FSDP2 DTensor weights.
 
 Dtypes, as TRL: the head runs in the autocast dtype when autocast is on (hidden and weight cast to it), in
 float32 with ``cast_lm_head_to_fp32``, else in the hidden state's dtype; fastpo itself runs with autocast off.
@@ -89,12 +90,27 @@ def _delegation_reason(model, cfg: dict, kwargs: dict) -> Optional[str]:
         return "final_logit_softcapping"
     if float(cfg["logit_scale"]) != 1.0:
         return f"logit scale {cfg['logit_scale']}"
-    if kwargs.get("output_router_logits") or getattr(cfg["text_config"], "output_router_logits", False):
-        return "MoE router logits (aux loss)"
+    if _wants_router_logits(cfg, kwargs) and _router_shape(cfg) is None:
+        return "MoE router logits on transformers < 5.6 (TRL's num_experts special cases)"
     weight = model.get_output_embeddings().weight
     if type(weight).__name__ == "DTensor" or _zero3_enabled():
         return "sharded LM head weight (FSDP2 DTensor or DeepSpeed ZeRO-3)"
     return None
+
+
+def _wants_router_logits(cfg, kwargs) -> bool:
+    return bool(kwargs.get("output_router_logits") or getattr(cfg["text_config"], "output_router_logits", False))
+
+
+def _router_shape(cfg):
+    """(num_experts, num_experts_per_tok) as TRL reads them on transformers >= 5.6 (None: older)."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.6.0"):
+        return None
+    text_config = cfg["text_config"]
+    return text_config.num_experts, text_config.num_experts_per_tok
 
 
 def _head_dtype(hidden: torch.Tensor, cast_fp32: bool) -> torch.dtype:
@@ -109,6 +125,8 @@ def _serve(model, cfg, compact, args, kwargs, labels, shift_labels, num_items_in
     from trl.trainer.utils import FusedCausalLMOutput
 
     kwargs["use_cache"] = False
+    if getattr(cfg["text_config"], "output_router_logits", False):
+        kwargs.setdefault("output_router_logits", True)
     backbone_out = getattr(model, cfg["backbone_attr"])(*args, **kwargs)
     if shift_labels is None:
         hidden, labels = backbone_out.last_hidden_state[:, :-1], labels[:, 1:]
@@ -145,10 +163,18 @@ def _serve(model, cfg, compact, args, kwargs, labels, shift_labels, num_items_in
 
     log_probs, entropy, mean_logits = place(log_probs), place(entropy), place(mean_logits)
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -log_probs.sum() / denom
+    aux_loss = None
+    if kwargs.get("output_router_logits"):  # TRL's MoE load-balancing loss, the same call
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        num_experts, top_k = _router_shape(cfg)
+        aux_loss = load_balancing_loss_func(backbone_out.router_logits, num_experts, top_k,
+                                            kwargs.get("attention_mask"))
+        loss = loss + getattr(cfg["text_config"], "router_aux_loss_coef", 0.0) * aux_loss
     STATS["served:lm_head"] += 1
-    return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
-                               log_sum_sq_probs=None, mean_logits=mean_logits, is_top1=None, label_mask=mask,
-                               aux_loss=None)
+    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=None,
+                               mean_logits=mean_logits, is_top1=None, label_mask=mask, aux_loss=aux_loss)
 
 
 def wrap_fused_lm_head(model, *, compact: bool = True) -> bool:

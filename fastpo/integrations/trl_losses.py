@@ -72,8 +72,6 @@ def grpo_delegation(t, inputs) -> str | None:
     """Why TRL must compute this batch's GRPO loss itself; None when fastpo computes it exactly."""
     if t.loss_type not in _TYPES:
         return f"loss_type={t.loss_type!r}"
-    if t.aux_loss_enabled:
-        return "MoE router aux loss"
     if t.loss_type == "vespo" and _vllm_ratio_on(t):
         return "vespo with the vLLM importance-sampling ratio (TRL folds it into the gamma weight)"
     delta = t.args.delta
@@ -101,7 +99,7 @@ def grpo_delegation(t, inputs) -> str | None:
 def grpo_loss(t, model, inputs):
     """TRL's ``GRPOTrainer._compute_loss(model, inputs)`` (for a batch ``grpo_delegation`` accepts)."""
     cfg = grpo_config(t)
-    logps, entropies, _ = t._fastpo_per_token(model, inputs)
+    logps, entropies, aux_loss = t._fastpo_per_token(model, inputs)
     mask = inputs["completion_mask"]
     if "tool_mask" in inputs:
         mask = mask * inputs["tool_mask"]
@@ -139,6 +137,9 @@ def grpo_loss(t, model, inputs):
     loss = out.loss if t.loss_type in _GLOBAL_NORMALISER else out.loss / ga
     if t._entropy_bonus_enabled:
         loss = loss - _entropy_bonus(t, mode, ga, out.loss.detach(), entropies, mask, entropy_mask)
+    if t.aux_loss_enabled:  # scaled for gradient accumulation like the policy term, as TRL
+        loss = loss + t.router_aux_loss_coef * aux_loss / ga
+        t._metrics[mode]["aux_loss"].append(t.accelerator.gather_for_metrics(aux_loss).mean().item())
     STATS["served:grpo_loss"] += 1
     _grpo_metrics(t, mode, inputs, logps.detach(), old, adv, mask, entropies)
     return loss
@@ -220,8 +221,6 @@ def _grpo_metrics(t, mode, inputs, logps, old, adv, mask, entropies):
 
 def rloo_delegation(t, inputs) -> str | None:
     """Why TRL must compute this batch's RLOO loss itself; None when fastpo computes it exactly."""
-    if t.aux_loss_enabled:
-        return "MoE router aux loss"
     try:
         fastpo.PolicyLossConfig(clip_low=t.epsilon_low, clip_high=t.epsilon_high, kl_coef=0.0)
     except (ValueError, TypeError) as exc:
@@ -232,7 +231,7 @@ def rloo_delegation(t, inputs) -> str | None:
 def rloo_loss(t, model, inputs):
     """TRL's ``RLOOTrainer._compute_loss``: the sequence log-prob ratio exp(Σ_t logp − old_logps), clipped per
     sequence, mean over the batch, as a one-token-per-sequence ``fastpo.policy_loss``."""
-    logps, entropies, _ = t._fastpo_per_token(model, inputs)
+    logps, entropies, aux_loss = t._fastpo_per_token(model, inputs)
     mask = inputs["completion_mask"]
     seq = fastpo.sequence_logprobs(logps, mask)
     old, adv = inputs["old_logps"], inputs["advantages"]
@@ -245,6 +244,9 @@ def rloo_loss(t, model, inputs):
 
     mode = "train" if t.model.training else "eval"
     metrics = t._metrics[mode]
+    if t.aux_loss_enabled:  # unscaled: the HF Trainer divides RLOO's loss by the accumulation steps
+        loss = loss + t.router_aux_loss_coef * aux_loss
+        metrics["aux_loss"].append(t.accelerator.gather_for_metrics(aux_loss).mean().item())
     with torch.no_grad():
         stats = t.accelerator.reduce(torch.stack([(entropies * mask).sum(), mask.sum().float()]), reduction="sum")
         metrics["entropy"].append((stats[0] / stats[1].clamp(min=1.0)).item())
