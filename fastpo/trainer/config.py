@@ -80,6 +80,15 @@ class TrainConfig:
     max_new_tokens: int = field(default=8, metadata={"help": "response length cap"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also used to score)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    dynamic_sampling: Optional[bool] = field(default=None, metadata={
+        "help": "group algorithms: replace groups whose responses all got the same reward with groups of "
+                "further sampling rounds, up to --max-sampling-rounds, and mask out any left (DAPO's dynamic "
+                "sampling, verl's filter_groups; default: on for dapo, off otherwise)"})
+    max_sampling_rounds: int = field(default=10, metadata={
+        "help": "dynamic sampling: generation rounds per step at most (verl's max_num_gen_batches)"})
+    mask_truncated_completions: bool = field(default=False, metadata={
+        "help": "group algorithms: responses cut at --max-new-tokens (no EOS) leave the loss (TRL's "
+                "mask_truncated_completions; they still count in the group's advantages)"})
     epochs_per_step: int = field(default=1, metadata={"help": "optimiser passes over each rollout batch"})
     mini_batches: int = field(default=1, metadata={
         "help": "optimiser steps per pass over a rollout batch, each on a consecutive 1/M of its sequences "
@@ -228,6 +237,12 @@ class TrainConfig:
                                      f"advantages), not {self.algo}")
         self._validate_lora()
         self._validate_eval()
+        from .algos.grpo import VARIANTS
+
+        for flag, on in (("--dynamic-sampling", self.dynamic_sampling), ("--mask-truncated-completions",
+                                                                        self.mask_truncated_completions)):
+            if on and self.algo not in VARIANTS:
+                raise UserInputError(f"{flag}: only with the group algorithms ({', '.join(VARIANTS)}), not {self.algo}")
         from .schedule import SCHEDULERS
 
         if self.lr_scheduler not in SCHEDULERS:
@@ -312,6 +327,7 @@ NUMERIC_RANGES = {
     "warmup_steps": (0, False, None, False, False),
     "lora_alpha": (0.0, True, None, False, True),
     "eval_every": (0, False, None, False, False),
+    "max_sampling_rounds": (1, False, None, False, False),
     "eval_temperature": (0.0, False, None, False, False),
     "eval_size": (1, False, None, False, True),
 }

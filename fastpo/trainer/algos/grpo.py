@@ -6,8 +6,9 @@ the loss is ``fastpo.policy_loss`` with the algorithm's preset. The variants dif
 row of :data:`VARIANTS` (advantage estimator, loss preset) and DAPO's group filter.
 
   grpo          (s − mean_g)/(std_g + ε)     GRPO preset: clip 0.2, k3 KL β=0.04, seq-mean-token-mean
-  dapo          same advantages              DAPO preset: clip 0.2/0.28, token-mean; groups whose
-                                             responses all got the same reward are dropped (dynamic sampling)
+  dapo          same advantages              DAPO preset: clip 0.2/0.28, token-mean; dynamic sampling:
+                                             groups whose responses all got the same reward are replaced by
+                                             further rounds' groups, or masked out (dynamic_sampling.py)
   dr_grpo       s − mean_g                   DR_GRPO preset: Σ token losses / (B · max_new_tokens)
   gspo          (s − mean_g)/(std_g + ε)     GSPO preset: sequence-level ratio, clip 3e-4/4e-4
   rloo          s − mean of the others       token-mean PPO-clip loss, no KL in the loss
@@ -62,6 +63,7 @@ class GroupPolicyGradient(Algorithm):
         self.method = VARIANTS[name][0]
         self.config = loss_config(name, self.cfg)
         self.needs_reference = self.config.kl_coef > 0
+        self.filter_groups = name == "dapo" if self.cfg.dynamic_sampling is None else self.cfg.dynamic_sampling
 
     def baseline(self, step: int, examples) -> Optional[torch.Tensor]:
         """Per-prompt baseline for ``remax``; the group methods need none."""
@@ -69,7 +71,7 @@ class GroupPolicyGradient(Algorithm):
 
     @torch.no_grad()
     def experience(self, step: int) -> Experience:
-        examples, rollout, rewards, terms, term_metrics = self.scored_rollout(step, self.cfg.group_size)
+        examples, rollout, rewards, terms, term_metrics, generated_tokens = self.sample(step)
         batch = self.token_batch(rollout)
         old_logp, entropy = self.old_policy(batch)
         rollout_logp = packed_rollout_logp(rollout.rollout_logp, self.trainer.device)
@@ -83,11 +85,31 @@ class GroupPolicyGradient(Algorithm):
         tensors = {"old_logp": old_logp, "advantages": batch.per_token(adv), "rollout_logp": rollout_logp}
         if self.needs_reference:
             tensors["ref_logp"] = self.reference_logp(batch)
-        keep = self.keep_sequences(rewards)
-        if keep is not None:  # dropped sequences leave every count, denominators included
-            metrics["kept_frac"] = float(keep.float().mean())
-            tensors["mask"] = batch.per_token(keep).float()
-        return Experience(batch, tensors, metrics, rollout.num_tokens)
+        mask = self.keep_sequences(rewards)  # dropped sequences leave every count, denominators included
+        if mask is not None:
+            metrics["kept_frac"] = float(mask.float().mean())
+        if self.cfg.mask_truncated_completions:  # TRL: responses cut at --max-new-tokens leave the loss
+            finished = torch.tensor(rollout.finished, dtype=torch.bool, device=rewards.device)
+            mask = finished if mask is None else mask & finished
+        if mask is not None:
+            tensors["mask"] = batch.per_token(mask).float()
+        return Experience(batch, tensors, metrics, generated_tokens)
+
+    def sample(self, step: int):
+        """``(examples, rollout, rewards, reward terms, their metrics, generated tokens)`` of the step:
+        one round, or with dynamic sampling as many as it takes (``dynamic_sampling.py``)."""
+        if not self.filter_groups or self.cfg.max_sampling_rounds == 1:
+            examples, rollout, rewards, terms, term_metrics = self.scored_rollout(step, self.cfg.group_size)
+            return examples, rollout, rewards, terms, term_metrics, rollout.num_tokens
+        from ..dynamic_sampling import sample_informative_groups
+        from ..multi_reward import term_statistics
+
+        examples, rollout, rewards, terms, rounds, tokens = sample_informative_groups(
+            self, step, max_rounds=self.cfg.max_sampling_rounds)
+        names = [t.name for t in self.trainer.rewards.terms]
+        term_metrics = term_statistics({name: terms[:, k].tolist() for k, name in enumerate(names)})
+        term_metrics["sampling_rounds"] = rounds
+        return examples, rollout, rewards, terms, term_metrics, tokens
 
     def advantages(self, rewards: torch.Tensor, terms: torch.Tensor, baseline: Optional[torch.Tensor]) -> torch.Tensor:
         """Per-sequence advantages: the estimator of the total reward, or with ``--multi-objective``
@@ -102,12 +124,13 @@ class GroupPolicyGradient(Algorithm):
                                           algo=self.name)
 
     def keep_sequences(self, rewards: torch.Tensor) -> Optional[torch.Tensor]:
-        """DAPO's dynamic sampling: keep groups whose rewards differ (the others have no signal)."""
-        if self.name != "dapo":
+        """Dynamic sampling (DAPO's; ``--dynamic-sampling``): keep groups whose rewards differ (the
+        others have no signal); None when it is off."""
+        if not self.filter_groups:
             return None
-        groups = rewards.view(-1, self.cfg.group_size)
-        informative = groups.max(dim=1).values > groups.min(dim=1).values
-        return informative.repeat_interleave(self.cfg.group_size)
+        from ..dynamic_sampling import informative_groups
+
+        return informative_groups(rewards, self.cfg.group_size).repeat_interleave(self.cfg.group_size)
 
     def loss(self, exp: Experience) -> Tuple[torch.Tensor, Dict[str, Optional[float]]]:
         t = exp.tensors
