@@ -258,6 +258,31 @@ def test_head_delegates_what_fastpo_lacks(tiny):
     assert outs[("log_probs", "entropy", "mean_logits")] == {"served:lm_head": 1}
 
 
+@pytest.mark.parametrize("attr,value,served", [("logit_scale", 0.5, True), ("logits_scaling", 4.0, True),
+                                                ("final_logit_softcapping", 3.0, False)])
+def test_head_logit_scale_and_softcap(attr, value, served, tiny):
+    """TRL reads a logit scale from the config (z·s/T): fastpo serves it as the temperature T/s;
+    softcapping goes to TRL's head."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]])
+    labels = ids.masked_fill(ids == 0, -100)
+    stock, ours = (LlamaForCausalLM.from_pretrained(tiny[0]) for _ in range(2))
+    results = []
+    for model in (stock, ours):
+        setattr(model.config, attr, value)
+        add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy", "mean_logits"))
+    assert wrap_fused_lm_head(ours)
+    ftrl.STATS.clear()
+    for model in (stock, ours):
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum() + out.entropy.sum()).backward()
+        results.append((out.log_probs, out.entropy, out.mean_logits, model.lm_head.weight.grad))
+    assert ftrl.STATS == ({"served:lm_head": 1} if served else {"delegated:lm_head": 1})
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def test_contract_check(tiny):
     model = LlamaForCausalLM.from_pretrained(tiny[0])
     assert head_settings(model.forward) is None

@@ -11,8 +11,9 @@ requested outputs, softcapping, logit scale, the backbone attribute) are read fr
 wrapper never guesses what TRL would have done; if they cannot be read, nothing is wrapped.
 
 Served: ``log_probs``, ``entropy`` (both differentiable) and ``mean_logits`` (closed form, no gradient:
-mean_v z_v = (h·mean_v W_v + mean_v b_v)/T). Delegated to TRL: ``is_top1`` and ``log_sum_sq_probs``
-requests (DPO's and SFT's policy forwards), ``final_logit_softcapping`` or a logit scale != 1, MoE router
+mean_v z_v = s·(h·mean_v W_v + mean_v b_v)/T), with TRL's logit scale s > 0 folded into the temperature
+(T/s). Delegated to TRL: ``is_top1`` and ``log_sum_sq_probs`` requests (DPO's and SFT's policy forwards),
+``final_logit_softcapping`` or a logit scale <= 0, MoE router
 logits on transformers < 5.6 (from 5.6 the load-balancing aux loss is TRL's same call), DeepSpeed ZeRO-3
 (partitioned head weight) and FSDP2 DTensor weights.
 
@@ -88,7 +89,7 @@ def _delegation_reason(model, cfg: dict, kwargs: dict) -> Optional[str]:
         return f"outputs {sorted(extra)} are not computed by fastpo yet"
     if cfg["final_logit_softcapping"] is not None:
         return "final_logit_softcapping"
-    if float(cfg["logit_scale"]) != 1.0:
+    if not float(cfg["logit_scale"]) > 0.0:
         return f"logit scale {cfg['logit_scale']}"
     if _wants_router_logits(cfg, kwargs) and _router_shape(cfg) is None:
         return "MoE router logits on transformers < 5.6 (TRL's num_experts special cases)"
@@ -144,7 +145,9 @@ def _serve(model, cfg, compact, args, kwargs, labels, shift_labels, num_items_in
         y = labels[mask] if compact else labels.reshape(-1)
         w = weight.to(dt)
         b = None if bias is None else bias.to(dt)
-        res = fastpo.linear_token_logprobs(h, w, y, bias=b, temperature=cfg["temperature"],
+        # a logit scale s > 0 (Granite, Cohere, Falcon-H1...): z·s/T is the temperature T/s
+        temperature = cfg["temperature"] / float(cfg["logit_scale"])
+        res = fastpo.linear_token_logprobs(h, w, y, bias=b, temperature=temperature,
                                            return_entropy="entropy" in outputs)
         log_probs, entropy = res if "entropy" in outputs else (res, None)
         mean_logits = None
@@ -153,7 +156,7 @@ def _serve(model, cfg, compact, args, kwargs, labels, shift_labels, num_items_in
                 mean_logits = h.float() @ w.float().mean(0)
                 if b is not None:
                     mean_logits = mean_logits + b.float().mean()
-                mean_logits = (mean_logits / cfg["temperature"]) * (y != -100)
+                mean_logits = (mean_logits * float(cfg["logit_scale"]) / cfg["temperature"]) * (y != -100)
 
     def place(x):
         if x is None:
