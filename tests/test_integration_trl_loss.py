@@ -52,8 +52,9 @@ SETTINGS = ("loss_type", "importance_sampling_level", "beta", "epsilon_high", "t
 ARG_SETTINGS = ("delta", "use_bias_correction_kl")
 
 
-def _grpo_case(t, inputs, ratios, *, vllm=None, **settings):
-    """(loss, grads, metrics) of TRL's _compute_loss and of the mixin's, and the STATS of the mixin's call."""
+def _grpo_case(t, inputs, ratios, *, vllm=None, eval_mode=False, **settings):
+    """(loss, grads, metrics) of TRL's _compute_loss and of the mixin's, and the STATS of the mixin's call
+    (``eval_mode``: the model in eval mode, as in TRL's prediction_step: no accumulation scaling)."""
     saved = {k: getattr(t, k) for k in SETTINGS}
     saved_args = {k: getattr(t.args, k) for k in ARG_SETTINGS}
     inputs = dict(inputs)
@@ -61,6 +62,7 @@ def _grpo_case(t, inputs, ratios, *, vllm=None, **settings):
         settings.update(use_vllm=True, vllm_importance_sampling_correction=True)
         inputs["importance_sampling_ratio"] = ratios[vllm]
     try:
+        t.model.train(not eval_mode)
         for k, v in settings.items():
             setattr(t.args if k in ARG_SETTINGS else t, k, v)
         state = {k: getattr(t, k) for k in SETTINGS}  # the adaptive entropy controller changes some
@@ -68,17 +70,19 @@ def _grpo_case(t, inputs, ratios, *, vllm=None, **settings):
         for fn in (GRPOTrainer._compute_loss, type(t)._compute_loss):
             for k, v in state.items():
                 setattr(t, k, v)
-            t._metrics["train"].clear()
+            mode = "eval" if eval_mode else "train"
+            t._metrics[mode].clear()
             t.model.zero_grad(set_to_none=True)
             ftrl.STATS.clear()
             loss = fn(t, t.model, inputs)
             loss.backward()
             grads = [p.grad.clone() for p in t.model.parameters() if p.grad is not None]
-            metrics = {k: v[-1] for k, v in t._metrics["train"].items()}
+            metrics = {k: v[-1] for k, v in t._metrics[mode].items()}
             metrics["state:entropy_coef"], metrics["state:last_world_entropy"] = t.entropy_coef, t._last_world_entropy
             results.append((loss.detach(), grads, metrics, dict(ftrl.STATS)))
         return results
     finally:
+        t.model.train()
         for k, v in saved.items():
             setattr(t, k, v)
         for k, v in saved_args.items():
@@ -100,6 +104,8 @@ SERVED = {
     "dapo-entropy-bonus": dict(loss_type="dapo", _entropy_bonus_enabled=True, entropy_coef=0.05),
     "grpo-adaptive-entropy-masked": dict(loss_type="grpo", _entropy_bonus_enabled=True, use_adaptive_entropy=True,
                                          entropy_coef=0.05, _last_world_entropy=0.0, top_entropy_quantile=0.5),
+    "dapo-eval": dict(loss_type="dapo", eval_mode=True),
+    "grpo-eval": dict(loss_type="grpo", eval_mode=True),
     "seq-grpo": dict(loss_type="grpo", importance_sampling_level="sequence", use_bias_correction_kl=False),
     "seq-bnpo-offpolicy": dict(loss_type="bnpo", importance_sampling_level="sequence", beta=0.0,
                                off_policy_mask_threshold=0.05),
