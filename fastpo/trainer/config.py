@@ -134,7 +134,12 @@ class TrainConfig:
     gamma: float = field(default=1.0, metadata={"help": "ppo: discount"})
     lam: float = field(default=0.95, metadata={"help": "ppo: GAE lambda"})
     beta: float = field(default=0.1, metadata={"help": "dpo / online_dpo: beta"})
-    dpo_loss_type: str = field(default="sigmoid", metadata={"help": "dpo / rpo: sigmoid | ipo | hinge | robust"})
+    dpo_loss_type: str = field(default="sigmoid", metadata={
+        "help": "dpo / rpo / online_dpo: any of fastpo.dpo_loss's (TRL 1.16's) loss types: sigmoid, hinge, ipo, "
+                "exo_pair (needs --label-smoothing > 0), nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, "
+                "apo_zero, apo_down, discopop, sft, sigmoid_norm"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "dpo / rpo / online_dpo: label smoothing ε of the sigmoid / robust / exo_pair losses (TRL's)"})
     rpo_alpha: float = field(default=1.0, metadata={
         "help": "rpo: weight of the chosen responses' NLL (one mean over their tokens) added to the DPO loss"})
     # vLLM rollout (--rollout vllm)
@@ -162,7 +167,11 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={
         "help": "start afresh in an --output-dir that holds a previous run, deleting its checkpoints, "
                 "metrics and plots (without it, such a directory is refused unless --resume)"})
-    tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard (needs tensorboard)"})
+    tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard (needs tensorboard); "
+                                                               "the same as --report-to tensorboard"})
+    report_to: str = field(default="none", metadata={
+        "help": "none | tensorboard | wandb, comma-separated for several: trackers that get every metric "
+                "(wandb: pip install wandb; WANDB_MODE=offline logs without a network)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def validate(self) -> "TrainConfig":
@@ -175,7 +184,11 @@ class TrainConfig:
         choice("rollout", ROLLOUTS)
         choice("rollout_is", ROLLOUT_IS)
         choice("dtype", ("float32", "bfloat16"))
-        choice("dpo_loss_type", ("sigmoid", "ipo", "hinge", "robust"))
+        from ..dpo import DPO_LOSS_TYPES
+
+        choice("dpo_loss_type", DPO_LOSS_TYPES)
+        if self.dpo_loss_type == "exo_pair" and not self.label_smoothing > 0:
+            raise UserInputError("--dpo-loss-type exo_pair needs --label-smoothing > 0 (the EXO paper uses 1e-3)")
         if self.device is not None:
             choice("device", ("cpu", "cuda"))
         if self.rollout == "vllm" and self.algo in OFFLINE_PAIR_ALGOS:
@@ -237,6 +250,9 @@ class TrainConfig:
                                      f"advantages), not {self.algo}")
         self._validate_lora()
         self._validate_eval()
+        from .trackers import parse_report_to
+
+        parse_report_to(self.report_to)
         from .algos.grpo import VARIANTS
 
         for flag, on in (("--dynamic-sampling", self.dynamic_sampling), ("--mask-truncated-completions",
@@ -328,6 +344,7 @@ NUMERIC_RANGES = {
     "lora_alpha": (0.0, True, None, False, True),
     "eval_every": (0, False, None, False, False),
     "max_sampling_rounds": (1, False, None, False, False),
+    "label_smoothing": (0.0, False, 0.5, True, False),
     "eval_temperature": (0.0, False, None, False, False),
     "eval_size": (1, False, None, False, True),
 }
@@ -345,7 +362,7 @@ def _range_text(low, low_open, high, high_open) -> str:
 RESUME_MUST_MATCH = ("algo", "model", "fsdp")
 RESUME_FREE = ("max_steps", "save_every", "resume", "overwrite", "output_dir", "progress", "tensorboard", "device",
                "reward_timeout", "vllm_max_model_len", "vllm_kv_cache_gib", "vllm_gpu_memory_utilization",
-               "vllm_sleep", "eval_every", "eval_size", "eval_temperature")
+               "vllm_sleep", "eval_every", "eval_size", "eval_temperature", "report_to")
 
 
 class ResumeWarning(UserWarning):

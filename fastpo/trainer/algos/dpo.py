@@ -56,6 +56,17 @@ class DPO(Algorithm):
         token_logp = token_logprobs(model, batch)
         return fastpo.sequence_logprobs(token_logp, cu_seqlens=batch.cu_seqlens, average=self.average)
 
+    def loss_type_terms(self, token_logp: torch.Tensor, batch) -> dict:
+        """What some ``--dpo-loss-type`` s also read: ``sft`` the chosen responses' NLL (one mean over
+        their tokens, as RPO's), ``sigmoid_norm`` the response lengths."""
+        kind = self.cfg.dpo_loss_type
+        half = batch.num_sequences // 2  # chosen responses come first
+        if kind == "sft":
+            return {"nll": fastpo.nll_loss(token_logp[:int(batch.cu_seqlens[half])])}
+        if kind == "sigmoid_norm":
+            return {"chosen_lengths": batch.lengths[:half], "rejected_lengths": batch.lengths[half:]}
+        return {}
+
     def dpo_terms(self, token_logp: torch.Tensor, batch) -> dict:
         """Extra ``dpo_loss`` arguments of a variant (RPO's NLL term); plain DPO has none."""
         return {}
@@ -66,7 +77,8 @@ class DPO(Algorithm):
         ref = exp.tensors["ref_logp"]
         half = seq.numel() // 2
         out = fastpo.dpo_loss(seq[:half], seq[half:], ref[:half], ref[half:], beta=self.cfg.beta,
-                              loss_type=self.cfg.dpo_loss_type, **self.dpo_terms(token_logp, exp.batch))
+                              loss_type=self.cfg.dpo_loss_type, label_smoothing=self.cfg.label_smoothing,
+                              **{**self.loss_type_terms(token_logp, exp.batch), **self.dpo_terms(token_logp, exp.batch)})
         m = {k: float(v) for k, v in out.metrics.items()}
         n_tok = max(exp.batch.num_response_tokens, 1)
         # mean per-token log-ratio to the reference over both responses (a k1 estimate of the KL)
