@@ -42,6 +42,7 @@ from .evaluation import Evaluator
 from .models import ValueModel, load_policy, precision_of, prepare_policy, reference_policy, resolve_model_source
 from .microbatch import accumulate_gradients, split_experience
 from .reporting import Reporter
+from .trackers import parse_report_to
 from .schedule import apply_lr, lr_factor
 
 
@@ -232,7 +233,8 @@ class Trainer:
         if cfg.resume:
             first_step = self._resume()
         reporter = Reporter(self.output_dir, total_steps=cfg.max_steps, first_step=first_step,
-                            enabled=self.dist.is_main, progress=cfg.progress, tensorboard=cfg.tensorboard)
+                            enabled=self.dist.is_main, progress=cfg.progress, tensorboard=cfg.tensorboard,
+                            report_to=parse_report_to(cfg.report_to), config=cfg.to_dict())
         if cfg.resume:
             reporter.truncate(first_step)
         records = []

@@ -7,7 +7,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from .errors import UserInputError
 
@@ -51,12 +51,13 @@ def read_metrics(path) -> List[Dict]:
 
 class Reporter:
     def __init__(self, output_dir: Path, *, total_steps: int, first_step: int, enabled: bool,
-                 progress: bool, tensorboard: bool):
+                 progress: bool, tensorboard: bool = False, report_to: Sequence[str] = (),
+                 config: Optional[Dict] = None):
         self.enabled = enabled
         self.dir = output_dir
         self.metrics_path = output_dir / "metrics.jsonl"
         self.bar = None
-        self.tb = None
+        self.trackers = []
         if not enabled:
             return
         if progress:
@@ -64,12 +65,11 @@ class Reporter:
 
             self.bar = tqdm(total=total_steps, initial=first_step, desc="fastpo train", unit="step",
                             dynamic_ncols=True)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserInputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+        # --report-to tensorboard,wandb (trackers.py); --tensorboard is --report-to tensorboard
+        names = list(report_to) + (["tensorboard"] if tensorboard and "tensorboard" not in report_to else [])
+        from .trackers import open_trackers
+
+        self.trackers = open_trackers(names, output_dir, config)
 
     def truncate(self, last_step: int) -> None:
         """Drop records after ``last_step`` (a resumed run rewrites them)."""
@@ -96,10 +96,11 @@ class Reporter:
         if self.bar is not None:
             self.bar.set_postfix({short: _fmt(ordered[k]) for k, short in BAR_KEYS}, refresh=False)
             self.bar.update(1)
-        if self.tb is not None:
-            for k, v in ordered.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, ordered["step"])
+        if self.trackers:
+            values = {k: v for k, v in ordered.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+            for tracker in self.trackers:
+                tracker.log(values, ordered["step"])
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -130,8 +131,8 @@ class Reporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _clean(v):
