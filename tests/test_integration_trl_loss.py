@@ -19,7 +19,9 @@ from transformers import LlamaForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
 from fastpo.integrations import trl as ftrl  # noqa: E402
-from fastpo.integrations.trl_head import head_settings, record_delegation, wrap_fused_lm_head  # noqa: E402
+from fastpo.integrations.trl_head import (  # noqa: E402
+    STATISTICS, head_settings, record_delegation, served_outputs, wrap_fused_lm_head,
+)
 
 
 # ---------------------------------------------------------------------------------------------------- loss level
@@ -236,16 +238,27 @@ def test_head_parity(mode, grpo_batch):
         torch.testing.assert_close(got, want, **(tol if mode != "bf16-autocast" else dict(atol=5e-2, rtol=5e-2)))
 
 
-def test_head_delegates_what_fastpo_lacks(tiny):
-    """is_top1 (DPO / SFT policies) goes to TRL's head, whose answer comes back unchanged; mean_logits is served."""
+ALL_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+@pytest.mark.parametrize("statistics", [True, False])
+def test_head_outputs(statistics, tiny, monkeypatch):
+    """Every field TRL's head computes (DPO / WPO / SFT policies ask for is_top1 and log_sum_sq_probs) is fastpo's
+    where linear_token_logprobs has outputs=, else TRL's answer comes back unchanged; mean_logits is fastpo's
+    (the closed form without outputs=)."""
     from trl.trainer.utils import add_fused_lm_head
+
+    from fastpo.integrations import trl_head
+
+    if not statistics:
+        monkeypatch.setattr(trl_head, "_has_statistics", lambda: False)
 
     path, _ = tiny
     ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]])
     labels = ids.masked_fill(ids == 0, -100)
     labels[:, :2] = -100
     outs = {}
-    for outputs in (("log_probs", "is_top1"), ("log_probs", "entropy", "mean_logits")):
+    for outputs in (ALL_OUTPUTS, ("log_probs", "entropy", "mean_logits")):
         stock, ours = LlamaForCausalLM.from_pretrained(path), LlamaForCausalLM.from_pretrained(path)
         add_fused_lm_head(stock, temperature=0.7, outputs=outputs)
         add_fused_lm_head(ours, temperature=0.7, outputs=outputs)
@@ -255,12 +268,12 @@ def test_head_delegates_what_fastpo_lacks(tiny):
         want, got = stock(input_ids=ids, labels=labels, fused_lm_head=True), ours(input_ids=ids, labels=labels,
                                                                                   fused_lm_head=True)
         outs[outputs] = dict(ftrl.STATS)
-        for field in ("loss", "log_probs", "entropy", "mean_logits", "is_top1", "label_mask"):
+        for field in ALL_OUTPUTS + ("loss", "label_mask"):
             a, b = getattr(got, field), getattr(want, field)
             assert (a is None) == (b is None), field
             if a is not None:
                 torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m: f"{field}: {m}")
-    assert outs[("log_probs", "is_top1")] == {"delegated:lm_head": 1}
+    assert outs[ALL_OUTPUTS] == {"served:lm_head" if served_outputs() >= STATISTICS else "delegated:lm_head": 1}
     assert outs[("log_probs", "entropy", "mean_logits")] == {"served:lm_head": 1}
 
 

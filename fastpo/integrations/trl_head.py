@@ -10,10 +10,11 @@ forward unchanged, and each reason is logged once. The settings (temperature, ``
 requested outputs, softcapping, logit scale, the backbone attribute) are read from TRL's own closure, so the
 wrapper never guesses what TRL would have done; if they cannot be read, nothing is wrapped.
 
-Served: ``log_probs``, ``entropy`` (both differentiable) and ``mean_logits`` (closed form, no gradient:
-mean_v z_v = s·(h·mean_v W_v + mean_v b_v)/T), with TRL's logit scale s > 0 folded into the temperature
-(T/s). Delegated to TRL: ``is_top1`` and ``log_sum_sq_probs`` requests (DPO's and SFT's policy forwards),
-``final_logit_softcapping`` or a logit scale <= 0, MoE router
+Served: ``log_probs``, ``entropy`` (both differentiable), ``mean_logits``, and, where
+``linear_token_logprobs`` takes ``outputs=`` (its detached per-token statistics), ``is_top1`` and
+``log_sum_sq_probs`` (DPO's and SFT's policy forwards); without it ``mean_logits`` is the closed form
+s·(h·mean_v W_v + mean_v b_v)/T and the other two go to TRL. TRL's logit scale s > 0 is folded into the
+temperature (T/s). Delegated to TRL: ``final_logit_softcapping`` or a logit scale <= 0, MoE router
 logits on transformers < 5.6 (from 5.6 the load-balancing aux loss is TRL's same call), DeepSpeed ZeRO-3
 (partitioned head weight) and FSDP2 DTensor weights.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import logging
 import types
 from contextlib import nullcontext
@@ -39,6 +41,17 @@ __all__ = ["wrap_fused_lm_head", "head_settings", "STATS", "SERVED_OUTPUTS"]
 logger = logging.getLogger("fastpo.integrations.trl")
 
 SERVED_OUTPUTS = frozenset({"log_probs", "entropy", "mean_logits"})
+# served as well when fastpo.linear_token_logprobs takes outputs= (its per-token statistics)
+STATISTICS = frozenset({"is_top1", "log_sum_sq_probs"})
+
+
+def _has_statistics() -> bool:
+    return "outputs" in inspect.signature(fastpo.linear_token_logprobs).parameters
+
+
+def served_outputs() -> frozenset:
+    """The ``add_fused_lm_head(outputs=...)`` fields fastpo computes in this installation."""
+    return SERVED_OUTPUTS | STATISTICS if _has_statistics() else SERVED_OUTPUTS
 # Counts of the passes fastpo served and of those it handed back to TRL ("delegated:<what>: <reason>").
 STATS: collections.Counter = collections.Counter()
 _LOGGED: set = set()
@@ -84,7 +97,7 @@ def _zero3_enabled() -> bool:
 
 
 def _delegation_reason(model, cfg: dict, kwargs: dict) -> Optional[str]:
-    extra = set(cfg["outputs"]) - SERVED_OUTPUTS
+    extra = set(cfg["outputs"]) - served_outputs()
     if extra:
         return f"outputs {sorted(extra)} are not computed by fastpo yet"
     if cfg["final_logit_softcapping"] is not None:
@@ -147,16 +160,21 @@ def _serve(model, cfg, compact, args, kwargs, labels, shift_labels, num_items_in
         b = None if bias is None else bias.to(dt)
         # a logit scale s > 0 (Granite, Cohere, Falcon-H1...): z·s/T is the temperature T/s
         temperature = cfg["temperature"] / float(cfg["logit_scale"])
-        res = fastpo.linear_token_logprobs(h, w, y, bias=b, temperature=temperature,
-                                           return_entropy="entropy" in outputs)
-        log_probs, entropy = res if "entropy" in outputs else (res, None)
-        mean_logits = None
-        if "mean_logits" in outputs:
+        fields = dict.fromkeys(("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+        if _has_statistics():
+            names = ("logp",) + tuple(name for name in outputs if name != "log_probs")
+            res = fastpo.linear_token_logprobs(h, w, y, bias=b, temperature=temperature, outputs=names)
+            fields.update({name: getattr(res, name) for name in outputs if name != "log_probs"}, log_probs=res.logp)
+        else:
+            res = fastpo.linear_token_logprobs(h, w, y, bias=b, temperature=temperature,
+                                               return_entropy="entropy" in outputs)
+            fields["log_probs"], fields["entropy"] = res if "entropy" in outputs else (res, None)
+        if "mean_logits" in outputs and fields["mean_logits"] is None:
             with torch.no_grad():
                 mean_logits = h.float() @ w.float().mean(0)
                 if b is not None:
                     mean_logits = mean_logits + b.float().mean()
-                mean_logits = (mean_logits * float(cfg["logit_scale"]) / cfg["temperature"]) * (y != -100)
+                fields["mean_logits"] = (mean_logits * float(cfg["logit_scale"]) / cfg["temperature"]) * (y != -100)
 
     def place(x):
         if x is None:
@@ -164,7 +182,8 @@ def _serve(model, cfg, compact, args, kwargs, labels, shift_labels, num_items_in
         # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero)
         return x.new_zeros(mask.shape).masked_scatter(mask, x) if compact else x.view(mask.shape)
 
-    log_probs, entropy, mean_logits = place(log_probs), place(entropy), place(mean_logits)
+    fields = {name: place(x) for name, x in fields.items()}
+    log_probs = fields["log_probs"]
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -log_probs.sum() / denom
     aux_loss = None
@@ -176,8 +195,7 @@ def _serve(model, cfg, compact, args, kwargs, labels, shift_labels, num_items_in
                                             kwargs.get("attention_mask"))
         loss = loss + getattr(cfg["text_config"], "router_aux_loss_coef", 0.0) * aux_loss
     STATS["served:lm_head"] += 1
-    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=None,
-                               mean_logits=mean_logits, is_top1=None, label_mask=mask, aux_loss=aux_loss)
+    return FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux_loss, **fields)
 
 
 def wrap_fused_lm_head(model, *, compact: bool = True) -> bool:
