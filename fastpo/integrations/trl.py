@@ -187,9 +187,9 @@ class FastpoRLOOMixin(_FastpoLossMixin):
 
 
 class FastpoDPOMixin(_FastpoTRLMixin):
-    """DPO: fastpo serves the reference model's log-probs (and the policy's once fastpo returns ``is_top1``;
-    until then TRL's head serves the policy, see :mod:`fastpo.integrations.trl_head`). The loss stays TRL's:
-    it is ``[B]``-sized, fastpo would not gain there."""
+    """DPO: fastpo serves the reference and policy log-prob passes (the policy's ``is_top1`` /
+    ``log_sum_sq_probs`` through ``linear_token_logprobs(outputs=)``, see :mod:`fastpo.integrations.trl_head`).
+    The loss stays TRL's: it is ``[B]``-sized, fastpo would not gain there."""
 
 
 class FastpoKTOMixin(_FastpoTRLMixin):
