@@ -1,7 +1,5 @@
 """--eval-every: held-out evaluation records in metrics.jsonl, eval.png, and the new reward.png panels."""
 
-import json
-
 import pytest
 
 from fastpo.trainer.cli import parse_config

@@ -16,7 +16,7 @@ REQUIRED_KEYS = ("step", "reward_mean", "loss", "kl", "clip_frac", "entropy", "t
 # Wall-clock figures of a step: they differ between otherwise identical runs (resume comparisons skip them).
 TIMING_KEYS = ("tokens_per_s", "step_time_s", "experience_s", "update_s", "sync_s", "eval_s")
 # What a run writes into --output-dir besides its checkpoints (--overwrite deletes these).
-REPORT_FILES = ("metrics.jsonl", "reward.png", "eval.png", "tensorboard")
+REPORT_FILES = ("metrics.jsonl", "reward.png", "eval.png", "tensorboard", "wandb")
 BAR_KEYS = (("reward_mean", "reward"), ("kl", "kl"), ("clip_frac", "clip"), ("tokens_per_s", "tok/s"))
 
 
