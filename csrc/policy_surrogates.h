@@ -25,7 +25,7 @@ struct TokenConsts {
   T c4, kl_st, kl_clamp_gate, kl_bias;                 // abs KL; straight-through; the clamp's gradient gate; KL·r
   T clip_low, clip_high, delta, tau_pos, tau_neg, ratio_cap, dro_beta;
   T geo_loss;                                          // geo_mean: the sequence's L_i (times its weight)
-  T vespo_log_w, vk_pos, vl_pos, vk_neg, vl_neg;       // vespo: the sequence's clamped Σ Δ and φ's parameters
+  T vespo_phi_pos, vespo_phi_neg;                      // vespo: the sequence's φ for A >= 0 and for A < 0
 };
 
 // One token's policy term: l, ∂l/∂x and the 0/1 flags behind clip_frac_low / _high / dual_clip_frac.
@@ -92,10 +92,12 @@ inline SurOut<T> sur_dppo(const TokenConsts<T>& k, const SurIn<T>& in) {
   bool valid;
   if (KL_REGION) {
     const T kl = p_old * (in.old - in.x) + (T(1) - p_old) * std::log((T(1) - p_old + T(1e-8)) / (T(1) - p + T(1e-8)));
-    valid = A > T(0) ? ((kl <= k.clip_high) | (p <= p_old)) : ((kl <= k.clip_low) | (p >= p_old));
+    const bool pos = A > T(0);  // bool arithmetic, not a select of two `|`s: gcc if-converts it
+    valid = (pos & ((kl <= k.clip_high) | (p <= p_old))) | ((!pos) & ((kl <= k.clip_low) | (p >= p_old)));
   } else {
     const T diff = p - p_old;
-    valid = A > T(0) ? diff <= k.clip_high : diff >= -k.clip_low;
+    const bool pos = A > T(0);
+    valid = (pos & (diff <= k.clip_high)) | ((!pos) & (diff >= -k.clip_low));
   }
   const T t = std::min(in.ratio, k.ratio_cap);
   const T inv = valid ? T(0) : T(1);
@@ -136,12 +138,16 @@ inline SurOut<T> sur_geo_mean(const TokenConsts<T>& k, const SurIn<T>& in) {
 
 // vespo: l = −sg(φ)·A·x, ∂l/∂x = −φ·A, φ = exp(λ + k·log w − λ·w) with log w the sequence's clamped Σ Δ and
 // (k, λ) = (k_pos, λ_pos) for A >= 0 else (k_neg, λ_neg); a non-finite φ counts as 0 (TRL).
+// φ depends on the sequence and the sign of A only: vespo_phi computes both per sequence (in policy_sequence).
+template <class T>
+inline T vespo_phi(T log_w, T kk, T lam) {
+  const T phi = std::exp(lam + kk * log_w - lam * std::exp(log_w));
+  return std::abs(phi) < std::numeric_limits<T>::infinity() ? phi : T(0);
+}
+
 template <class T>
 inline SurOut<T> sur_vespo(const TokenConsts<T>& k, const SurIn<T>& in) {
-  const bool pos = in.A >= T(0);
-  const T kk = pos ? k.vk_pos : k.vk_neg, lam = pos ? k.vl_pos : k.vl_neg;
-  T phi = std::exp(lam + kk * k.vespo_log_w - lam * std::exp(k.vespo_log_w));
-  phi = std::abs(phi) < std::numeric_limits<T>::infinity() ? phi : T(0);
+  const T phi = in.A >= T(0) ? k.vespo_phi_pos : k.vespo_phi_neg;
   return {-phi * in.A * in.x, -phi * in.A, T(0), T(0), T(0)};
 }
 
