@@ -188,7 +188,8 @@ std::pair<uintptr_t, uintptr_t> extent(const Matrix& m) {
 
 void logprob_forward(const py::object& logits_obj, const py::object& labels_obj, const py::object& logp_obj,
                      const py::object& row_max_obj, const py::object& log_norm_obj, const py::object& entropy_obj,
-                     double inv_temperature, int64_t ignore_index, const std::string& dtype) {
+                     double inv_temperature, int64_t ignore_index, const std::string& dtype,
+                     const py::object& log_sum_sq_obj, const py::object& is_top1_obj, const py::object& mean_obj) {
   const DType dt = parse_dtype(dtype);
   check_inv_temperature(inv_temperature);
   const py::buffer_info lb = request(logits_obj, "logits", false);
@@ -196,30 +197,34 @@ void logprob_forward(const py::object& logits_obj, const py::object& labels_obj,
   const int64_t N = x.rows, V = x.cols;
   const py::buffer_info yb = request(labels_obj, "labels", false);
   std::vector<py::buffer_info> keep;
-  keep.reserve(4);
-  const RowVec logp = check_rowvec(logp_obj, "logp", N, true, false, keep);
-  const RowVec row_max = check_rowvec(row_max_obj, "row_max", N, true, false, keep);
-  const RowVec log_norm = check_rowvec(log_norm_obj, "log_norm", N, true, false, keep);
-  const RowVec ent = check_rowvec(entropy_obj, "entropy", N, true, true, keep);
+  keep.reserve(7);
+  fastpo::ForwardOut out;
+  out.logp = check_rowvec(logp_obj, "logp", N, true, false, keep);
+  out.row_max = check_rowvec(row_max_obj, "row_max", N, true, false, keep);
+  out.log_norm = check_rowvec(log_norm_obj, "log_norm", N, true, false, keep);
+  out.entropy = check_rowvec(entropy_obj, "entropy", N, true, true, keep);
+  out.log_sum_sq = check_rowvec(log_sum_sq_obj, "log_sum_sq_probs", N, true, true, keep);
+  out.is_top1 = check_rowvec(is_top1_obj, "is_top1", N, true, true, keep);
+  out.mean = check_rowvec(mean_obj, "mean_logits", N, true, true, keep);
   const int64_t* y = check_labels(yb, N, V, ignore_index);
 
   py::gil_scoped_release nogil;
   switch (dt) {
     case DType::F32:
-      fastpo::forward_rows<float>(static_cast<const float*>(x.ptr), N, V, x.row_stride, y, logp, row_max, log_norm,
-                                  ent, inv_temperature, ignore_index);
+      fastpo::forward_rows<float>(static_cast<const float*>(x.ptr), N, V, x.row_stride, y, out, inv_temperature,
+                                  ignore_index);
       break;
     case DType::F64:
-      fastpo::forward_rows<double>(static_cast<const double*>(x.ptr), N, V, x.row_stride, y, logp, row_max,
-                                   log_norm, ent, inv_temperature, ignore_index);
+      fastpo::forward_rows<double>(static_cast<const double*>(x.ptr), N, V, x.row_stride, y, out, inv_temperature,
+                                   ignore_index);
       break;
     case DType::BF16:
-      fastpo::forward_rows<fastpo::bf16>(static_cast<const fastpo::bf16*>(x.ptr), N, V, x.row_stride, y, logp,
-                                                row_max, log_norm, ent, inv_temperature, ignore_index);
+      fastpo::forward_rows<fastpo::bf16>(static_cast<const fastpo::bf16*>(x.ptr), N, V, x.row_stride, y, out,
+                                         inv_temperature, ignore_index);
       break;
     case DType::F16:
-      fastpo::forward_rows<fastpo::f16>(static_cast<const fastpo::f16*>(x.ptr), N, V, x.row_stride, y, logp,
-                                               row_max, log_norm, ent, inv_temperature, ignore_index);
+      fastpo::forward_rows<fastpo::f16>(static_cast<const fastpo::f16*>(x.ptr), N, V, x.row_stride, y, out,
+                                        inv_temperature, ignore_index);
       break;
   }
 }
@@ -524,7 +529,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("logprob_forward", &logprob_forward, py::arg("logits"), py::arg("labels"), py::arg("logp"),
         py::arg("row_max"), py::arg("log_norm"), py::arg("entropy"), py::arg("inv_temperature"),
-        py::arg("ignore_index"), py::arg("dtype"),
+        py::arg("ignore_index"), py::arg("dtype"), py::arg("log_sum_sq_probs") = py::none(),
+        py::arg("is_top1") = py::none(), py::arg("mean_logits") = py::none(),
         R"doc(Per-row log-prob and entropy of logits / temperature, and the backward's row statistics.
 
 logits [N, V] (float32 | float64 | raw 16-bit patterns as int16/uint16 for bfloat16/float16; rows may be
@@ -532,8 +538,10 @@ strided, last dim contiguous), labels [N] int64. Writes logp [N], row_max [N] (m
 log_norm [N] (log sum_j exp((logits[i, j] - row_max) * inv_temperature), so that logsumexp =
 row_max * inv_temperature + log_norm) and entropy [N] (or skips the entropy when it is None); these
 are float32 or float64, any element stride (accumulation is float64 for dtype 'float64',
-float32 otherwise). Rows with label == ignore_index get 0 everywhere. Raises ValueError on bad input
-before writing anything.)doc");
+float32 otherwise). The optional log_sum_sq_probs [N] (log sum_j p_j^2), is_top1 [N] (1.0 when the label
+is the first argmax of the row, else 0.0) and mean_logits [N] (mean_j logits * inv_temperature) are
+computed in the same pass when given, skipped when None. Rows with label == ignore_index get 0
+everywhere. Raises ValueError on bad input before writing anything.)doc");
 
   m.def("logprob_backward", &logprob_backward, py::arg("logits"), py::arg("labels"), py::arg("row_max"),
         py::arg("log_norm"), py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad_logits"),

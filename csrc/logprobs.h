@@ -138,6 +138,10 @@ inline Acc block_max(const Acc* x, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
+// Row statistics computed by one forward instantiation: a bitmask template argument (the
+// entropy and the optional, non-differentiated statistics; each adds one accumulator).
+enum : int { kStatEntropy = 1, kStatSumSq = 2, kStatTop1 = 4, kStatMean = 8, kStatAll = 16 };
+
 // Blocked two-level logsumexp. For each block of the row (raw values x, widened to Acc):
 //   m_b = max_j x_j,  S_b = sum_j e^{d_j},  T_b = sum_j e^{d_j} d_j,  d_j = (x_j - m_b) / tau <= 0.
 // The block is read twice (max, then sums); the second read hits L1. The blocks are merged into
@@ -145,6 +149,10 @@ inline Acc block_max(const Acc* x, int64_t n) {
 // delta = (m - M') / tau <= 0 and c = e^delta,
 //   S' = c S,   T' = c (T + delta S)        (since e^{d + delta} (d + delta) = c e^d d + c delta e^d).
 // At the end m = M, log_norm = log S (lse = M / tau + log S) and H = lse - sum p s = log S - T / S.
+// The optional statistics: Q_b = sum_j e^{2 d_j} merges as Q' = c^2 Q (log sum_j p_j^2 = log Q - 2 log S);
+// Z_b = sum_j x_j merges by addition (mean_logits = Z / (tau V)); for is_top1 the maximum of the
+// raw values before the label, mbefore, is kept (a max over the block's prefix, which is in L1):
+// is_top1 = x_y >= M && x_y > mbefore, i.e. the label is the first argmax (torch.argmax, TRL).
 // Keeping d relative to the maximum avoids the cancellation of lse - E[s] when the logits are large
 // (e.g. 1e4), and logp = (x_y - M) / tau - log S is formed without subtracting two large numbers.
 // Entries equal to -inf give e^d = 0 and contribute 0 to T (the 0 * -inf product is avoided); a
@@ -153,16 +161,20 @@ inline Acc block_max(const Acc* x, int64_t n) {
 // `next` / `next_step`: the start of the row's next block in memory and the bytes of it per
 // kLanes elements here; it is prefetched while this (L1-resident) block is being computed on, so
 // the next max pass does not stall on DRAM (nullptr: nothing to prefetch).
-template <bool kEntropy, class Acc>
-inline void block_sums(const Acc* x, int64_t n, Acc mb, Acc inv_t, const char* next, int64_t next_step,
-                       double* S_out, double* T_out) {
+struct BlockSums {
+  double S = 0.0, T = 0.0, Q = 0.0, Z = 0.0;
+};
+
+template <int kStats, class Acc>
+inline BlockSums block_sums(const Acc* x, int64_t n, Acc mb, Acc inv_t, const char* next, int64_t next_step) {
+  constexpr bool kEntropy = kStats & kStatEntropy, kSumSq = kStats & kStatSumSq, kMean = kStats & kStatMean;
   constexpr int W = Tune<Acc>::kLanes;
   // e^d d -> 0 as d -> -inf, but 0 * -inf is NaN: d = -inf is replaced by 0 in the product. (A
   // select of the product itself, e == 0 ? 0 : e * d, would keep the loop scalar: gcc does not
   // speculate a possibly-trapping multiply under -ftrapping-math.)
   const Acc lowest = std::numeric_limits<Acc>::lowest();
-  Acc se[W], te[W];
-  for (int l = 0; l < W; ++l) se[l] = te[l] = Acc(0);
+  Acc se[W], te[W], qe[W], ze[W];
+  for (int l = 0; l < W; ++l) se[l] = te[l] = qe[l] = ze[l] = Acc(0);
   int64_t j = 0;
   for (; j + W <= n; j += W) {
 #if defined(__GNUC__)
@@ -173,6 +185,8 @@ inline void block_sums(const Acc* x, int64_t n, Acc mb, Acc inv_t, const char* n
       const Acc e = exp_fast(d);
       se[l] += e;
       if (kEntropy) te[l] += e * (d > lowest ? d : Acc(0));
+      if (kSumSq) qe[l] += e * e;
+      if (kMean) ze[l] += x[j + l];
     }
   }
   for (; j < n; ++j) {
@@ -180,14 +194,17 @@ inline void block_sums(const Acc* x, int64_t n, Acc mb, Acc inv_t, const char* n
     const Acc e = exp_fast(d);
     se[0] += e;
     if (kEntropy) te[0] += e * (d > lowest ? d : Acc(0));
+    if (kSumSq) qe[0] += e * e;
+    if (kMean) ze[0] += x[j];
   }
-  double S = 0.0, T = 0.0;
+  BlockSums r;
   for (int l = 0; l < W; ++l) {
-    S += static_cast<double>(se[l]);
-    T += static_cast<double>(te[l]);
+    r.S += static_cast<double>(se[l]);
+    r.T += static_cast<double>(te[l]);
+    r.Q += static_cast<double>(qe[l]);
+    r.Z += static_cast<double>(ze[l]);
   }
-  *S_out = S;
-  *T_out = T;
+  return r;
 }
 
 struct RowForward {
@@ -195,6 +212,9 @@ struct RowForward {
   double log_norm;
   double logp;
   double entropy;
+  double log_sum_sq;
+  double is_top1;
+  double mean;
 };
 
 // The block as Acc values: float / double rows are used in place; 16-bit rows are widened into the
@@ -208,46 +228,52 @@ inline const float* block_as_acc(const In* x, int64_t n, float* buf) {
   return buf;
 }
 
-template <class In, bool kEntropy, class Acc = typename Traits<In>::Acc>
+template <class In, int kStats, class Acc = typename Traits<In>::Acc>
 inline RowForward forward_row(const In* x, int64_t V, int64_t label, Acc inv_t, Acc* buf) {
   constexpr int64_t B = Tune<Acc>::kBlock;
+  constexpr bool kEntropy = kStats & kStatEntropy, kTop1 = kStats & kStatTop1;
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
 
   bool any = false, nan_seen = false;
-  Acc M = neg_inf;
-  double S = 0.0, T = 0.0;
+  Acc M = neg_inf, before = neg_inf;
+  double S = 0.0, T = 0.0, Q = 0.0, Z = 0.0;
   for (int64_t b0 = 0; b0 < V; b0 += B) {
     const int64_t n = std::min(B, V - b0);
     const Acc* xb = block_as_acc(x + b0, n, buf);
+    if (kTop1 && b0 < label) before = std::max(before, block_max(xb, std::min(n, label - b0)));
     const Acc mb = block_max(xb, n);
     if (mb == neg_inf) {  // every entry is -inf or NaN: -inf contributes nothing, NaN poisons the row
       for (int64_t j = 0; j < n; ++j) nan_seen = nan_seen || xb[j] != xb[j];
+      if (kStats & kStatMean) Z += -std::numeric_limits<double>::infinity();
       continue;
     }
-    double Sb, Tb;
     const char* next = b0 + B < V ? reinterpret_cast<const char*>(x + b0 + B) : nullptr;
-    block_sums<kEntropy>(xb, n, mb, inv_t, next, static_cast<int64_t>(Tune<Acc>::kLanes * sizeof(In)), &Sb, &Tb);
+    const BlockSums b = block_sums<kStats>(xb, n, mb, inv_t, next, static_cast<int64_t>(Tune<Acc>::kLanes * sizeof(In)));
+    Z += b.Z;
 
     if (!any) {
       M = mb;
-      S = Sb;
-      T = Tb;
+      S = b.S;
+      T = b.T;
+      Q = b.Q;
       any = true;
     } else if (mb > M) {
       const double delta = (static_cast<double>(M) - static_cast<double>(mb)) * static_cast<double>(inv_t);
       const double c = std::exp(delta);
-      T = c * (T + delta * S) + Tb;
-      S = c * S + Sb;
+      T = c * (T + delta * S) + b.T;
+      S = c * S + b.S;
+      Q = c * c * Q + b.Q;
       M = mb;
     } else {
       const double delta = (static_cast<double>(mb) - static_cast<double>(M)) * static_cast<double>(inv_t);
       const double c = std::exp(delta);
-      T += c * (Tb + delta * Sb);
-      S += c * Sb;
+      T += c * (b.T + delta * b.S);
+      S += c * b.S;
+      Q += c * c * b.Q;
     }
   }
 
-  if (nan_seen) S = T = std::numeric_limits<double>::quiet_NaN();
+  if (nan_seen) S = T = Q = Z = std::numeric_limits<double>::quiet_NaN();
   RowForward r;
   const double logS = std::log(S);  // S >= 1 whenever the row has a finite maximum
   r.row_max = static_cast<double>(M);
@@ -260,6 +286,10 @@ inline RowForward forward_row(const In* x, int64_t V, int64_t label, Acc inv_t, 
   } else {
     r.entropy = 0.0;
   }
+  r.log_sum_sq = (kStats & kStatSumSq) ? std::log(Q) - 2.0 * logS : 0.0;
+  const Acc zy = widen(x[label]);
+  r.is_top1 = kTop1 && zy >= M && zy > before ? 1.0 : 0.0;
+  r.mean = (kStats & kStatMean) ? Z * static_cast<double>(inv_t) / static_cast<double>(V) : 0.0;
   return r;
 }
 
@@ -284,10 +314,27 @@ struct RowVec {
   }
 };
 
-template <class In, bool kEntropy>
+// The forward's per-row outputs; an absent (nullptr) vector is neither computed nor written.
+struct ForwardOut {
+  RowVec logp, row_max, log_norm, entropy, log_sum_sq, is_top1, mean;
+  int stats() const {
+    return (entropy.present() ? kStatEntropy : 0) | (log_sum_sq.present() ? kStatSumSq : 0) |
+           (is_top1.present() ? kStatTop1 : 0) | (mean.present() ? kStatMean : 0);
+  }
+  void set(int64_t i, const RowForward& r) const {
+    logp.set(i, r.logp);
+    row_max.set(i, r.row_max);
+    log_norm.set(i, r.log_norm);
+    entropy.set(i, r.entropy);
+    log_sum_sq.set(i, r.log_sum_sq);
+    is_top1.set(i, r.is_top1);
+    mean.set(i, r.mean);
+  }
+};
+
+template <class In, int kStats>
 void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels,
-                       RowVec logp, RowVec row_max, RowVec log_norm, RowVec entropy, double inv_temperature,
-                       int64_t ignore_index) {
+                       const ForwardOut& out, double inv_temperature, int64_t ignore_index) {
   using Acc = typename Traits<In>::Acc;
   const Acc inv_t = static_cast<Acc>(inv_temperature);
 #ifdef _OPENMP
@@ -301,30 +348,31 @@ void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_strid
     for (int64_t i = 0; i < N; ++i) {
       const int64_t y = labels[i];
       if (y == ignore_index) {
-        logp.set(i, 0.0);
-        row_max.set(i, 0.0);
-        log_norm.set(i, 0.0);
-        entropy.set(i, 0.0);
+        out.set(i, RowForward{0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0});
         continue;
       }
-      const RowForward r = forward_row<In, kEntropy>(logits + i * row_stride, V, y, inv_t, buf);
-      logp.set(i, r.logp);
-      row_max.set(i, r.row_max);
-      log_norm.set(i, r.log_norm);
-      entropy.set(i, r.entropy);
+      out.set(i, forward_row<In, kStats>(logits + i * row_stride, V, y, inv_t, buf));
     }
   }
 }
 
+// Runtime statistics mask -> the instantiation for it (kStatAll of them).
+template <class In, int kStats = 0>
+void forward_rows_dispatch(int stats, const In* logits, int64_t N, int64_t V, int64_t row_stride,
+                           const int64_t* labels, const ForwardOut& out, double inv_temperature, int64_t ignore_index) {
+  if constexpr (kStats < kStatAll) {
+    if (stats == kStats)
+      forward_rows_impl<In, kStats>(logits, N, V, row_stride, labels, out, inv_temperature, ignore_index);
+    else
+      forward_rows_dispatch<In, kStats + 1>(stats, logits, N, V, row_stride, labels, out, inv_temperature,
+                                            ignore_index);
+  }
+}
+
 template <class In>
-void forward_rows(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels, RowVec logp,
-                  RowVec row_max, RowVec log_norm, RowVec entropy, double inv_temperature, int64_t ignore_index) {
-  if (entropy.present())
-    forward_rows_impl<In, true>(logits, N, V, row_stride, labels, logp, row_max, log_norm, entropy, inv_temperature,
-                                ignore_index);
-  else
-    forward_rows_impl<In, false>(logits, N, V, row_stride, labels, logp, row_max, log_norm, entropy, inv_temperature,
-                                 ignore_index);
+void forward_rows(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels,
+                  const ForwardOut& out, double inv_temperature, int64_t ignore_index) {
+  forward_rows_dispatch<In>(out.stats(), logits, N, V, row_stride, labels, out, inv_temperature, ignore_index);
 }
 
 // ---------------------------------------------------------------------------------------------

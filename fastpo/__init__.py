@@ -7,6 +7,7 @@ holds the eager specification of every op.
 from fastpo import reference
 from fastpo.loss_output import LossOutput
 from fastpo.ops import linear_token_logprobs, token_logprobs
+from fastpo.reference.logprobs import LogProbOutputs
 from fastpo.ops.policy_loss import policy_loss
 from fastpo.ops.value_loss import value_loss
 from fastpo.policy_config import (BNPO, CISPO, CISPO_TRL, DAPO, DPPO_KL, DPPO_TV, DR_GRPO, DRO, GMPO, GPG, GRPO, GSPO,
@@ -28,7 +29,7 @@ __all__ = [
     "multi_reward_advantages", "optimal_token_baseline", "overlong_penalty",
     "sequence_logprobs", "dpo_loss", "simpo_loss", "orpo_loss", "kto_loss",
     "cpo_loss", "nll_loss", "kto_kl_ref_point", "ld_sequence_logprobs", "wpo_weights",
-    "token_logprobs", "linear_token_logprobs",
+    "token_logprobs", "linear_token_logprobs", "LogProbOutputs",
     "LossOutput", "reference", "__version__",
     "policy_loss", "value_loss", "PolicyLossConfig", "PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO",
     "BNPO", "LUSPO", "CISPO", "CISPO_TRL", "SAPO", "GMPO", "GPG", "DPPO_TV", "DPPO_KL", "DRO", "VESPO",

@@ -10,8 +10,10 @@ subtraction z_j − m is exact near the maximum, where p matters, whereas s_j �
 large, independently rounded numbers (its error grows with |lse|: 1.5e-5 at |z| ≈ 100).
 
 Launchers (same contract as the CPU path in ``fastpo.ops.cpu_logprobs``):
-    logprob_forward(logits [N, V], labels [N] int64, temperature, ignore_index, with_entropy)
-        -> (logp [N], entropy [N], row_max [N], log_norm [N])     fp32 (fp64 for fp64 logits)
+    logprob_forward(logits [N, V], labels [N] int64, temperature, ignore_index, with_entropy, extras=0)
+        -> (logp, entropy, row_max, log_norm, log_sum_sq_probs, is_top1, mean_logits), each [N]
+           fp32 (fp64 for fp64 logits; is_top1 as 0/1); ``extras`` is a bitmask of
+           ``fastpo.ops.row_kernels.EXTRA_*`` naming the last three to compute (the others are 0)
     logprob_backward(logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
                      temperature, ignore_index, out [N, V])  writes dL/dlogits into ``out`` (may be ``logits``)
 ``logits`` is ``[N, V]`` rows at any row stride, or ``[B, T, V]`` blocks of such rows at any block
@@ -28,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpo.ops.row_kernels import EXTRA_MEAN, EXTRA_SUM_SQ, EXTRA_TOP1, extra_outputs
+
 # Block sizes: a forward program streams its row in BLOCK_V chunks; the backward grid is
 # (rows, vocabulary blocks), one program per block. Large blocks also keep the interpreter fast.
 _MAX_BLOCK_V = 4096
@@ -43,9 +47,10 @@ def _num_warps(block: int) -> int:
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, row_max_ptr, log_norm_ptr,
+    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, row_max_ptr, log_norm_ptr, sum_sq_ptr, top1_ptr, mean_ptr,
     n_cols, rows_per_block, stride_block, stride_row, inv_temperature, ignore_index,
-    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, WITH_SUM_SQ: tl.constexpr, WITH_TOP1: tl.constexpr, WITH_MEAN: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     # One program per row; one pass over the vocabulary with an online logsumexp relative to the
     # running raw maximum m, with u_j = (z_j − m)/τ <= 0:
@@ -53,6 +58,10 @@ def _logprobs_fwd_kernel(
     # When m grows to m', with δ = (m − m')/τ <= 0 and c = e^δ:  d' = c·d,  a' = c·(a + δ·d).
     # Every term stays O(1) relative to the maximum: no lse − E[s] cancellation at large |z|
     # (the entropy at logits of ±1e30 is exact, not ~1e23 of rounding noise).
+    # The optional statistics (not differentiated) add one accumulator each:
+    #   q = Σ e^{2u_j} (q' = c²·q), log Σ p_j² = log q − 2·log d;   zs = Σ z_j, mean = zs/(τ·V);
+    #   mb = max_{j < y} z_j, is_top1 = (z_y >= m) & (z_y > mb): the label is the first argmax, as
+    #   torch.argmax (and TRL) break ties. Ties are judged on the raw logits.
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
@@ -63,6 +72,9 @@ def _logprobs_fwd_kernel(
     m = float("-inf")
     d = 0.0
     a = 0.0
+    q = 0.0
+    zs = 0.0
+    mb = float("-inf")
     for start in range(0, n_stream, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
@@ -78,6 +90,12 @@ def _logprobs_fwd_kernel(
             # infinite factors are replaced before they multiply a zero.
             c_delta = tl.where(scale > 0.0, scale * tl.where(scale > 0.0, delta, 0.0), 0.0)
             a = a * scale + c_delta * d + tl.sum(e * tl.where(e > 0.0, u, 0.0), axis=0)
+        if WITH_SUM_SQ:
+            q = q * (scale * scale) + tl.sum(e * e, axis=0)
+        if WITH_MEAN:
+            zs += tl.sum(tl.where(cols < n_cols, z, 0.0), axis=0)
+        if WITH_TOP1:
+            mb = tl.maximum(mb, tl.max(tl.where(cols < label, z, float("-inf")), axis=0))
         d = d * scale + tl.sum(e, axis=0)
         m = m_ref
 
@@ -93,6 +111,15 @@ def _logprobs_fwd_kernel(
     if WITH_ENTROPY:
         entropy = tl.maximum(log_norm - a / tl.where(valid, d, 1.0), 0.0)  # H >= 0: clip rounding noise
         tl.store(entropy_ptr + row, tl.where(valid, entropy, 0.0).to(entropy_ptr.dtype.element_ty))
+    if WITH_SUM_SQ:
+        log_sum_sq = tl.log(tl.where(valid, q, 1.0)) - 2.0 * log_norm
+        tl.store(sum_sq_ptr + row, tl.where(valid, log_sum_sq, 0.0).to(sum_sq_ptr.dtype.element_ty))
+    if WITH_MEAN:
+        mean = zs * inv_temperature / n_cols
+        tl.store(mean_ptr + row, tl.where(valid, mean, 0.0).to(mean_ptr.dtype.element_ty))
+    if WITH_TOP1:
+        top1 = valid & (z_label >= m) & (z_label > mb)
+        tl.store(top1_ptr + row, tl.where(top1, 1.0, 0.0).to(top1_ptr.dtype.element_ty))
 
 
 # Backward. With s = z/τ, p = softmax(s) and H from the forward:
@@ -150,7 +177,7 @@ def _output_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-                    with_entropy: bool):
+                    with_entropy: bool, extras: int = 0):
     """Launch the forward over the rows of ``logits`` (see the module docstring)."""
     n_rows, rows_per_block, stride_block, stride_row = _row_layout(logits)
     n_cols = logits.shape[-1]
@@ -159,15 +186,17 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     row_max = torch.empty_like(logp)
     log_norm = torch.empty_like(logp)
     entropy = torch.zeros_like(logp) if not with_entropy else torch.empty_like(logp)
+    sum_sq, top1, mean = extra_outputs(logp, extras)
     if n_rows == 0:
-        return logp, entropy, row_max, log_norm
+        return logp, entropy, row_max, log_norm, sum_sq, top1, mean
     block = _block_size(n_cols)
     _logprobs_fwd_kernel[(n_rows,)](
-        logits, labels, logp, entropy, row_max, log_norm,
+        logits, labels, logp, entropy, row_max, log_norm, sum_sq, top1, mean,
         n_cols, rows_per_block, stride_block, stride_row, 1.0 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block),
+        WITH_ENTROPY=with_entropy, WITH_SUM_SQ=bool(extras & EXTRA_SUM_SQ), WITH_TOP1=bool(extras & EXTRA_TOP1),
+        WITH_MEAN=bool(extras & EXTRA_MEAN), BLOCK_V=block, num_warps=_num_warps(block),
     )
-    return logp, entropy, row_max, log_norm
+    return logp, entropy, row_max, log_norm, sum_sq, top1, mean
 
 
 def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,

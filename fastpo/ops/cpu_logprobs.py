@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from fastpo import _C
-from fastpo.ops.row_kernels import result_dtype
+from fastpo.ops.row_kernels import EXTRA_MEAN, EXTRA_SUM_SQ, EXTRA_TOP1, extra_outputs, result_dtype
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -33,21 +33,25 @@ def _as_numpy(t: Optional[torch.Tensor]):
 
 
 def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-                    with_entropy: bool):
+                    with_entropy: bool, extras: int = 0):
     if logits.dim() == 3:  # [B, T, V] blocks: one call per [T, V] block
-        return _per_block_forward(logits, labels, temperature, ignore_index, with_entropy)
+        return _per_block_forward(logits, labels, temperature, ignore_index, with_entropy, extras)
     n_rows = logits.shape[0]
     logp = torch.empty(n_rows, dtype=result_dtype(logits.dtype))
     row_max = torch.empty_like(logp)
     log_norm = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
+    extra = extra_outputs(logp, extras)
     if n_rows:
+        sum_sq, top1, mean = (_as_numpy(t) if extras & bit else None
+                              for t, bit in zip(extra, (EXTRA_SUM_SQ, EXTRA_TOP1, EXTRA_MEAN)))
         _C.logprob_forward(
             _as_numpy(logits), _as_numpy(labels), _as_numpy(logp), _as_numpy(row_max), _as_numpy(log_norm),
             _as_numpy(entropy) if with_entropy else None,
             1.0 / temperature, ignore_index, _DTYPE_NAMES[logits.dtype],
+            log_sum_sq_probs=sum_sq, is_top1=top1, mean_logits=mean,
         )
-    return logp, entropy, row_max, log_norm
+    return (logp, entropy, row_max, log_norm) + extra
 
 
 def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
@@ -70,10 +74,11 @@ def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.
     )
 
 
-def _per_block_forward(logits, labels, temperature, ignore_index, with_entropy):
+def _per_block_forward(logits, labels, temperature, ignore_index, with_entropy, extras):
     n = logits.shape[1]
-    parts = [logprob_forward(logits[b], labels[b * n:(b + 1) * n], temperature, ignore_index, with_entropy)
+    parts = [logprob_forward(logits[b], labels[b * n:(b + 1) * n], temperature, ignore_index, with_entropy, extras)
              for b in range(logits.shape[0])]
     if not parts:
-        return logprob_forward(logits.reshape(0, logits.shape[-1]), labels, temperature, ignore_index, with_entropy)
+        return logprob_forward(logits.reshape(0, logits.shape[-1]), labels, temperature, ignore_index, with_entropy,
+                               extras)
     return tuple(torch.cat(column) for column in zip(*parts))

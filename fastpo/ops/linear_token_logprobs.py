@@ -19,7 +19,10 @@ import torch
 from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
-from fastpo.ops.row_kernels import empty_row_outputs, flat_labels, no_double_backward, result_dtype, row_kernels
+from fastpo.ops.row_kernels import (
+    empty_row_outputs, extras_mask, flat_labels, named_outputs, no_double_backward, result_dtype, row_kernels,
+)
+from fastpo.reference.logprobs import check_outputs
 
 __all__ = ["linear_token_logprobs", "default_chunk_size"]
 
@@ -53,10 +56,11 @@ def _chunk_rows(chunk_size: int, n_tokens: int, vocab_size: int) -> int:
 @torch.library.custom_op("fastpo::linear_token_logprobs_fwd", mutates_args=())
 def _linear_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    temperature: torch.Tensor, ignore_index: int, with_entropy: bool, chunk_size: int, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, entropy, row_max, log_norm) for ``hidden [N, D]``, ``weight [V, D]``, one chunk of rows
-    at a time (``chunk_size`` 0: the default)."""
+    temperature: torch.Tensor, ignore_index: int, with_entropy: bool, extras: int, chunk_size: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, row_max, log_norm, log_sum_sq_probs, is_top1, mean_logits) for ``hidden [N, D]``,
+    ``weight [V, D]``, one chunk of rows at a time (``chunk_size`` 0: the default; ``extras``: the
+    ``EXTRA_*`` bits of the last three)."""
     tau = check.check_temperature_value(float(temperature))
     check.check_label_range(labels, weight.shape[0], ignore_index)
     kernels = row_kernels(backend)
@@ -66,14 +70,15 @@ def _linear_fwd(
     for start in range(0, n_tokens, chunk):
         rows = slice(start, min(start + chunk, n_tokens))
         logits = _chunk_logits(hidden[rows], weight, bias)
-        for out, part in zip(outputs, kernels.logprob_forward(logits, labels[rows], tau, ignore_index, with_entropy)):
+        for out, part in zip(outputs, kernels.logprob_forward(logits, labels[rows], tau, ignore_index, with_entropy,
+                                                                  extras)):
             out[rows] = part
         del logits
     return outputs
 
 
 @_linear_fwd.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_size, backend):
+def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, extras, chunk_size, backend):
     return empty_row_outputs(hidden, hidden.dtype)
 
 
@@ -131,14 +136,14 @@ torch.library.register_autograd("fastpo::linear_token_logprobs_bwd", no_double_b
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, with_entropy, chunk_size, backend = inputs
-    _, entropy, row_max, log_norm = output
+    hidden, weight, bias, labels, temperature, ignore_index, with_entropy, _extras, chunk_size, backend = inputs
+    _, entropy, row_max, log_norm = output[:4]
     ctx.save_for_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, temperature)
     ctx.ignore_index, ctx.with_entropy = ignore_index, with_entropy
     ctx.chunk_size, ctx.backend = chunk_size, backend
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_norm):
+def _backward(ctx, grad_logp, grad_entropy, *_grad_statistics):
     hidden, weight, bias, labels, row_max, log_norm, entropy, temperature = ctx.saved_tensors
     grad_logp = grad_logp.contiguous() if grad_logp is not None else None
     grad_entropy = grad_entropy.contiguous() if (ctx.with_entropy and grad_entropy is not None) else None
@@ -147,7 +152,7 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_norm):
         hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
         temperature, ctx.ignore_index, ctx.chunk_size, ctx.backend, needs_hidden, needs_weight, needs_bias)
     return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None,
-            grad_bias if (needs_bias and bias is not None) else None, None, None, None, None, None, None)
+            grad_bias if (needs_bias and bias is not None) else None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fastpo::linear_token_logprobs_fwd", _backward, setup_context=_setup_context)
@@ -162,6 +167,7 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    outputs=None,
     chunk_size: Optional[int] = None,
 ):
     """``token_logprobs(hidden @ weight.T + bias, labels)`` without building ``[N, V]`` logits.
@@ -173,11 +179,13 @@ def linear_token_logprobs(
     sliced or expanded views; strided labels are copied, N integers). ``D = 0`` is allowed: the
     logits are then the bias (or 0, so logp = −log V). Works on ``chunk_size`` tokens at a time
     (default: ``default_chunk_size(N, V)``, about N/64 rows, at least 128): peak extra memory is
-    O(chunk_size x V); the backward recomputes chunk logits.
+    O(chunk_size x V); the backward recomputes chunk logits. ``outputs`` returns a
+    :class:`fastpo.LogProbOutputs` with the per-token statistics of :func:`fastpo.token_logprobs`
+    (``log_sum_sq_probs``, ``is_top1``, ``mean_logits``: detached), from the same pass.
 
     Under ``torch.compile`` (fullgraph, dynamic shapes) a changing ``temperature`` or number of
-    tokens does not recompile; ``ignore_index``, ``return_entropy`` and an explicit ``chunk_size``
-    are specialised.
+    tokens does not recompile; ``ignore_index``, ``return_entropy``, ``outputs`` and an explicit
+    ``chunk_size`` are specialised.
     """
     check.check_float_tensor(hidden, "hidden")
     check.check_float_tensor(weight, "weight")
@@ -198,6 +206,7 @@ def linear_token_logprobs(
     temperature = check.check_temperature(temperature)
     ignore_index = check.check_int(ignore_index, "ignore_index")
     check.check_bool(return_entropy, "return_entropy")
+    wanted = check_outputs(outputs, return_entropy)
     if chunk_size is not None:
         check.check_int(chunk_size, "chunk_size")
         if chunk_size < 1:
@@ -207,12 +216,15 @@ def linear_token_logprobs(
     if backend == "reference":
         check.check_label_range(labels, weight.shape[0], ignore_index)
         return reference.linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index,
-                                               return_entropy)
+                                               return_entropy, outputs)
 
     # labels.numel() rather than -1: with D = 0 the row count cannot be inferred from hidden.
     rows = hidden.reshape(labels.numel(), hidden.shape[-1])
-    logp, entropy, _, _ = _linear_fwd(
+    with_entropy = return_entropy if wanted is None else "entropy" in wanted
+    results = _linear_fwd(
         rows, weight, bias, flat_labels(labels), check.scalar_tensor(temperature), ignore_index,
-        return_entropy, 0 if chunk_size is None else chunk_size, backend)
-    logp = logp.view(labels.shape)
-    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+        with_entropy, extras_mask(wanted), 0 if chunk_size is None else chunk_size, backend)
+    if wanted is not None:
+        return named_outputs(results, labels.shape, wanted)
+    logp = results[0].view(labels.shape)
+    return (logp, results[1].view(labels.shape)) if return_entropy else logp

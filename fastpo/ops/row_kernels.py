@@ -4,8 +4,9 @@ the two log-prob ops share around them.
 Both backends share one contract (see ``fastpo.kernels.logprobs``): rows of ``logits [N, V]`` with
 a contiguous last dimension and any row stride (or ``[B, T, V]`` blocks of such rows, see
 :func:`as_row_blocks`), contiguous ``labels [N]`` int64, and results in
-float32 (float64 for float64): logp, entropy and the backward's row statistics ``row_max`` (the raw
-maximum of each row) and ``log_norm`` (log Σ e^{(z − row_max)/τ}).
+float32 (float64 for float64): logp, entropy, the backward's row statistics ``row_max`` (the raw
+maximum of each row) and ``log_norm`` (log Σ e^{(z − row_max)/τ}), and the optional statistics
+selected by ``extras`` (:data:`EXTRA_BITS`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from fastpo._backend import kernel_module
 from fastpo._layout import accumulation_dtype
+from fastpo.reference.logprobs import OUTPUT_NAMES, LogProbOutputs
 
 
 # Log-probs, entropies and the row statistics are float32, or float64 for float64 inputs (for gradcheck).
@@ -32,11 +34,40 @@ def flat_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.reshape(-1).to(torch.int64).contiguous()
 
 
+# The optional, non-differentiable per-row statistics of the forward, as a bitmask ``extras``:
+# log Σ_j p_j², whether the label is the (first) argmax, and the mean of z/τ over the vocabulary.
+EXTRA_SUM_SQ, EXTRA_TOP1, EXTRA_MEAN = 1, 2, 4
+# Public output names -> bit (``logp`` and ``entropy`` are the differentiable ones).
+EXTRA_BITS = {"log_sum_sq_probs": EXTRA_SUM_SQ, "is_top1": EXTRA_TOP1, "mean_logits": EXTRA_MEAN}
+N_FORWARD_OUTPUTS = 7
+
+
+def extra_outputs(like: torch.Tensor, extras: int):
+    """(log_sum_sq_probs, is_top1, mean_logits) buffers like ``like``: uninitialised where ``extras``
+    asks for them (the kernel writes every row), zeros otherwise."""
+    return tuple(torch.empty_like(like) if extras & bit else torch.zeros_like(like)
+                 for bit in (EXTRA_SUM_SQ, EXTRA_TOP1, EXTRA_MEAN))
+
+
+def extras_mask(wanted) -> int:
+    """The ``extras`` bitmask of a set of output names (None: none)."""
+    return sum(bit for name, bit in EXTRA_BITS.items() if wanted and name in wanted)
+
+
+def named_outputs(results, shape, wanted):
+    """The public :class:`LogProbOutputs` of a forward op's seven results, each viewed as ``shape``;
+    the optional statistics are detached, is_top1 as bool."""
+    logp, entropy, _, _, sum_sq, top1, mean = results
+    named = {"logp": logp, "entropy": entropy, "log_sum_sq_probs": sum_sq.detach(),
+             "is_top1": top1.detach() != 0, "mean_logits": mean.detach()}
+    return LogProbOutputs(**{name: named[name].view(shape) for name in OUTPUT_NAMES if name in wanted})
+
+
 def empty_row_outputs(rows: torch.Tensor, dtype: torch.dtype, n_rows=None):
-    """Uninitialised forward results (also the fake ones): logp, entropy, row_max and log_norm, each
-    ``[n_rows]`` (default ``rows.shape[0]``)."""
+    """Uninitialised forward results (also the fake ones): logp, entropy, row_max, log_norm,
+    log_sum_sq_probs, is_top1 (0/1) and mean_logits, each ``[n_rows]`` (default ``rows.shape[0]``)."""
     out = rows.new_empty(rows.shape[0] if n_rows is None else n_rows, dtype=result_dtype(dtype))
-    return out, torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
+    return (out,) + tuple(torch.empty_like(out) for _ in range(N_FORWARD_OUTPUTS - 1))
 
 
 def as_row_blocks(logits: torch.Tensor) -> torch.Tensor:

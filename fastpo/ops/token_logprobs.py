@@ -17,8 +17,10 @@ import torch
 from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
+from fastpo.reference.logprobs import check_outputs
 from fastpo.ops.row_kernels import (
-    as_row_blocks, empty_row_outputs, flat_labels, no_double_backward, num_rows, row_kernels,
+    as_row_blocks, empty_row_outputs, extras_mask, flat_labels, named_outputs, no_double_backward, num_rows,
+    row_kernels,
 )
 
 __all__ = ["token_logprobs"]
@@ -27,17 +29,18 @@ __all__ = ["token_logprobs"]
 @torch.library.custom_op("fastpo::token_logprobs_fwd", mutates_args=())
 def _token_logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, temperature: torch.Tensor, ignore_index: int,
-    with_entropy: bool, inplace_backward: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, entropy, row_max, log_norm) for ``logits [N, V]`` or ``[B, T, V]`` (see
-    ``as_row_blocks``); ``inplace_backward`` is read by the backward only."""
+    with_entropy: bool, extras: int, inplace_backward: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, row_max, log_norm, log_sum_sq_probs, is_top1, mean_logits) for ``logits [N, V]``
+    or ``[B, T, V]`` (see ``as_row_blocks``); ``extras`` selects the last three (``EXTRA_*`` bits);
+    ``inplace_backward`` is read by the backward only."""
     tau = check.check_temperature_value(float(temperature))
     check.check_label_range(labels, logits.shape[-1], ignore_index)
-    return row_kernels(backend).logprob_forward(logits, labels, tau, ignore_index, with_entropy)
+    return row_kernels(backend).logprob_forward(logits, labels, tau, ignore_index, with_entropy, extras)
 
 
 @_token_logprobs_fwd.register_fake
-def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend):
+def _(logits, labels, temperature, ignore_index, with_entropy, extras, inplace_backward, backend):
     return empty_row_outputs(logits, logits.dtype, num_rows(logits))
 
 
@@ -79,14 +82,14 @@ def _(logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, tempe
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend = inputs
-    _, entropy, row_max, log_norm = output
+    logits, labels, temperature, ignore_index, with_entropy, _extras, inplace_backward, backend = inputs
+    _, entropy, row_max, log_norm = output[:4]
     ctx.save_for_backward(logits, labels, row_max, log_norm, entropy, temperature)
     ctx.ignore_index, ctx.with_entropy, ctx.inplace_backward, ctx.backend = (
         ignore_index, with_entropy, inplace_backward, backend)
 
 
-def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_norm):
+def _backward(ctx, grad_logp, grad_entropy, *_grad_statistics):
     logits, labels, row_max, log_norm, entropy, temperature = ctx.saved_tensors
     # Upstream gradients may be strided or expanded (the backward of a .sum()): the kernels read
     # them as contiguous [N] vectors.
@@ -100,7 +103,7 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_row_max, _grad_log_norm):
         grad_logits = logits
     else:
         grad_logits = _token_logprobs_bwd(logits, *args)
-    return grad_logits, None, None, None, None, None, None
+    return grad_logits, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastpo::token_logprobs_fwd", _backward, setup_context=_setup_context)
@@ -113,6 +116,7 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    outputs=None,
     inplace_backward: bool = False,
 ):
     """Log-probabilities of ``labels`` under ``softmax(logits / temperature)``, one per token.
@@ -134,22 +138,38 @@ def token_logprobs(
     (then ``logits`` holds its gradient after backward: do not reuse it; a copied ``logits`` leaves
     the caller's tensor untouched).
 
+    ``outputs``, a tuple of names from ``("logp", "entropy", "log_sum_sq_probs", "is_top1",
+    "mean_logits")``, returns a :class:`fastpo.LogProbOutputs` NamedTuple instead (``None`` for a name
+    not asked for), computing only what is asked, in the same pass::
+
+        log_sum_sq_probs = log Σ_j softmax(s)_j²       (float32)
+        is_top1          = label is argmax_j z_j       (bool; the first maximum wins a tie, as in
+                                                        torch.argmax and TRL)
+        mean_logits      = mean_j s_j                   (float32; the tempered logits, as in TRL)
+
+    These three are detached (no gradient); ``logp`` and ``entropy`` stay differentiable. Ignored rows
+    give 0 / False. ``return_entropy`` and ``outputs`` are exclusive.
+
     Under ``torch.compile`` (fullgraph, dynamic shapes) a changing ``temperature`` does not
-    recompile; ``ignore_index``, ``return_entropy`` and ``inplace_backward`` are specialised.
+    recompile; ``ignore_index``, ``return_entropy``, ``outputs`` and ``inplace_backward`` are specialised.
     """
     check.check_logits_labels(logits, labels)
     temperature = check.check_temperature(temperature)
     ignore_index = check.check_int(ignore_index, "ignore_index")
     check.check_bool(return_entropy, "return_entropy")
     check.check_bool(inplace_backward, "inplace_backward")
+    wanted = check_outputs(outputs, return_entropy)
 
     backend = select_backend(logits)
     if backend == "reference":
         check.check_label_range(labels, logits.shape[-1], ignore_index)
-        return reference.token_logprobs(logits, labels, temperature, ignore_index, return_entropy)
+        return reference.token_logprobs(logits, labels, temperature, ignore_index, return_entropy, outputs)
 
-    logp, entropy, _, _ = _token_logprobs_fwd(
+    with_entropy = return_entropy if wanted is None else "entropy" in wanted
+    results = _token_logprobs_fwd(
         as_row_blocks(logits), flat_labels(labels), check.scalar_tensor(temperature), ignore_index,
-        return_entropy, inplace_backward, backend)
-    logp = logp.view(labels.shape)
-    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+        with_entropy, extras_mask(wanted), inplace_backward, backend)
+    if wanted is not None:
+        return named_outputs(results, labels.shape, wanted)
+    logp = results[0].view(labels.shape)
+    return (logp, results[1].view(labels.shape)) if return_entropy else logp

@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from fastpo._layout import accumulation_dtype as _accumulation_dtype
 
-__all__ = ["token_logprobs", "linear_token_logprobs"]
+__all__ = ["token_logprobs", "linear_token_logprobs", "LogProbOutputs", "OUTPUT_NAMES", "check_outputs"]
+
+OUTPUT_NAMES = ("logp", "entropy", "log_sum_sq_probs", "is_top1", "mean_logits")
+
+
+class LogProbOutputs(NamedTuple):
+    """Per-token results of ``token_logprobs(..., outputs=...)``, each shaped like the labels; an output
+    that was not asked for is ``None``. ``logp`` and ``entropy`` are differentiable, the others detached."""
+    logp: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    log_sum_sq_probs: Optional[torch.Tensor] = None
+    is_top1: Optional[torch.Tensor] = None
+    mean_logits: Optional[torch.Tensor] = None
+
+
+def check_outputs(outputs, return_entropy) -> Optional[frozenset]:
+    """``outputs`` (None, or a non-empty sequence of names from :data:`OUTPUT_NAMES`) as a frozenset;
+    ``return_entropy=True`` with ``outputs`` is a ValueError (ask for ``"entropy"`` instead)."""
+    if outputs is None:
+        return None
+    if isinstance(outputs, str) or not isinstance(outputs, (tuple, list, set, frozenset)):
+        raise TypeError(f"outputs must be a tuple of names from {OUTPUT_NAMES}, got {type(outputs).__name__}")
+    unknown = [name for name in outputs if name not in OUTPUT_NAMES]
+    if unknown or not outputs:
+        raise ValueError(f"outputs must be a non-empty tuple of names from {OUTPUT_NAMES}, got {tuple(outputs)}")
+    if return_entropy:
+        raise ValueError("return_entropy=True cannot be combined with outputs=...: add 'entropy' to outputs")
+    return frozenset(outputs)
 
 
 def token_logprobs(
@@ -17,12 +44,19 @@ def token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    outputs=None,
 ):
     """Per-token log-probabilities (and entropies) of ``labels`` under ``softmax(logits / temperature)``.
 
-    With s = z/τ:  logp = s_y − logsumexp(s);  entropy = logsumexp(s) − Σ_j softmax(s)_j · s_j.
-    Rows whose label is ``ignore_index`` give 0 for both, with zero gradient.
+    With s = z/τ and p = softmax(s):  logp = s_y − logsumexp(s);  entropy = logsumexp(s) − Σ_j p_j·s_j;
+    log_sum_sq_probs = log Σ_j p_j²;  is_top1 = (argmax_j z_j == y), the first maximum winning a tie
+    (torch.argmax, TRL);  mean_logits = mean_j s_j. ``outputs`` (a tuple of those names) returns a
+    :class:`LogProbOutputs`; otherwise logp, or (logp, entropy) with ``return_entropy``.
+    Rows whose label is ``ignore_index`` give 0 (False) everywhere, with zero gradient.
     """
+    wanted = check_outputs(outputs, return_entropy)
+    if wanted is not None:
+        return _named_outputs(logits, labels, temperature, ignore_index, wanted)
     s = logits.to(_accumulation_dtype(logits.dtype)) / temperature
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
@@ -38,6 +72,22 @@ def token_logprobs(
     return logp, torch.where(valid, entropy, zero)
 
 
+def _named_outputs(logits, labels, temperature, ignore_index, wanted):
+    logp, entropy = token_logprobs(logits, labels, temperature, ignore_index, True)
+    valid = labels != ignore_index
+    result = {"logp": logp, "entropy": entropy}
+    with torch.no_grad():
+        s = logits.detach().to(_accumulation_dtype(logits.dtype)) / temperature
+        zero = torch.zeros((), dtype=s.dtype, device=s.device)
+        if "log_sum_sq_probs" in wanted:
+            result["log_sum_sq_probs"] = torch.where(valid, torch.logsumexp(2 * torch.log_softmax(s, -1), -1), zero)
+        if "is_top1" in wanted:
+            result["is_top1"] = valid & (logits.detach().argmax(-1) == labels)
+        if "mean_logits" in wanted:
+            result["mean_logits"] = torch.where(valid, s.mean(-1), zero)
+    return LogProbOutputs(**{name: result.get(name) for name in OUTPUT_NAMES if name in wanted})
+
+
 def linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -46,7 +96,8 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    outputs=None,
 ):
     """``token_logprobs(hidden @ weight.T + bias, labels)``, building the full logits tensor."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    return token_logprobs(logits, labels, temperature, ignore_index, return_entropy)
+    return token_logprobs(logits, labels, temperature, ignore_index, return_entropy, outputs)
