@@ -279,6 +279,26 @@ def test_custom_op_registration():
                           (torch.tensor(1.5), stats, unit, unit_ent, torch.bfloat16, torch.float32, "cpu"))
 
 
+
+def test_only_the_loss_is_differentiable():
+    """stats / unit / unit_entropy are marked non-differentiable, so autograd zero-fills no [N] gradient for
+    them in the backward (it did, two [N] buffers per step); the gradients are unchanged, retain_graph too."""
+    ins, mask = make_batch(seed=9)
+    flat = {k: v.reshape(-1) for k, v in ins.items()}
+    spec = policy_spec(dataclasses.replace(fastpo.GRPO, entropy_coef=0.1), has_ref=True, has_entropy=True,
+                       norm_length=0, num_tokens=-1.0)
+    x, ent = flat["logp"].clone().requires_grad_(), flat["entropy"].clone().requires_grad_()
+    loss, stats, unit, unit_ent = torch.ops.fastpo.policy_loss_fwd(
+        x, flat["old_logp"], flat["advantages"], flat["ref_logp"], ent, None, mask.reshape(-1),
+        torch.tensor([0, T, 2 * T, 3 * T]), None, -1, spec.floats(), spec.ints(), True, "cpu")
+    assert loss.requires_grad
+    assert not (stats.requires_grad or unit.requires_grad or unit_ent.requires_grad)
+    gx, ge = torch.autograd.grad(2.0 * loss, (x, ent), retain_graph=True)
+    torch.testing.assert_close(gx, 2.0 * stats[1] * unit)
+    torch.testing.assert_close(ge, 2.0 * stats[1] * unit_ent)
+    gx2, _ = torch.autograd.grad(loss, (x, ent))
+    torch.testing.assert_close(gx2, stats[1] * unit)
+
 def _err_args(**over):
     ins, mask = make_batch()
     kw = dict(logp=ins["logp"], old_logp=ins["old_logp"], advantages=ins["advantages"], mask=mask,

@@ -99,6 +99,10 @@ torch.library.register_autograd("fastpo::policy_loss_bwd", _no_double_backward,
 def save_for_backward(ctx, x, entropy, output, backend):
     _, stats, unit, unit_ent = output
     ctx.save_for_backward(stats, unit, unit_ent)
+    # Only the loss is differentiable. Otherwise autograd passes the backward a zero-filled gradient for
+    # each of stats / unit / unit_entropy: two [N] allocations and fills per step (~15 ms at 64 x 8192).
+    ctx.mark_non_differentiable(stats, unit, unit_ent)
+    ctx.set_materialize_grads(False)
     ctx.x_dtype, ctx.backend = x.dtype, backend
     ctx.entropy_dtype = entropy.dtype if entropy is not None else x.dtype
     ctx.has_entropy = entropy is not None
