@@ -237,6 +237,10 @@ class BenchOp:
     def baseline(self) -> str:
         return "eager"
 
+    def case_baseline(self, params: Dict[str, Any]) -> str:
+        """The implementation a case's speed-up is relative to (default: :meth:`baseline`)."""
+        return self.baseline()
+
     def run_extra(self, args, info) -> Optional[List[str]]:
         """Ops that are not a grid of timed cases (a dedicated memory check) override this."""
         return None
@@ -708,7 +712,7 @@ def run_op(
 
 
 def _derive(op: BenchOp, params: Dict[str, Any], device: str, recs: Dict[str, Record]) -> None:
-    base = recs.get(op.baseline())
+    base = recs.get(op.case_baseline(params))
     base_t = base.timing["median_ms"] if base is not None and base.status == "ok" and base.timing else None
     base_m = base.memory["extra_peak_mib"] if base is not None and base.status == "ok" and base.memory else None
     traffic = op.traffic(params)

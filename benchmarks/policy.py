@@ -24,6 +24,13 @@ Implementations compared
     ``fastpo.policy_loss(..., config=fastpo.<PRESET>)`` (CUDA: one Triton forward kernel + its
     epilogue and one backward kernel; CPU: one fused C++ pass per sequence).
 
+Surrogate rows (``preset`` = ``verl:<name>``, one per verl 0.9 built-in policy loss): ``verl`` is
+``core_algos.get_policy_loss_fn(<name>)`` (token-mean, default ``ActorConfig``; ``dro_beta`` 0.3),
+``torch.compile`` is ``torch.compile`` of that same function, and ``fastpo`` is ``fastpo_<name>``
+from ``fastpo.integrations.verl`` through the same registry (same signature and metrics, as a verl
+run calls it). The guard compares the loss and the gradient with verl's function in float64
+(clip_cov's random pick is seeded identically for every implementation).
+
 Inputs are padded ``[B, T]`` float32 tensors with a mask whose rows have random lengths (every row
 has counted tokens); the step is forward + ``loss.backward()`` into ``logp`` (metrics included).
 """
@@ -38,6 +45,35 @@ from .harness import BenchOp
 from .peers import COMPILE, Skip, compiled, require
 
 PRESETS = ("PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO")
+VERL_LOSSES = ("vanilla", "dppo_tv", "dppo_kl", "gspo", "sapo", "gpg", "clip_cov", "kl_cov", "geo_mean", "dro",
+               "cispo")
+VERL_PREFIX = "verl:"
+
+
+def verl_loss_name(preset: str) -> Optional[str]:
+    """``sapo`` for the surrogate row ``verl:sapo``, None for a fastpo preset row."""
+    return preset[len(VERL_PREFIX):] if preset.startswith(VERL_PREFIX) else None
+
+
+_verl_loss_configs: Dict[str, Any] = {}
+
+
+def verl_loss_config(name: str):
+    cfg = _verl_loss_configs.get(name)
+    if cfg is None:
+        from verl.workers.config import ActorConfig
+        from verl.workers.config.actor import PolicyLossConfig as VerlPolicyLossConfig
+
+        cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
+                          policy_loss=VerlPolicyLossConfig(**({"dro_beta": 0.3} if name == "dro" else {})))
+        _verl_loss_configs[name] = cfg
+    return cfg
+
+
+def verl_surrogate_loss(logp, old_logp, advantages, mask, fn, name: str):
+    """One of verl's registered policy losses (``fn``: verl's, fastpo's, or a torch.compile of verl's)."""
+    return fn(old_log_prob=old_logp, log_prob=logp, advantages=advantages, response_mask=mask.to(logp.dtype),
+              loss_agg_mode="token-mean", config=verl_loss_config(name))
 _VERL_AGG = {"token_mean": "token-mean", "seq_mean_token_mean": "seq-mean-token-mean",
              "token_sum_norm": "seq-mean-token-sum-norm"}
 
@@ -134,18 +170,25 @@ class PolicyLossOp(BenchOp):
 
     def cases(self, quick: bool, device: str) -> List[Dict[str, Any]]:
         if quick:
-            grid = [("GRPO", 8, 512)] + [(p, 16, 2048) for p in PRESETS]
+            grid = [("GRPO", 8, 512)] + [(p, 16, 2048) for p in PRESETS] + [(VERL_PREFIX + "sapo", 8, 512)]
         elif device == "cuda":
             grid = [("GRPO", 16, 1024), ("GRPO", 64, 2048)] + [(p, 64, 8192) for p in PRESETS] + [("GRPO", 256, 8192)]
+            grid += [(VERL_PREFIX + n, 64, 8192) for n in VERL_LOSSES]
         else:
             grid = [("GRPO", 16, 1024), ("GRPO", 64, 2048)] + [(p, 64, 8192) for p in PRESETS]
+            grid += [(VERL_PREFIX + n, 64, 8192) for n in VERL_LOSSES]
         return [{"preset": p, "B": b, "T": t, "dtype": "float32", "mode": "fwdbwd"} for p, b, t in grid]
 
     def label(self, p: Dict[str, Any]) -> str:
         return f"{p['preset']} B={p['B']} T={p['T']} fwd+bwd"
 
     def impls(self, p: Dict[str, Any], device: str) -> List[str]:
+        if verl_loss_name(p["preset"]):
+            return ["verl", COMPILE, "fastpo"]  # torch.compile of verl's function
         return ["eager", COMPILE, "verl", "fastpo"]
+
+    def case_baseline(self, p: Dict[str, Any]) -> str:
+        return "verl" if verl_loss_name(p["preset"]) else self.baseline()  # surrogate rows: x verl's eager time
 
     def plot_keys(self, p: Dict[str, Any]):
         return [(f"{p['preset']} fwd+bwd", "tokens B·T", p["B"] * p["T"])]
@@ -158,9 +201,12 @@ class PolicyLossOp(BenchOp):
         g = torch.Generator(device=device).manual_seed(4321 + b + t)
         logp = -torch.rand((b, t), generator=g, device=device) * 3
         lengths = torch.randint(t // 4, t + 1, (b, 1), generator=g, device=device)
+        old = logp + 0.2 * torch.randn((b, t), generator=g, device=device)
+        if verl_loss_name(p["preset"]):  # DPPO reads probabilities: old log-probs < 0
+            old = old.clamp(max=-1e-3)
         return {
             "logp": logp,
-            "old_logp": logp + 0.2 * torch.randn((b, t), generator=g, device=device),
+            "old_logp": old,
             "ref_logp": logp + 0.2 * torch.randn((b, t), generator=g, device=device),
             "advantages": torch.randn((b, 1), generator=g, device=device).expand(b, t).contiguous(),
             "mask": torch.arange(t, device=device)[None, :] < lengths,
@@ -175,6 +221,17 @@ class PolicyLossOp(BenchOp):
 
     def _loss(self, impl: str, p: Dict[str, Any], inputs: Dict[str, Any], logp: torch.Tensor):
         preset = p["preset"]
+        name = verl_loss_name(preset)
+        if name is not None:
+            core = require("verl", str(logp.device.type))
+            if impl == "fastpo":
+                import fastpo.integrations.verl  # noqa: F401  (registers fastpo_<name>)
+            fn = core.get_policy_loss_fn(("fastpo_" if impl == "fastpo" else "") + name)
+            if impl == COMPILE:
+                fn = compiled(fn)
+            elif impl not in ("verl", "fastpo"):
+                raise ValueError(f"unknown impl {impl!r}")
+            return verl_surrogate_loss(logp, inputs["old_logp"], inputs["advantages"], inputs["mask"], fn, name)
         args = (inputs["old_logp"], inputs["advantages"], inputs["ref_logp"], inputs["mask"])
         if impl == "fastpo":
             import fastpo
@@ -204,10 +261,13 @@ class PolicyLossOp(BenchOp):
         return step, setup
 
     def _metric_keys(self, p: Dict[str, Any]) -> Tuple[str, ...]:
+        if verl_loss_name(p["preset"]):
+            return ()  # verl's own keys per loss (the parity tests compare them)
         return ("clip_frac", "ppo_kl") + (("ref_kl",) if preset_knobs(p["preset"])["kl_coef"] else ())
 
     def outputs(self, impl: str, p: Dict[str, Any], inputs: Dict[str, Any]) -> Dict[str, Any]:
         logp = inputs["logp"].detach().clone().requires_grad_(True)
+        torch.manual_seed(1234)  # clip_cov's random pick: the same draw for every implementation
         loss, metrics = self._loss(impl, p, inputs, logp)
         loss.backward()
         missing = [k for k in self._metric_keys(p) if k not in metrics]
@@ -219,6 +279,13 @@ class PolicyLossOp(BenchOp):
         """Eager in float64."""
         d = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
         logp = d["logp"].clone().requires_grad_(True)
+        name = verl_loss_name(p["preset"])
+        if name is not None:  # verl's own function, eager, in float64
+            torch.manual_seed(1234)
+            fn = require("verl", str(logp.device.type)).get_policy_loss_fn(name)
+            loss, _ = verl_surrogate_loss(logp, d["old_logp"], d["advantages"], d["mask"], fn, name)
+            loss.backward()
+            return {"loss": loss.detach(), "grad": logp.grad}
         loss, metrics = eager_policy_loss(logp, d["old_logp"], d["advantages"], d["ref_logp"], d["mask"],
                                           **preset_knobs(p["preset"]))
         loss.backward()
