@@ -347,3 +347,18 @@ def test_errors(case, path, monkeypatch):
     ins, mask = make_batch()
     ins["mask"] = mask
     assert_raises_unmodified(fastpo.policy_loss, _err_args(**change(ins)), exc, match=word)
+
+
+def test_cached_spec_lists_match_policy_spec():
+    """policy_spec_lists (cached per config and flags) gives policy_spec's lists for every key, interleaved."""
+    from fastpo.ops import loss_spec
+
+    configs = [fastpo.GRPO, fastpo.DAPO, dataclasses.replace(fastpo.GRPO, clip_high=0.31), fastpo.GSPO]
+    for _ in range(2):
+        for cfg in configs:
+            for has_ref, norm in ((True, 0), (False, 0), (False, 7)):
+                spec = policy_spec(cfg, has_ref=has_ref, has_entropy=False, norm_length=norm, num_tokens=-1.0)
+                assert loss_spec.policy_spec_lists(cfg, has_ref=has_ref, has_entropy=False,
+                                                   norm_length=norm) == (spec.floats(), spec.ints())
+                assert loss_spec.TokenLossSpec.from_lists(spec.floats(), spec.ints()) == spec
+    assert len(loss_spec._POLICY_LISTS) <= loss_spec._CACHE_SIZE

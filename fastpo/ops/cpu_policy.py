@@ -22,12 +22,21 @@ from fastpo.reference.policy import LOG_RATIO_CLAMP
 __all__ = ["token_loss_forward", "token_loss_backward"]
 
 
+_KERNEL_SPECS: dict = {}
+
+
 def _kernel_spec(s: TokenLossSpec, num_tokens: Optional[torch.Tensor]) -> dict:
-    spec = s._asdict()
-    spec.update(rollout_seq=s.rollout_seq, rollout_mask=s.rollout_mask, rollout_given=s.rollout_given,
-                aggregation=AGGREGATIONS[s.aggregation], log_ratio_clamp=LOG_RATIO_CLAMP)
+    """The extension's spec dict, cached per spec (read only by the binding; a copy when num_tokens is set)."""
+    spec = _KERNEL_SPECS.get(s)
+    if spec is None:
+        spec = s._asdict()
+        spec.update(rollout_seq=s.rollout_seq, rollout_mask=s.rollout_mask, rollout_given=s.rollout_given,
+                    aggregation=AGGREGATIONS[s.aggregation], log_ratio_clamp=LOG_RATIO_CLAMP)
+        if len(_KERNEL_SPECS) >= 512:
+            _KERNEL_SPECS.clear()
+        _KERNEL_SPECS[s] = spec
     if num_tokens is not None:
-        spec["num_tokens"] = float(num_tokens)
+        spec = dict(spec, num_tokens=float(num_tokens))
     return spec
 
 

@@ -9,11 +9,13 @@ Their forward returns ``(loss, stats [len(STATS)], unit [N], unit_entropy [N or 
 
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Tuple
+
+import torch
 
 from fastpo.policy_config import AGGREGATIONS, ROLLOUT_IS_MODES, SURROGATES, PolicyLossConfig
 
-__all__ = ["TokenLossSpec", "STATS", "POLICY_METRICS", "policy_spec", "value_spec", "SURROGATE_CODES",
+__all__ = ["TokenLossSpec", "STATS", "POLICY_METRICS", "policy_spec", "policy_spec_lists", "value_spec", "SURROGATE_CODES",
            "ROLLOUT_CODES"]
 
 # stats layout; for value_loss, slot 2 (clip_frac) holds vf_clip_frac
@@ -85,12 +87,51 @@ class TokenLossSpec(NamedTuple):
 
     @classmethod
     def from_lists(cls, floats, ints) -> "TokenLossSpec":
+        """The spec of the op's two lists; cached per value (the op runs it on every call)."""
+        key = (tuple(floats), tuple(ints))
+        spec = _FROM_LISTS.get(key)
+        if spec is None:
+            spec = _bounded_put(_FROM_LISTS, key, cls._from_lists(floats, ints))
+        return spec
+
+    @classmethod
+    def _from_lists(cls, floats, ints) -> "TokenLossSpec":
         fi, ii = iter(floats), iter(ints)
         kw = {}
         for f in cls._fields:
             default = cls._field_defaults[f]
             kw[f] = float(next(fi)) if isinstance(default, float) else type(default)(next(ii))
         return cls(**kw)
+
+
+# Per-call caches of the specs (a config's numbers never change: PolicyLossConfig is frozen). Bounded: a
+# key holding NaN never hits, and a run that builds configs on the fly must not grow them without end.
+_CACHE_SIZE = 512
+_FROM_LISTS: dict = {}
+_POLICY_LISTS: dict = {}
+
+
+def _bounded_put(cache: dict, key, value):
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def policy_spec_lists(config: PolicyLossConfig, *, has_ref: bool, has_entropy: bool, norm_length: int,
+                      has_is_weights: bool = False) -> Tuple[List[float], List[int]]:
+    """``(spec.floats(), spec.ints())`` of :func:`policy_spec` (``num_tokens`` = -1), cached per config and
+    flags outside ``torch.compile`` (which traces the construction instead). The lists are shared: read only."""
+    key = (config, has_ref, has_entropy, norm_length, has_is_weights)
+    compiling = torch.compiler.is_compiling()
+    hit = None if compiling else _POLICY_LISTS.get(key)
+    if hit is None:
+        spec = policy_spec(config, has_ref=has_ref, has_entropy=has_entropy, norm_length=norm_length,
+                           num_tokens=-1.0, has_is_weights=has_is_weights)
+        hit = (spec.floats(), spec.ints())
+        if not compiling:
+            _bounded_put(_POLICY_LISTS, key, hit)
+    return hit
 
 
 # The field names by kind, fixed at import: floats() / ints() read no float default under torch.compile

@@ -23,7 +23,7 @@ from fastpo._layout import (
     TokenLayout, accumulation_dtype, check_cu_seqlens_values, check_like_layout, flat_inputs, token_layout,
 )
 from fastpo.loss_output import LossOutput
-from fastpo.ops.loss_spec import POLICY_METRICS, STATS, TokenLossSpec, policy_spec
+from fastpo.ops.loss_spec import POLICY_METRICS, STATS, TokenLossSpec, policy_spec_lists
 from fastpo.policy_config import GRPO, PolicyLossConfig
 
 __all__ = ["policy_loss"]
@@ -291,14 +291,14 @@ def policy_loss(
                                      entropy=entropy, rollout_logp=rollout_logp, is_weights=is_weights,
                                      num_tokens=num_tokens, config=config)
 
-    spec = policy_spec(config, has_ref=ref_logp is not None, has_entropy=entropy is not None,
-                       norm_length=default_norm_length(layout, config.norm_length),
-                       num_tokens=-1.0, has_is_weights=is_weights is not None)
+    floats, ints = policy_spec_lists(config, has_ref=ref_logp is not None, has_entropy=entropy is not None,
+                                     norm_length=default_norm_length(layout, config.norm_length),
+                                     has_is_weights=is_weights is not None)
     roll = rollout_logp if is_weights is None else is_weights  # the kernels' rollout slot (see loss_spec)
     old, adv, ref, roll, m = flat_inputs(layout, old_logp, advantages, ref_logp, roll, layout.mask)
     tensor_count = isinstance(num_tokens, torch.Tensor)
     loss, stats, _, _ = _policy_loss_fwd(
         layout.flat(logp), old, adv, ref, layout.flat(entropy), roll, m, layout.cu_seqlens,
         num_tokens if tensor_count else None, -1 if num_tokens is None or tensor_count else num_tokens,
-        spec.floats(), spec.ints(), not layout.is_padded, backend)
+        floats, ints, not layout.is_padded, backend)
     return LossOutput(loss, metrics_from(stats, POLICY_METRICS))
