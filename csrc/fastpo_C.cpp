@@ -186,12 +186,22 @@ std::pair<uintptr_t, uintptr_t> extent(const Matrix& m) {
 
 // ---------------------------------------------------------------------------------------------
 
+// logit_scale finite and non-zero; logit_softcap 0 (none) or finite and > 0.
+void check_logit_transform(double logit_scale, double logit_softcap) {
+  if (!std::isfinite(logit_scale) || logit_scale == 0.0)
+    throw py::value_error("logit_scale: must be finite and non-zero, got " + std::to_string(logit_scale));
+  if (!std::isfinite(logit_softcap) || logit_softcap < 0.0)
+    throw py::value_error("logit_softcap: must be finite and > 0 (0: no softcap), got " + std::to_string(logit_softcap));
+}
+
 void logprob_forward(const py::object& logits_obj, const py::object& labels_obj, const py::object& logp_obj,
                      const py::object& row_max_obj, const py::object& log_norm_obj, const py::object& entropy_obj,
                      double inv_temperature, int64_t ignore_index, const std::string& dtype,
-                     const py::object& log_sum_sq_obj, const py::object& is_top1_obj, const py::object& mean_obj) {
+                     const py::object& log_sum_sq_obj, const py::object& is_top1_obj, const py::object& mean_obj,
+                     double logit_scale, double logit_softcap) {
   const DType dt = parse_dtype(dtype);
   check_inv_temperature(inv_temperature);
+  check_logit_transform(logit_scale, logit_softcap);
   const py::buffer_info lb = request(logits_obj, "logits", false);
   const Matrix x = check_matrix(lb, "logits", dt);
   const int64_t N = x.rows, V = x.cols;
@@ -212,19 +222,19 @@ void logprob_forward(const py::object& logits_obj, const py::object& labels_obj,
   switch (dt) {
     case DType::F32:
       fastpo::forward_rows<float>(static_cast<const float*>(x.ptr), N, V, x.row_stride, y, out, inv_temperature,
-                                  ignore_index);
+                                  ignore_index, logit_scale, logit_softcap);
       break;
     case DType::F64:
       fastpo::forward_rows<double>(static_cast<const double*>(x.ptr), N, V, x.row_stride, y, out, inv_temperature,
-                                   ignore_index);
+                                   ignore_index, logit_scale, logit_softcap);
       break;
     case DType::BF16:
       fastpo::forward_rows<fastpo::bf16>(static_cast<const fastpo::bf16*>(x.ptr), N, V, x.row_stride, y, out,
-                                         inv_temperature, ignore_index);
+                                         inv_temperature, ignore_index, logit_scale, logit_softcap);
       break;
     case DType::F16:
       fastpo::forward_rows<fastpo::f16>(static_cast<const fastpo::f16*>(x.ptr), N, V, x.row_stride, y, out,
-                                        inv_temperature, ignore_index);
+                                        inv_temperature, ignore_index, logit_scale, logit_softcap);
       break;
   }
 }
@@ -232,9 +242,10 @@ void logprob_forward(const py::object& logits_obj, const py::object& labels_obj,
 void logprob_backward(const py::object& logits_obj, const py::object& labels_obj, const py::object& row_max_obj,
                       const py::object& log_norm_obj, const py::object& entropy_obj, const py::object& grad_logp_obj,
                       const py::object& grad_entropy_obj, const py::object& grad_logits_obj, double inv_temperature,
-                      int64_t ignore_index, const std::string& dtype) {
+                      int64_t ignore_index, const std::string& dtype, double logit_scale, double logit_softcap) {
   const DType dt = parse_dtype(dtype);
   check_inv_temperature(inv_temperature);
+  check_logit_transform(logit_scale, logit_softcap);
   const py::buffer_info lb = request(logits_obj, "logits", false);
   const Matrix x = check_matrix(lb, "logits", dt);
   const int64_t N = x.rows, V = x.cols;
@@ -267,24 +278,24 @@ void logprob_backward(const py::object& logits_obj, const py::object& labels_obj
     case DType::F32:
       fastpo::backward_rows<float>(static_cast<const float*>(x.ptr), static_cast<float*>(gx.ptr), N, V,
                                    x.row_stride, gx.row_stride, y, row_max, log_norm, ent, glp, gent,
-                                   inv_temperature, ignore_index);
+                                   inv_temperature, ignore_index, logit_scale, logit_softcap);
       break;
     case DType::F64:
       fastpo::backward_rows<double>(static_cast<const double*>(x.ptr), static_cast<double*>(gx.ptr), N, V,
                                     x.row_stride, gx.row_stride, y, row_max, log_norm, ent, glp, gent,
-                                    inv_temperature, ignore_index);
+                                    inv_temperature, ignore_index, logit_scale, logit_softcap);
       break;
     case DType::BF16:
       fastpo::backward_rows<fastpo::bf16>(static_cast<const fastpo::bf16*>(x.ptr),
                                                  static_cast<fastpo::bf16*>(gx.ptr), N, V, x.row_stride, gx.row_stride,
                                                  y, row_max, log_norm, ent, glp, gent, inv_temperature,
-                                                ignore_index);
+                                                ignore_index, logit_scale, logit_softcap);
       break;
     case DType::F16:
       fastpo::backward_rows<fastpo::f16>(static_cast<const fastpo::f16*>(x.ptr),
                                                 static_cast<fastpo::f16*>(gx.ptr), N, V, x.row_stride, gx.row_stride,
                                                 y, row_max, log_norm, ent, glp, gent, inv_temperature,
-                                                ignore_index);
+                                                ignore_index, logit_scale, logit_softcap);
       break;
   }
 }
@@ -530,7 +541,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("logprob_forward", &logprob_forward, py::arg("logits"), py::arg("labels"), py::arg("logp"),
         py::arg("row_max"), py::arg("log_norm"), py::arg("entropy"), py::arg("inv_temperature"),
         py::arg("ignore_index"), py::arg("dtype"), py::arg("log_sum_sq_probs") = py::none(),
-        py::arg("is_top1") = py::none(), py::arg("mean_logits") = py::none(),
+        py::arg("is_top1") = py::none(), py::arg("mean_logits") = py::none(), py::arg("logit_scale") = 1.0,
+        py::arg("logit_softcap") = 0.0,
         R"doc(Per-row log-prob and entropy of logits / temperature, and the backward's row statistics.
 
 logits [N, V] (float32 | float64 | raw 16-bit patterns as int16/uint16 for bfloat16/float16; rows may be
@@ -541,17 +553,19 @@ are float32 or float64, any element stride (accumulation is float64 for dtype 'f
 float32 otherwise). The optional log_sum_sq_probs [N] (log sum_j p_j^2), is_top1 [N] (1.0 when the label
 is the first argmax of the row, else 0.0) and mean_logits [N] (mean_j logits * inv_temperature) are
 computed in the same pass when given, skipped when None. Rows with label == ignore_index get 0
-everywhere. Raises ValueError on bad input before writing anything.)doc");
+everywhere. logit_scale k and logit_softcap c (0: none) transform each logit first, z = c tanh(k x / c)
+(z = k x without a softcap), as TRL and Gemma do. Raises ValueError on bad input before writing anything.)doc");
 
   m.def("logprob_backward", &logprob_backward, py::arg("logits"), py::arg("labels"), py::arg("row_max"),
         py::arg("log_norm"), py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad_logits"),
-        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("dtype"),
+        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("dtype"), py::arg("logit_scale") = 1.0,
+        py::arg("logit_softcap") = 0.0,
         R"doc(Gradient of the forward's (logp, entropy) with respect to the logits.
 
 grad_logits[i, j] = (1/tau) * (g_l (1[j == y] - p_j) - g_H p_j (log p_j + H)), with
 log p_j = (logits[i, j] - row_max) * inv_temperature - log_norm from the forward. grad_logits has the dtype and
 layout rules of logits and may be the very same array (in-place backward). grad_logp / grad_entropy may
-be None (zeros); entropy may be None only when grad_entropy is None. ignore_index rows get zeros.)doc");
+be None (zeros); entropy may be None only when grad_entropy is None. ignore_index rows get zeros. logit_scale / logit_softcap: the forward's logit transform (its derivative is applied).)doc");
 
   m.def("gae", &gae, py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("cu_seqlens"),
         py::arg("advantages"), py::arg("returns"), py::arg("gamma"), py::arg("lam"),

@@ -136,6 +136,29 @@ inline Acc block_max(const Acc* x, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Logit transforms (TRL's order): z = k x, then z <- c tanh(z / c) with a softcap c > 0 (Gemma);
+// the temperature then divides z. dz/dx = k (1 - tanh^2) = k (1 - (z / c)^2) (k without a softcap).
+// ---------------------------------------------------------------------------------------------
+template <class Acc>
+struct LogitTransform {
+  Acc scale = Acc(1), cap = Acc(0);  // cap 0: no softcap
+  LogitTransform() = default;
+  LogitTransform(double k, double c) : scale(static_cast<Acc>(k)), cap(static_cast<Acc>(c)) {}
+  bool active() const { return cap > Acc(0) || scale != Acc(1); }
+  Acc operator()(Acc x) const {
+    const Acc z = x * scale;
+    return cap > Acc(0) ? cap * std::tanh(z / cap) : z;
+  }
+  Acc derivative(Acc z) const {  // dz/dx from the transformed z
+    if (cap > Acc(0)) {
+      const Acc t = z / cap;
+      return scale * (Acc(1) - t * t);
+    }
+    return scale;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
 // Row statistics computed by one forward instantiation: a bitmask template argument (the
@@ -227,9 +250,17 @@ inline const float* block_as_acc(const In* x, int64_t n, float* buf) {
   for (int64_t j = 0; j < n; ++j) buf[j] = widen(x[j]);
   return buf;
 }
+// The block's transformed values z (in the buffer), or block_as_acc when there is no transform.
+template <class In, class Acc>
+inline const Acc* block_values(const In* x, int64_t n, Acc* buf, const LogitTransform<Acc>& tr) {
+  if (!tr.active()) return block_as_acc(x, n, buf);
+  for (int64_t j = 0; j < n; ++j) buf[j] = tr(widen(x[j]));
+  return buf;
+}
 
 template <class In, int kStats, class Acc = typename Traits<In>::Acc>
-inline RowForward forward_row(const In* x, int64_t V, int64_t label, Acc inv_t, Acc* buf) {
+inline RowForward forward_row(const In* x, int64_t V, int64_t label, Acc inv_t, Acc* buf,
+                              const LogitTransform<Acc>& tr) {
   constexpr int64_t B = Tune<Acc>::kBlock;
   constexpr bool kEntropy = kStats & kStatEntropy, kTop1 = kStats & kStatTop1;
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
@@ -239,7 +270,7 @@ inline RowForward forward_row(const In* x, int64_t V, int64_t label, Acc inv_t, 
   double S = 0.0, T = 0.0, Q = 0.0, Z = 0.0;
   for (int64_t b0 = 0; b0 < V; b0 += B) {
     const int64_t n = std::min(B, V - b0);
-    const Acc* xb = block_as_acc(x + b0, n, buf);
+    const Acc* xb = block_values(x + b0, n, buf, tr);
     if (kTop1 && b0 < label) before = std::max(before, block_max(xb, std::min(n, label - b0)));
     const Acc mb = block_max(xb, n);
     if (mb == neg_inf) {  // every entry is -inf or NaN: -inf contributes nothing, NaN poisons the row
@@ -279,7 +310,8 @@ inline RowForward forward_row(const In* x, int64_t V, int64_t label, Acc inv_t, 
   r.row_max = static_cast<double>(M);
   r.log_norm = logS;
   // (x_y - M) in Acc, as the kernel's d values are, then scaled.
-  r.logp = static_cast<double>((widen(x[label]) - M) * inv_t) - logS;
+  const Acc zy = tr(widen(x[label]));
+  r.logp = static_cast<double>((zy - M) * inv_t) - logS;
   if (kEntropy) {
     const double H = logS - T / S;
     r.entropy = H > 0.0 ? H : (H == H ? 0.0 : H);  // H >= 0 mathematically; clip rounding noise
@@ -287,7 +319,6 @@ inline RowForward forward_row(const In* x, int64_t V, int64_t label, Acc inv_t, 
     r.entropy = 0.0;
   }
   r.log_sum_sq = (kStats & kStatSumSq) ? std::log(Q) - 2.0 * logS : 0.0;
-  const Acc zy = widen(x[label]);
   r.is_top1 = kTop1 && zy >= M && zy > before ? 1.0 : 0.0;
   r.mean = (kStats & kStatMean) ? Z * static_cast<double>(inv_t) / static_cast<double>(V) : 0.0;
   return r;
@@ -334,9 +365,11 @@ struct ForwardOut {
 
 template <class In, int kStats>
 void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels,
-                       const ForwardOut& out, double inv_temperature, int64_t ignore_index) {
+                       const ForwardOut& out, double inv_temperature, int64_t ignore_index, double logit_scale,
+                       double logit_softcap) {
   using Acc = typename Traits<In>::Acc;
   const Acc inv_t = static_cast<Acc>(inv_temperature);
+  const LogitTransform<Acc> tr(logit_scale, logit_softcap);
 #ifdef _OPENMP
 #pragma omp parallel if (N * V >= kParallelMinWork && N > 1)
 #endif
@@ -351,7 +384,7 @@ void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_strid
         out.set(i, RowForward{0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0});
         continue;
       }
-      out.set(i, forward_row<In, kStats>(logits + i * row_stride, V, y, inv_t, buf));
+      out.set(i, forward_row<In, kStats>(logits + i * row_stride, V, y, inv_t, buf, tr));
     }
   }
 }
@@ -359,20 +392,24 @@ void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_strid
 // Runtime statistics mask -> the instantiation for it (kStatAll of them).
 template <class In, int kStats = 0>
 void forward_rows_dispatch(int stats, const In* logits, int64_t N, int64_t V, int64_t row_stride,
-                           const int64_t* labels, const ForwardOut& out, double inv_temperature, int64_t ignore_index) {
+                           const int64_t* labels, const ForwardOut& out, double inv_temperature, int64_t ignore_index,
+                           double logit_scale, double logit_softcap) {
   if constexpr (kStats < kStatAll) {
     if (stats == kStats)
-      forward_rows_impl<In, kStats>(logits, N, V, row_stride, labels, out, inv_temperature, ignore_index);
+      forward_rows_impl<In, kStats>(logits, N, V, row_stride, labels, out, inv_temperature, ignore_index, logit_scale,
+                                    logit_softcap);
     else
       forward_rows_dispatch<In, kStats + 1>(stats, logits, N, V, row_stride, labels, out, inv_temperature,
-                                            ignore_index);
+                                            ignore_index, logit_scale, logit_softcap);
   }
 }
 
 template <class In>
 void forward_rows(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels,
-                  const ForwardOut& out, double inv_temperature, int64_t ignore_index) {
-  forward_rows_dispatch<In>(out.stats(), logits, N, V, row_stride, labels, out, inv_temperature, ignore_index);
+                  const ForwardOut& out, double inv_temperature, int64_t ignore_index, double logit_scale = 1.0,
+                  double logit_softcap = 0.0) {
+  forward_rows_dispatch<In>(out.stats(), logits, N, V, row_stride, labels, out, inv_temperature, ignore_index,
+                            logit_scale, logit_softcap);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -399,23 +436,28 @@ void forward_rows(const In* logits, int64_t N, int64_t V, int64_t row_stride, co
 // NaN) get exactly 0.
 // In-place (grad_logits == logits) runs a loop over one pointer (read z_j, write its gradient), so
 // the vectoriser never sees two pointers that might alias; otherwise a two-pointer loop.
-template <class Acc, bool kEntropyGrad>
+// With a logit transform (kTransform), z = f(x) is recomputed from x and the gradient is multiplied
+// by f'(x) (LogitTransform::derivative).
+template <class Acc, bool kEntropyGrad, bool kTransform>
 struct GradOffLabel {
   Acc inv_t, neg_inv_t, m, log_norm, H, gl, gH;
-  Acc operator()(Acc z) const {
+  LogitTransform<Acc> tr;
+  Acc operator()(Acc x) const {
+    const Acc z = kTransform ? tr(x) : x;
     const Acc d = (z - m) * inv_t - log_norm;
     const Acc p = exp_fast(d);
     Acc coef = gl;
     if (kEntropyGrad) coef += gH * ((d > std::numeric_limits<Acc>::lowest() ? d : Acc(0)) + H);
-    return neg_inv_t * p * coef;
+    const Acc g = neg_inv_t * p * coef;
+    return kTransform ? g * tr.derivative(z) : g;
   }
 };
 
-template <class In, bool kEntropyGrad, class Acc = typename Traits<In>::Acc>
+template <class In, bool kEntropyGrad, bool kTransform, class Acc = typename Traits<In>::Acc>
 inline void backward_row(const In* x, In* gx, int64_t V, int64_t label, Acc m, Acc log_norm, Acc H, Acc gl, Acc gH,
-                         Acc inv_t) {
-  const Acc zy = widen(x[label]);  // before the row is (possibly) overwritten
-  const GradOffLabel<Acc, kEntropyGrad> f{inv_t, -inv_t, m, log_norm, H, gl, gH};
+                         Acc inv_t, const LogitTransform<Acc>& tr) {
+  const Acc zy = kTransform ? tr(widen(x[label])) : widen(x[label]);  // before the row is (possibly) overwritten
+  const GradOffLabel<Acc, kEntropyGrad, kTransform> f{inv_t, -inv_t, m, log_norm, H, gl, gH, tr};
   if (static_cast<const void*>(x) == static_cast<const void*>(gx)) {
     In* p = gx;
     for (int64_t j = 0; j < V; ++j) narrow(f(widen(p[j])), &p[j]);
@@ -427,16 +469,19 @@ inline void backward_row(const In* x, In* gx, int64_t V, int64_t label, Acc m, A
   const Acc p = exp_fast(d);
   Acc g = gl * (Acc(1) - p);
   if (kEntropyGrad && p != Acc(0)) g -= gH * p * (d + H);
-  narrow(g * inv_t, &gx[label]);
+  g *= inv_t;
+  if (kTransform) g *= tr.derivative(zy);
+  narrow(g, &gx[label]);
 }
 
-template <class In, bool kEntropyGrad>
+template <class In, bool kEntropyGrad, bool kTransform>
 void backward_rows_impl(const In* logits, In* grad_logits, int64_t N, int64_t V, int64_t row_stride,
                         int64_t grad_row_stride, const int64_t* labels, RowVec row_max, RowVec log_norm,
                         RowVec entropy, RowVec grad_logp, RowVec grad_entropy, double inv_temperature,
-                        int64_t ignore_index) {
+                        int64_t ignore_index, double logit_scale, double logit_softcap) {
   using Acc = typename Traits<In>::Acc;
   const Acc inv_t = static_cast<Acc>(inv_temperature);
+  const LogitTransform<Acc> tr(logit_scale, logit_softcap);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N * V >= kParallelMinWork && N > 1)
 #endif
@@ -449,22 +494,27 @@ void backward_rows_impl(const In* logits, In* grad_logits, int64_t N, int64_t V,
     }
     const Acc H = kEntropyGrad ? static_cast<Acc>(entropy.get(i)) : Acc(0);
     const Acc gH = kEntropyGrad ? static_cast<Acc>(grad_entropy.get(i)) : Acc(0);
-    backward_row<In, kEntropyGrad>(logits + i * row_stride, gx, V, y, static_cast<Acc>(row_max.get(i)),
-                                   static_cast<Acc>(log_norm.get(i)), H, static_cast<Acc>(grad_logp.get(i)), gH,
-                                   inv_t);
+    backward_row<In, kEntropyGrad, kTransform>(logits + i * row_stride, gx, V, y, static_cast<Acc>(row_max.get(i)),
+                                               static_cast<Acc>(log_norm.get(i)), H,
+                                               static_cast<Acc>(grad_logp.get(i)), gH, inv_t, tr);
   }
 }
 
 template <class In>
 void backward_rows(const In* logits, In* grad_logits, int64_t N, int64_t V, int64_t row_stride,
                    int64_t grad_row_stride, const int64_t* labels, RowVec row_max, RowVec log_norm, RowVec entropy,
-                   RowVec grad_logp, RowVec grad_entropy, double inv_temperature, int64_t ignore_index) {
+                   RowVec grad_logp, RowVec grad_entropy, double inv_temperature, int64_t ignore_index,
+                   double logit_scale = 1.0, double logit_softcap = 0.0) {
+  const bool transform = logit_softcap > 0.0 || logit_scale != 1.0;
+#define FASTPO_BACKWARD_ROWS(E, T)                                                                              \
+  backward_rows_impl<In, E, T>(logits, grad_logits, N, V, row_stride, grad_row_stride, labels, row_max, log_norm, \
+                               entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, logit_scale,     \
+                               logit_softcap)
   if (grad_entropy.present())
-    backward_rows_impl<In, true>(logits, grad_logits, N, V, row_stride, grad_row_stride, labels, row_max, log_norm,
-                                 entropy, grad_logp, grad_entropy, inv_temperature, ignore_index);
+    transform ? FASTPO_BACKWARD_ROWS(true, true) : FASTPO_BACKWARD_ROWS(true, false);
   else
-    backward_rows_impl<In, false>(logits, grad_logits, N, V, row_stride, grad_row_stride, labels, row_max, log_norm,
-                                  entropy, grad_logp, grad_entropy, inv_temperature, ignore_index);
+    transform ? FASTPO_BACKWARD_ROWS(false, true) : FASTPO_BACKWARD_ROWS(false, false);
+#undef FASTPO_BACKWARD_ROWS
 }
 
 }  // namespace fastpo

@@ -45,12 +45,23 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
+# Logit transforms applied to each loaded logit x before everything else (TRL's order):
+#   z = k·x, then z ← c·tanh(z/c) with the softcap c (Gemma) when SOFTCAP;  s = z/τ.
+# In the backward, ∂z/∂x = k·(1 − tanh²(k·x/c)) (k without a softcap). tanh(u) = 2σ(2u) − 1.
+@triton.jit
+def _transform(x, logit_scale, softcap, SOFTCAP: tl.constexpr):
+    z = x * logit_scale
+    if SOFTCAP:
+        z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)
+    return z
+
+
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, entropy_ptr, row_max_ptr, log_norm_ptr, sum_sq_ptr, top1_ptr, mean_ptr,
-    n_cols, rows_per_block, stride_block, stride_row, inv_temperature, ignore_index,
+    n_cols, rows_per_block, stride_block, stride_row, inv_temperature, ignore_index, logit_scale, softcap,
     WITH_ENTROPY: tl.constexpr, WITH_SUM_SQ: tl.constexpr, WITH_TOP1: tl.constexpr, WITH_MEAN: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # One program per row; one pass over the vocabulary with an online logsumexp relative to the
     # running raw maximum m, with u_j = (z_j − m)/τ <= 0:
@@ -61,7 +72,7 @@ def _logprobs_fwd_kernel(
     # The optional statistics (not differentiated) add one accumulator each:
     #   q = Σ e^{2u_j} (q' = c²·q), log Σ p_j² = log q − 2·log d;   zs = Σ z_j, mean = zs/(τ·V);
     #   mb = max_{j < y} z_j, is_top1 = (z_y >= m) & (z_y > mb): the label is the first argmax, as
-    #   torch.argmax (and TRL) break ties. Ties are judged on the raw logits.
+    #   torch.argmax (and TRL) break ties, judged on the transformed logits z (as TRL does).
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
@@ -77,7 +88,8 @@ def _logprobs_fwd_kernel(
     mb = float("-inf")
     for start in range(0, n_stream, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        z = tl.load(row_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        z = tl.where(cols < n_cols, _transform(z, logit_scale, softcap, SOFTCAP), float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # A reference that is finite even while every entry so far is −inf (then d = a = 0).
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -100,7 +112,7 @@ def _logprobs_fwd_kernel(
         m = m_ref
 
     safe_label = tl.where(valid, label, 0)
-    z_label = tl.load(row_ptr + safe_label).to(tl.float32)
+    z_label = _transform(tl.load(row_ptr + safe_label).to(tl.float32), logit_scale, softcap, SOFTCAP)
     # Ignored rows streamed nothing (d = 0): give them a harmless log_norm before masking. A row
     # that is entirely −inf gives log_norm = −inf and logp = NaN, as log_softmax does.
     log_norm = tl.log(tl.where(valid, d, 1.0))
@@ -128,14 +140,15 @@ def _logprobs_fwd_kernel(
 # so, with upstream g_l = ∂L/∂logp and g_H = ∂L/∂H,
 #   ∂L/∂z_j = (1/τ)·[ g_l·(1[j = y] − p_j) − g_H·p_j·(log p_j + H) ],
 # where log p_j = (z_j − m)/τ − log_norm (see the module docstring) and p_j = e^{log p_j}; entries
-# with p_j = 0 (z_j = −inf) get exactly 0, not 0·(−inf).
+# with p_j = 0 (z_j = −inf) get exactly 0, not 0·(−inf). With a logit transform z_j = f(x_j)
+# (see _transform), ∂L/∂x_j = ∂L/∂z_j · k·(1 − (z_j/c)²) (just k without a softcap).
 # Each program reads one block of one row and writes its gradient in place of, or beside, it.
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr, grad_ptr, labels_ptr, row_max_ptr, log_norm_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
     n_cols, rows_per_block, stride_block, stride_row, stride_grad_block, stride_grad_row, inv_temperature,
-    ignore_index,
-    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ignore_index, logit_scale, softcap,
+    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     block, row_in_block = row // rows_per_block, row % rows_per_block
@@ -148,6 +161,7 @@ def _logprobs_bwd_kernel(
     to_read = cols < tl.where(valid, n_cols, 0)
     z = tl.load(logits_ptr + block * stride_block + row_in_block * stride_row + cols, mask=to_read,
                 other=0.0).to(tl.float32)
+    z = _transform(z, logit_scale, softcap, SOFTCAP)
     row_max = tl.load(row_max_ptr + row).to(tl.float32)
     log_norm = tl.load(log_norm_ptr + row).to(tl.float32)
     log_p = (z - row_max) * inv_temperature - log_norm
@@ -160,7 +174,11 @@ def _logprobs_bwd_kernel(
         g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
         entropy = tl.load(entropy_ptr + row).to(tl.float32)
         grad -= g_entropy * p * tl.where(p > 0.0, log_p + entropy, 0.0)
-    grad = tl.where(valid, grad * inv_temperature, 0.0)
+    grad = grad * inv_temperature * logit_scale
+    if SOFTCAP:
+        tanh = z / softcap
+        grad = grad * (1.0 - tanh * tanh)
+    grad = tl.where(valid, grad, 0.0)
     tl.store(grad_ptr + block * stride_grad_block + row_in_block * stride_grad_row + cols,
              grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
@@ -177,7 +195,7 @@ def _output_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-                    with_entropy: bool, extras: int = 0):
+                    with_entropy: bool, extras: int = 0, logit_softcap: float = 0.0, logit_scale: float = 1.0):
     """Launch the forward over the rows of ``logits`` (see the module docstring)."""
     n_rows, rows_per_block, stride_block, stride_row = _row_layout(logits)
     n_cols = logits.shape[-1]
@@ -192,8 +210,8 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     block = _block_size(n_cols)
     _logprobs_fwd_kernel[(n_rows,)](
         logits, labels, logp, entropy, row_max, log_norm, sum_sq, top1, mean,
-        n_cols, rows_per_block, stride_block, stride_row, 1.0 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy, WITH_SUM_SQ=bool(extras & EXTRA_SUM_SQ), WITH_TOP1=bool(extras & EXTRA_TOP1),
+        n_cols, rows_per_block, stride_block, stride_row, 1.0 / temperature, ignore_index, logit_scale,
+        logit_softcap or 1.0, WITH_ENTROPY=with_entropy, SOFTCAP=logit_softcap > 0.0, WITH_SUM_SQ=bool(extras & EXTRA_SUM_SQ), WITH_TOP1=bool(extras & EXTRA_TOP1),
         WITH_MEAN=bool(extras & EXTRA_MEAN), BLOCK_V=block, num_warps=_num_warps(block),
     )
     return logp, entropy, row_max, log_norm, sum_sq, top1, mean
@@ -201,7 +219,8 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
 
 def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
                      entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
-                     temperature: float, ignore_index: int, out: torch.Tensor) -> None:
+                     temperature: float, ignore_index: int, out: torch.Tensor, logit_softcap: float = 0.0,
+                     logit_scale: float = 1.0) -> None:
     """Write ∂L/∂logits into ``out`` (``logits``' shape); ``out`` may be ``logits`` itself (in-place backward)."""
     n_rows, rows_per_block, stride_block, stride_row = _row_layout(logits)
     _, _, stride_grad_block, stride_grad_row = _row_layout(out)
@@ -215,7 +234,8 @@ def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.
         grad_logp if grad_logp is not None else log_norm,
         grad_entropy if grad_entropy is not None else log_norm,
         n_cols, rows_per_block, stride_block, stride_row, stride_grad_block, stride_grad_row, 1.0 / temperature,
-        ignore_index,
+        ignore_index, logit_scale, logit_softcap or 1.0,
         HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
+        SOFTCAP=logit_softcap > 0.0,
         BLOCK_V=block, num_warps=_num_warps(block),
     )

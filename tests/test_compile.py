@@ -46,19 +46,19 @@ def _opcheck_cases():
     ops = torch.ops.fastpo
     return [
         ("token_fwd", ops.token_logprobs_fwd.default,
-         (logits.clone().requires_grad_(), labels, tau_09, -100, True, 7, False, "cpu")),
-        ("token_bwd", ops.token_logprobs_bwd.default, (logits, labels, *stats, grad, grad, tau, -100, "cpu")),
+         (logits.clone().requires_grad_(), labels, tau_09, -100, True, 7, 30.0, 0.5, False, "cpu")),
+        ("token_bwd", ops.token_logprobs_bwd.default, (logits, labels, *stats, grad, grad, tau, -100, 30.0, 0.5, "cpu")),
         ("token_bwd_inplace", ops.token_logprobs_bwd_inplace.default,
-         (logits.clone(), labels, *stats, grad, None, tau, -100, "cpu")),
+         (logits.clone(), labels, *stats, grad, None, tau, -100, 0.0, 1.0, "cpu")),
         ("linear_fwd", ops.linear_token_logprobs_fwd.default,
          (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_(), labels,
-          tau, -100, True, 7, 4, "cpu")),
+          tau, -100, True, 7, 0.0, 1.0, 4, "cpu")),
         ("linear_fwd_default_chunk", ops.linear_token_logprobs_fwd.default,
-         (hidden.clone().requires_grad_(), weight, None, labels, tau_09, -100, False, 0, 0, "cpu")),
+         (hidden.clone().requires_grad_(), weight, None, labels, tau_09, -100, False, 0, 0.0, 1.0, 0, "cpu")),
         ("linear_bwd", ops.linear_token_logprobs_bwd.default,
-         (hidden, weight, None, labels, *stats, grad, None, tau, -100, 4, "cpu", True, True, False)),
+         (hidden, weight, None, labels, *stats, grad, None, tau, -100, 30.0, 2.0, 4, "cpu", True, True, False)),
         ("linear_bwd_frozen_weight", ops.linear_token_logprobs_bwd.default,
-         (hidden, weight, bias, labels, *stats, grad, grad, tau, -100, 4, "cpu", True, False, True)),
+         (hidden, weight, bias, labels, *stats, grad, grad, tau, -100, 0.0, 1.0, 4, "cpu", True, False, True)),
     ]
 
 

@@ -33,9 +33,10 @@ def _as_numpy(t: Optional[torch.Tensor]):
 
 
 def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-                    with_entropy: bool, extras: int = 0):
+                    with_entropy: bool, extras: int = 0, logit_softcap: float = 0.0, logit_scale: float = 1.0):
     if logits.dim() == 3:  # [B, T, V] blocks: one call per [T, V] block
-        return _per_block_forward(logits, labels, temperature, ignore_index, with_entropy, extras)
+        return _per_block_forward(logits, labels, temperature, ignore_index, with_entropy, extras, logit_softcap,
+                                  logit_scale)
     n_rows = logits.shape[0]
     logp = torch.empty(n_rows, dtype=result_dtype(logits.dtype))
     row_max = torch.empty_like(logp)
@@ -49,36 +50,41 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
             _as_numpy(logits), _as_numpy(labels), _as_numpy(logp), _as_numpy(row_max), _as_numpy(log_norm),
             _as_numpy(entropy) if with_entropy else None,
             1.0 / temperature, ignore_index, _DTYPE_NAMES[logits.dtype],
-            log_sum_sq_probs=sum_sq, is_top1=top1, mean_logits=mean,
+            log_sum_sq_probs=sum_sq, is_top1=top1, mean_logits=mean, logit_scale=logit_scale,
+            logit_softcap=logit_softcap,
         )
     return (logp, entropy, row_max, log_norm) + extra
 
 
 def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
                      entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
-                     temperature: float, ignore_index: int, out: torch.Tensor) -> None:
+                     temperature: float, ignore_index: int, out: torch.Tensor, logit_softcap: float = 0.0,
+                     logit_scale: float = 1.0) -> None:
     if logits.dim() == 3:
         n = logits.shape[1]
         for b in range(logits.shape[0]):
             rows = slice(b * n, (b + 1) * n)
             logprob_backward(logits[b], labels[rows], row_max[rows], log_norm[rows], entropy[rows],
                              None if grad_logp is None else grad_logp[rows],
-                             None if grad_entropy is None else grad_entropy[rows], temperature, ignore_index, out[b])
+                             None if grad_entropy is None else grad_entropy[rows], temperature, ignore_index, out[b],
+                             logit_softcap, logit_scale)
         return
     if logits.shape[0] == 0:
         return
     _C.logprob_backward(
         _as_numpy(logits), _as_numpy(labels), _as_numpy(row_max), _as_numpy(log_norm), _as_numpy(entropy),
         _as_numpy(grad_logp), _as_numpy(grad_entropy), _as_numpy(out),
-        1.0 / temperature, ignore_index, _DTYPE_NAMES[logits.dtype],
+        1.0 / temperature, ignore_index, _DTYPE_NAMES[logits.dtype], logit_scale=logit_scale,
+        logit_softcap=logit_softcap,
     )
 
 
-def _per_block_forward(logits, labels, temperature, ignore_index, with_entropy, extras):
+def _per_block_forward(logits, labels, temperature, ignore_index, with_entropy, extras, *transform):
     n = logits.shape[1]
-    parts = [logprob_forward(logits[b], labels[b * n:(b + 1) * n], temperature, ignore_index, with_entropy, extras)
+    parts = [logprob_forward(logits[b], labels[b * n:(b + 1) * n], temperature, ignore_index, with_entropy, extras,
+                             *transform)
              for b in range(logits.shape[0])]
     if not parts:
         return logprob_forward(logits.reshape(0, logits.shape[-1]), labels, temperature, ignore_index, with_entropy,
-                               extras)
+                               extras, *transform)
     return tuple(torch.cat(column) for column in zip(*parts))

@@ -22,7 +22,7 @@ from fastpo._backend import select_backend
 from fastpo.ops.row_kernels import (
     empty_row_outputs, extras_mask, flat_labels, named_outputs, no_double_backward, result_dtype, row_kernels,
 )
-from fastpo.reference.logprobs import check_outputs
+from fastpo.reference.logprobs import check_logit_transform, check_outputs
 
 __all__ = ["linear_token_logprobs", "default_chunk_size"]
 
@@ -56,7 +56,8 @@ def _chunk_rows(chunk_size: int, n_tokens: int, vocab_size: int) -> int:
 @torch.library.custom_op("fastpo::linear_token_logprobs_fwd", mutates_args=())
 def _linear_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    temperature: torch.Tensor, ignore_index: int, with_entropy: bool, extras: int, chunk_size: int, backend: str,
+    temperature: torch.Tensor, ignore_index: int, with_entropy: bool, extras: int, logit_softcap: float,
+    logit_scale: float, chunk_size: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, row_max, log_norm, log_sum_sq_probs, is_top1, mean_logits) for ``hidden [N, D]``,
     ``weight [V, D]``, one chunk of rows at a time (``chunk_size`` 0: the default; ``extras``: the
@@ -71,14 +72,15 @@ def _linear_fwd(
         rows = slice(start, min(start + chunk, n_tokens))
         logits = _chunk_logits(hidden[rows], weight, bias)
         for out, part in zip(outputs, kernels.logprob_forward(logits, labels[rows], tau, ignore_index, with_entropy,
-                                                                  extras)):
+                                                                  extras, logit_softcap, logit_scale)):
             out[rows] = part
         del logits
     return outputs
 
 
 @_linear_fwd.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, extras, chunk_size, backend):
+def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, extras, logit_softcap, logit_scale,
+      chunk_size, backend):
     return empty_row_outputs(hidden, hidden.dtype)
 
 
@@ -86,8 +88,8 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, ext
 def _linear_bwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     row_max: torch.Tensor, log_norm: torch.Tensor, entropy: torch.Tensor, grad_logp: Optional[torch.Tensor],
-    grad_entropy: Optional[torch.Tensor], temperature: torch.Tensor, ignore_index: int, chunk_size: int,
-    backend: str, needs_grad_hidden: bool, needs_grad_weight: bool, needs_grad_bias: bool,
+    grad_entropy: Optional[torch.Tensor], temperature: torch.Tensor, ignore_index: int, logit_softcap: float,
+    logit_scale: float, chunk_size: int, backend: str, needs_grad_hidden: bool, needs_grad_weight: bool, needs_grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(∂L/∂hidden, ∂L/∂weight, ∂L/∂bias), contiguous; a gradient nobody needs (a frozen lm_head, no
     bias) is not computed and comes back empty."""
@@ -110,7 +112,7 @@ def _linear_bwd(
             grad_logits, labels[rows], row_max[rows], log_norm[rows], entropy[rows],
             None if grad_logp is None else grad_logp[rows],
             None if grad_entropy is None else grad_entropy[rows],
-            tau, ignore_index, grad_logits)
+            tau, ignore_index, grad_logits, logit_softcap, logit_scale)
         if needs_grad_hidden:
             torch.mm(grad_logits, weight, out=grad_hidden[rows])
         if needs_grad_weight or needs_grad_bias:
@@ -126,7 +128,7 @@ def _linear_bwd(
 
 @_linear_bwd.register_fake
 def _(hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ignore_index,
-      chunk_size, backend, needs_grad_hidden, needs_grad_weight, needs_grad_bias):
+      logit_softcap, logit_scale, chunk_size, backend, needs_grad_hidden, needs_grad_weight, needs_grad_bias):
     grad_bias = weight.new_empty(weight.shape[0]) if (needs_grad_bias and bias is not None) else weight.new_empty(0)
     return (hidden.new_empty(hidden.shape) if needs_grad_hidden else hidden.new_empty(0),
             weight.new_empty(weight.shape) if needs_grad_weight else weight.new_empty(0), grad_bias)
@@ -136,8 +138,10 @@ torch.library.register_autograd("fastpo::linear_token_logprobs_bwd", no_double_b
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, with_entropy, _extras, chunk_size, backend = inputs
+    (hidden, weight, bias, labels, temperature, ignore_index, with_entropy, _extras, logit_softcap, logit_scale,
+     chunk_size, backend) = inputs
     _, entropy, row_max, log_norm = output[:4]
+    ctx.transform = (logit_softcap, logit_scale)
     ctx.save_for_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, temperature)
     ctx.ignore_index, ctx.with_entropy = ignore_index, with_entropy
     ctx.chunk_size, ctx.backend = chunk_size, backend
@@ -150,9 +154,11 @@ def _backward(ctx, grad_logp, grad_entropy, *_grad_statistics):
     needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     grad_hidden, grad_weight, grad_bias = _linear_bwd(
         hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
-        temperature, ctx.ignore_index, ctx.chunk_size, ctx.backend, needs_hidden, needs_weight, needs_bias)
+        temperature, ctx.ignore_index, *ctx.transform, ctx.chunk_size, ctx.backend, needs_hidden, needs_weight,
+        needs_bias)
     return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None,
-            grad_bias if (needs_bias and bias is not None) else None, None, None, None, None, None, None, None)
+            grad_bias if (needs_bias and bias is not None) else None, None, None, None, None, None, None, None,
+            None, None)
 
 
 torch.library.register_autograd("fastpo::linear_token_logprobs_fwd", _backward, setup_context=_setup_context)
@@ -168,6 +174,8 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     outputs=None,
+    logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
     chunk_size: Optional[int] = None,
 ):
     """``token_logprobs(hidden @ weight.T + bias, labels)`` without building ``[N, V]`` logits.
@@ -182,6 +190,7 @@ def linear_token_logprobs(
     O(chunk_size x V); the backward recomputes chunk logits. ``outputs`` returns a
     :class:`fastpo.LogProbOutputs` with the per-token statistics of :func:`fastpo.token_logprobs`
     (``log_sum_sq_probs``, ``is_top1``, ``mean_logits``: detached), from the same pass.
+    ``logit_scale`` and ``logit_softcap`` transform the logits as in :func:`fastpo.token_logprobs`.
 
     Under ``torch.compile`` (fullgraph, dynamic shapes) a changing ``temperature`` or number of
     tokens does not recompile; ``ignore_index``, ``return_entropy``, ``outputs`` and an explicit
@@ -207,6 +216,7 @@ def linear_token_logprobs(
     ignore_index = check.check_int(ignore_index, "ignore_index")
     check.check_bool(return_entropy, "return_entropy")
     wanted = check_outputs(outputs, return_entropy)
+    softcap, scale = check_logit_transform(logit_softcap, logit_scale)
     if chunk_size is not None:
         check.check_int(chunk_size, "chunk_size")
         if chunk_size < 1:
@@ -216,14 +226,14 @@ def linear_token_logprobs(
     if backend == "reference":
         check.check_label_range(labels, weight.shape[0], ignore_index)
         return reference.linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index,
-                                               return_entropy, outputs)
+                                               return_entropy, outputs, logit_softcap, logit_scale)
 
     # labels.numel() rather than -1: with D = 0 the row count cannot be inferred from hidden.
     rows = hidden.reshape(labels.numel(), hidden.shape[-1])
     with_entropy = return_entropy if wanted is None else "entropy" in wanted
     results = _linear_fwd(
         rows, weight, bias, flat_labels(labels), check.scalar_tensor(temperature), ignore_index,
-        with_entropy, extras_mask(wanted), 0 if chunk_size is None else chunk_size, backend)
+        with_entropy, extras_mask(wanted), softcap, scale, 0 if chunk_size is None else chunk_size, backend)
     if wanted is not None:
         return named_outputs(results, labels.shape, wanted)
     logp = results[0].view(labels.shape)

@@ -38,6 +38,31 @@ def check_outputs(outputs, return_entropy) -> Optional[frozenset]:
     return frozenset(outputs)
 
 
+def check_logit_transform(logit_softcap, logit_scale):
+    """``logit_softcap`` None or a finite real > 0, ``logit_scale`` None (1) or a finite non-zero real
+    (the public defaults are None, not 1.0: torch.compile(dynamic=True) would make a float default
+    symbolic and then restart to specialise it); returned as
+    the kernels take them: (softcap, 0.0 for none; scale) floats. While tracing (torch.compile) only
+    the types are checked: the values are constants of the traced code, checked again in C++."""
+    import math
+
+    from fastpo._validation import is_tracing
+    if logit_softcap is not None:
+        if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float)):
+            raise TypeError(f"logit_softcap must be a float or None, got {type(logit_softcap).__name__}")
+        if not is_tracing() and (not math.isfinite(logit_softcap) or logit_softcap <= 0):
+            raise ValueError(f"logit_softcap must be finite and > 0 (or None), got {logit_softcap}")
+    if logit_scale is None:
+        logit_scale = 1.0
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+        raise TypeError(f"logit_scale must be a float, got {type(logit_scale).__name__}")
+    if not is_tracing() and (not math.isfinite(logit_scale) or logit_scale == 0):
+        raise ValueError(f"logit_scale must be finite and non-zero, got {logit_scale}")
+    if is_tracing():
+        return (0.0 if logit_softcap is None else logit_softcap), logit_scale
+    return (0.0 if logit_softcap is None else float(logit_softcap)), float(logit_scale)
+
+
 def token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -45,8 +70,13 @@ def token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     outputs=None,
+    logit_softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ):
     """Per-token log-probabilities (and entropies) of ``labels`` under ``softmax(logits / temperature)``.
+
+    The logits are first transformed as TRL does: x ← k·x with ``logit_scale`` k, then x ← c·tanh(x/c)
+    with ``logit_softcap`` c (Gemma), so z below is the transformed logit.
 
     With s = z/τ and p = softmax(s):  logp = s_y − logsumexp(s);  entropy = logsumexp(s) − Σ_j p_j·s_j;
     log_sum_sq_probs = log Σ_j p_j²;  is_top1 = (argmax_j z_j == y), the first maximum winning a tie
@@ -56,8 +86,8 @@ def token_logprobs(
     """
     wanted = check_outputs(outputs, return_entropy)
     if wanted is not None:
-        return _named_outputs(logits, labels, temperature, ignore_index, wanted)
-    s = logits.to(_accumulation_dtype(logits.dtype)) / temperature
+        return _named_outputs(logits, labels, temperature, ignore_index, wanted, logit_softcap, logit_scale)
+    s = transform_logits(logits, logit_softcap, logit_scale) / temperature
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
     lse = torch.logsumexp(s, dim=-1)
@@ -72,17 +102,28 @@ def token_logprobs(
     return logp, torch.where(valid, entropy, zero)
 
 
-def _named_outputs(logits, labels, temperature, ignore_index, wanted):
-    logp, entropy = token_logprobs(logits, labels, temperature, ignore_index, True)
+def transform_logits(logits, logit_softcap=None, logit_scale=1.0):
+    """The logits in the accumulation dtype, times ``logit_scale``, then soft-capped (c·tanh(x/c))."""
+    z = logits.to(_accumulation_dtype(logits.dtype))
+    if logit_scale is not None and logit_scale != 1.0:
+        z = z * logit_scale
+    if logit_softcap is not None:
+        z = logit_softcap * torch.tanh(z / logit_softcap)
+    return z
+
+
+def _named_outputs(logits, labels, temperature, ignore_index, wanted, logit_softcap, logit_scale):
+    logp, entropy = token_logprobs(logits, labels, temperature, ignore_index, True, None, logit_softcap, logit_scale)
     valid = labels != ignore_index
     result = {"logp": logp, "entropy": entropy}
     with torch.no_grad():
-        s = logits.detach().to(_accumulation_dtype(logits.dtype)) / temperature
+        z = transform_logits(logits.detach(), logit_softcap, logit_scale)
+        s = z / temperature
         zero = torch.zeros((), dtype=s.dtype, device=s.device)
         if "log_sum_sq_probs" in wanted:
             result["log_sum_sq_probs"] = torch.where(valid, torch.logsumexp(2 * torch.log_softmax(s, -1), -1), zero)
         if "is_top1" in wanted:
-            result["is_top1"] = valid & (logits.detach().argmax(-1) == labels)
+            result["is_top1"] = valid & (z.argmax(-1) == labels)
         if "mean_logits" in wanted:
             result["mean_logits"] = torch.where(valid, s.mean(-1), zero)
     return LogProbOutputs(**{name: result.get(name) for name in OUTPUT_NAMES if name in wanted})
@@ -97,7 +138,10 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     outputs=None,
+    logit_softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ):
     """``token_logprobs(hidden @ weight.T + bias, labels)``, building the full logits tensor."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
-    return token_logprobs(logits, labels, temperature, ignore_index, return_entropy, outputs)
+    return token_logprobs(logits, labels, temperature, ignore_index, return_entropy, outputs, logit_softcap,
+                          logit_scale)
