@@ -40,8 +40,8 @@ struct SurIn {
   T x, old, A, raw_delta, delta, ratio, d_ratio;
 };
 
-// clip: r' = min(r, δ); l = max(−A·r', −A·clip(r, lo, hi)); ∂l/∂x = 0 where the clipped branch is the max
-// or r > δ, else −A·∂r/∂x; dual cap c (A < 0): min(l, −c·A), ∂ = 0 where the cap binds (c = +inf: off).
+// clip: r' = min(r, δ); l = max(−A·r', −A·clip(r, lo, hi)); ∂l/∂x = −A·∂r/∂x through the branch that is
+// the max, 0 where that branch is flat (the clipped one outside [lo, hi], the other beyond δ); dual cap c (A < 0): min(l, −c·A), ∂ = 0 where the cap binds (c = +inf: off).
 template <class T>
 inline SurOut<T> sur_clip(const TokenConsts<T>& k, const SurIn<T>& in) {
   const T A = in.A, r = in.ratio;
@@ -53,8 +53,11 @@ inline SurOut<T> sur_clip(const TokenConsts<T>& k, const SurIn<T>& in) {
   const T dual_cap = -k.dual_c * A;
   const bool dual = (A < T(0)) & (pg_clip > dual_cap);
   const T pg = std::min(pg_clip, A < T(0) ? dual_cap : pg_clip);
-  T d = clipped ? T(0) : -A * in.d_ratio;
-  d = r > k.delta ? T(0) : d;
+  // the max's branch carries the gradient: clip(r, lo, hi) passes it inside [lo, hi] (with δ < hi the
+  // clipped branch can win there), r' = min(r, δ) up to δ
+  const bool inside = (r >= k.lo) & (r <= k.hi);
+  const T dr = -A * in.d_ratio;
+  T d = clipped ? (inside ? dr : T(0)) : (r > k.delta ? T(0) : dr);
   d = dual ? T(0) : d;
   const T neg = A < T(0) ? T(1) : T(0), pos = A > T(0) ? T(1) : T(0);
   // the bounds' flags from r' (TRL's clip_ratio metrics; without δ the same as "the clipped branch")

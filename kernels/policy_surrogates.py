@@ -33,7 +33,10 @@ def _sur_clip(a, r, dr, lo, hi, delta_cap, dual_clip, DUAL: tl.constexpr):
     l_clip = -a * tl.minimum(tl.maximum(r, lo), hi)
     clipped = l_clip > l_unc
     loss = tl.where(clipped, l_clip, l_unc)
-    dloss = tl.where(clipped | (r > delta_cap), 0.0, -a * dr)
+    # the max's branch carries the gradient: clip(r, lo, hi) inside [lo, hi] (with delta < hi the clipped
+    # branch can win there), r' = min(r, delta) up to delta
+    inside = (r >= lo) & (r <= hi)
+    dloss = tl.where(clipped, tl.where(inside, -a * dr, 0.0), tl.where(r > delta_cap, 0.0, -a * dr))
     dual = r != r
     if DUAL:
         cap = -dual_clip * a
