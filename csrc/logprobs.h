@@ -141,20 +141,25 @@ inline Acc block_max(const Acc* x, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 template <class Acc>
 struct LogitTransform {
-  Acc scale = Acc(1), cap = Acc(0);  // cap 0: no softcap
+  Acc scale = Acc(1), cap = Acc(0), two_inv_cap = Acc(0);  // cap 0: no softcap
+  bool has_cap = false;
   LogitTransform() = default;
-  LogitTransform(double k, double c) : scale(static_cast<Acc>(k)), cap(static_cast<Acc>(c)) {}
-  bool active() const { return cap > Acc(0) || scale != Acc(1); }
+  LogitTransform(double k, double c)
+      : scale(static_cast<Acc>(k)), cap(static_cast<Acc>(c)), two_inv_cap(c > 0 ? static_cast<Acc>(2.0 / c) : Acc(0)),
+        has_cap(c > 0) {}
+  bool active() const { return has_cap || scale != Acc(1); }
+  // Branch-free (selects, no if) so that the loops calling it vectorise.
   Acc operator()(Acc x) const {
     const Acc z = x * scale;
-    return cap > Acc(0) ? cap * std::tanh(z / cap) : z;
+    // tanh(u) = 1 - 2 / (e^{2u} + 1) through exp_fast, which vectorises (std::tanh does not: the
+    // forward was 100x slower); as TRL's 2 sigmoid(2u) - 1, to within c * 1e-7 absolute.
+    const Acc capped = cap * (Acc(1) - Acc(2) / (exp_fast(z * two_inv_cap) + Acc(1)));
+    return has_cap ? capped : z;
   }
   Acc derivative(Acc z) const {  // dz/dx from the transformed z
-    if (cap > Acc(0)) {
-      const Acc t = z / cap;
-      return scale * (Acc(1) - t * t);
-    }
-    return scale;
+    const Acc t = z * two_inv_cap * Acc(0.5);
+    const Acc capped = scale * (Acc(1) - t * t);
+    return has_cap ? capped : scale;
   }
 };
 
