@@ -85,7 +85,7 @@ def test_masked_tokens_may_hold_garbage(config, backend):
 
 def _raw_args(n=12, dtype=np.float32):
     ins, m = _flat(n, seed=6)
-    spec = cpu_policy._kernel_spec(_spec(), None)
+    spec = dict(cpu_policy._kernel_spec(_spec(), None))  # a copy: the cases edit it, the module caches it
     a = {k: v.numpy().astype(dtype) for k, v in ins.items()}
     return dict(x=a["x"], old=a["old"], adv=a["adv"], ref=a["ref"], entropy=a["ent"], rollout=a["roll"],
                 mask=m.numpy(), cu_seqlens=np.array([0, 5, 5, n], np.int64), unit=np.full(n, 7, dtype),

@@ -26,7 +26,7 @@ _KERNEL_SPECS: dict = {}
 
 
 def _kernel_spec(s: TokenLossSpec, num_tokens: Optional[torch.Tensor]) -> dict:
-    """The extension's spec dict, cached per spec (read only by the binding; a copy when num_tokens is set)."""
+    """The extension's spec dict, cached per spec (shared: read it, never edit it; a copy when num_tokens is set)."""
     spec = _KERNEL_SPECS.get(s)
     if spec is None:
         spec = s._asdict()
