@@ -50,3 +50,14 @@ def tiny_dir(tiny_cache):
     from fastpo.trainer.tiny_model import tiny_model_path
 
     return tiny_model_path(tiny_cache, log=None)
+
+
+@pytest.fixture(scope="session")
+def small_lm(tmp_path_factory):
+    """The tiny model's tokenizer and architecture, randomly initialised (cheap, deterministic), shared read-only
+    by the trainer tests that need a model but not the warm-started one."""
+    from fastpo.trainer.tiny_model import build_tiny_model
+
+    path = tmp_path_factory.mktemp("small_lm")
+    build_tiny_model(path, seed=0, steps=0, log=None, eval_examples=0)
+    return str(path)

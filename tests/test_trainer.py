@@ -21,16 +21,6 @@ QUICK = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "4"
 
 
 @pytest.fixture(scope="session")
-def small_lm(tmp_path_factory):
-    """The tiny model's tokenizer and architecture, randomly initialised (cheap, deterministic)."""
-    from fastpo.trainer.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.mktemp("small_lm")
-    build_tiny_model(path, seed=0, steps=0, log=None, eval_examples=0)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
 def pairs_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     rows = [("1+2=", "3", "4"), ("5+5=", "10", "11"), ("7-3=", "4", "3"), ("9+9=", "18", "81")]

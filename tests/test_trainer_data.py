@@ -213,15 +213,6 @@ def test_bad_data_flags(flags, message):
         parse_config(flags)
 
 
-@pytest.fixture(scope="module")
-def small_lm(tmp_path_factory):
-    from fastpo.trainer.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.mktemp("small_lm_data")
-    build_tiny_model(path, seed=0, steps=0, log=None, eval_examples=0)
-    return str(path)
-
-
 def test_dataset_run_with_template_math_and_batched_reward(small_lm, tmp_path):
     """One GRPO step on a conversational JSONL with a template file: the model sees templated prompts,
     the batched reward receives the extra column, the eval split loads."""

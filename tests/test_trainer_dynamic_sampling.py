@@ -54,15 +54,6 @@ def test_the_cap_fills_up_with_uninformative_groups():
     assert informative_groups(rewards, 2).tolist() == [True, False]
 
 
-@pytest.fixture(scope="module")
-def small_lm(tmp_path_factory):
-    from fastpo.trainer.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.mktemp("small_lm_dapo")
-    build_tiny_model(path, seed=0, steps=0, log=None, eval_examples=0)
-    return str(path)
-
-
 def odd_prompt_setup(tmp_path):
     """Prompts whose answer is never produced, and a reward that is 1 for a '1' in the completion of
     a prompt with an odd first digit and 0 for the others: the even prompts' groups never vary."""

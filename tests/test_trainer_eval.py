@@ -13,15 +13,6 @@ from fastpo.trainer.tasks import ArithmeticTask
 QUICK = ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def small_lm(tmp_path_factory):
-    from fastpo.trainer.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.mktemp("small_lm_eval")
-    build_tiny_model(path, seed=0, steps=0, log=None, eval_examples=0)
-    return str(path)
-
-
 def run(args, out):
     return Trainer(parse_config(args + ["--output-dir", str(out)])).train()
 

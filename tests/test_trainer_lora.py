@@ -21,15 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "4", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def small_lm(tmp_path_factory):
-    from fastpo.trainer.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.mktemp("small_lm_lora")
-    build_tiny_model(path, seed=0, steps=0, log=None, eval_examples=0)
-    return str(path)
-
-
 def lora_trainer(small_lm, tmp_path, *extra):
     cfg = parse_config(["--model", small_lm, "--lora-rank", "4", *QUICK, "--output-dir", str(tmp_path), *extra])
     return Trainer(cfg)

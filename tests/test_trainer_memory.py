@@ -16,15 +16,6 @@ from fastpo.trainer.schedule import lr_factor
 QUICK = ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "3", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def small_lm(tmp_path_factory):
-    from fastpo.trainer.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.mktemp("small_lm_mem")
-    build_tiny_model(path, seed=0, steps=0, log=None, eval_examples=0)
-    return str(path)
-
-
 def trainer_with(small_lm, tmp_path, *flags):
     return Trainer(parse_config(["--model", small_lm, *QUICK, "--output-dir", str(tmp_path), *flags]))
 

@@ -12,16 +12,6 @@ from fastpo.trainer.microbatch import accumulate_gradients, split_experience
 QUICK = ["--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "4", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def small_lm(tmp_path_factory):
-    """The tiny model's tokenizer and architecture, randomly initialised (cheap, deterministic)."""
-    from fastpo.trainer.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.mktemp("small_lm_mb")
-    build_tiny_model(path, seed=0, steps=0, log=None, eval_examples=0)
-    return str(path)
-
-
 def make_trainer(algo, small_lm, tmp_path, *extra):
     cfg = parse_config(["--algo", algo, "--model", small_lm, *QUICK, "--output-dir", str(tmp_path), *extra])
     return Trainer(cfg)

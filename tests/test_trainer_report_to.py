@@ -12,15 +12,6 @@ from fastpo.trainer.trackers import parse_report_to
 QUICK = ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "3", "--no-progress", "--max-steps", "2"]
 
 
-@pytest.fixture(scope="module")
-def small_lm(tmp_path_factory):
-    from fastpo.trainer.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.mktemp("small_lm_report")
-    build_tiny_model(path, seed=0, steps=0, log=None, eval_examples=0)
-    return str(path)
-
-
 def test_parse_report_to():
     assert parse_report_to("none") == []
     assert parse_report_to("tensorboard") == ["tensorboard"]

@@ -15,15 +15,6 @@ QUICK = ["--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "4"
 REWARDS = ["--reward", "regex:1", "--reward", "regex:[02468]", "--reward-weights", "1,0.5"]
 
 
-@pytest.fixture(scope="module")
-def small_lm(tmp_path_factory):
-    from fastpo.trainer.tiny_model import build_tiny_model
-
-    path = tmp_path_factory.mktemp("small_lm_multi")
-    build_tiny_model(path, seed=0, steps=0, log=None, eval_examples=0)
-    return str(path)
-
-
 def by_hand(completions, answers):
     """The four terms of the arithmetic task with REWARDS, unweighted, [B, 4]."""
     rows = [[exact_answer_reward(c, a), format_reward(c), float("1" in c), float(any(d in c for d in "02468"))]
