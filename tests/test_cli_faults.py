@@ -27,7 +27,7 @@ from fastpo.trainer.config import NUMERIC_RANGES, ResumeWarning, TrainConfig, co
 from fastpo.trainer.errors import UserInputError
 from fastpo.trainer.reporting import ReportWarning, read_metrics
 from fastpo.trainer.rewards import RewardFunction, RewardTerm, RewardTimeout, RewardWarning, call_with_timeout
-from test_trainer import QUICK, ROOT, cli_error, run, small_lm  # noqa: F401  (small_lm is a fixture)
+from test_trainer import QUICK, ROOT, cli_error, run
 
 steps_of = lambda out: [r["step"] for r in read_metrics(Path(out) / "metrics.jsonl")]
 

@@ -243,7 +243,8 @@ def test_dataset_run_with_template_math_and_batched_reward(small_lm, tmp_path):
     assert seen and all(p.startswith("<user>") and p.endswith("</user>=") for p in seen)
     import sys
 
-    module = next(m for n, m in sys.modules.items() if n.startswith("fastpo_user_reward_my_reward"))
+    module = next(m for n, m in sys.modules.items()   # this test's file: other tests load a my_reward.py too
+                  if n.startswith("fastpo_user_reward_my_reward") and getattr(m, "__file__", None) == str(reward_file))
     prompts, columns = module.CALLS[0]
     assert prompts[0].startswith("<user>") and set(columns) == {"solution", "level"}
     assert len(columns["level"]) == 4

@@ -351,9 +351,10 @@ NUMERIC_RANGES = {
 
 
 def _range_text(low, low_open, high, high_open) -> str:
+    """e.g. ">= 1" or "in (0, 1]" (bounds written shortest: 0, not 0.0)."""
     if high is None:
-        return f"{'>' if low_open else '>='} {low}"
-    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
 # --resume against the checkpoint's saved settings: these must match (the checkpoint's modules, optimiser
