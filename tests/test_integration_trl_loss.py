@@ -94,6 +94,7 @@ def _grpo_case(t, inputs, ratios, *, vllm=None, eval_mode=False, **settings):
 SERVED = {
     "grpo": dict(loss_type="grpo"),
     "grpo-nobias-delta": dict(loss_type="grpo", use_bias_correction_kl=False, delta=1.5),
+    "delta-below-clip": dict(loss_type="grpo", beta=0.0, delta=1.1, epsilon_high=0.28),
     "bnpo-entropy-mask": dict(loss_type="bnpo", top_entropy_quantile=0.5),
     "dr_grpo-offpolicy": dict(loss_type="dr_grpo", off_policy_mask_threshold=0.05),
     "dapo-vllm-token": dict(loss_type="dapo", vllm="token"),
@@ -144,7 +145,6 @@ def test_grpo_loss_served(case, grpo_batch):
 DELEGATED = {
     "cispo-cap-below-1": dict(loss_type="cispo", epsilon_high=0.28),
     "vespo-vllm": dict(loss_type="vespo", vllm="token"),
-    "delta-below-clip": dict(loss_type="grpo", beta=0.0, delta=1.1, epsilon_high=0.28),
     "seq-bias-kl": dict(loss_type="grpo", importance_sampling_level="sequence"),
     "seq-entropy-mask": dict(loss_type="bnpo", importance_sampling_level="sequence", beta=0.0,
                              top_entropy_quantile=0.5),

@@ -15,13 +15,13 @@ What fastpo serves:
 * GRPO: ``_compute_loss`` through one :func:`fastpo.policy_loss` call for the loss types grpo, bnpo,
   dr_grpo, dapo, luspo, cispo (``epsilon_high >= 1``), sapo and vespo (without the vLLM ratio), token or
   sequence ratio, ``beta`` with or without ``use_bias_correction_kl`` (sequence ratio: without), ``delta``
-  (>= 1 + epsilon_high, as TRL recommends),
+  (also below 1 + epsilon_high),
   ``top_entropy_quantile`` / ``off_policy_mask_threshold`` / the vLLM ``importance_sampling_ratio`` as
   per-token weights (``is_weights``; under a sequence ratio only sequence-constant ones);
   the entropy bonus (static or adaptive) and the MoE aux loss stay TRL's terms, on fastpo's entropies;
 * RLOO: ``_compute_loss`` as a one-token-per-sequence ``fastpo.policy_loss``.
 
-Everything else (a ``delta`` below 1 + epsilon_high, multi-dimensional
+Everything else (multi-dimensional
 advantages under a sequence ratio, the cases above excluded) runs TRL's own ``_compute_loss`` (``super()``),
 logged once per reason. The metrics keep TRL's names and its cross-process reductions (computed from detached
 tensors as TRL does). Log-ratios are clamped to +-20 before the exponential (fastpo's convention; TRL does not

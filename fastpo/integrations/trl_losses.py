@@ -74,11 +74,6 @@ def grpo_delegation(t, inputs) -> str | None:
         return f"loss_type={t.loss_type!r}"
     if t.loss_type == "vespo" and _vllm_ratio_on(t):
         return "vespo with the vLLM importance-sampling ratio (TRL folds it into the gamma weight)"
-    delta = t.args.delta
-    if t.loss_type in _CLIPPED and delta is not None and delta < 1 + t.epsilon_high:
-        # fastpo's fused clip kernels zero the gradient wherever the clipped branch is the max, which is wrong
-        # for 1 + epsilon_high > r > delta with A < 0 (r unclipped there); TRL recommends delta > 1 + epsilon_high
-        return f"delta={delta} < 1 + epsilon_high"
     if t.importance_sampling_level == "sequence":
         ratio = inputs.get("importance_sampling_ratio") if _vllm_ratio_on(t) else None
         if inputs["advantages"].dim() == 2:
