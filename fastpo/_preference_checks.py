@@ -89,9 +89,4 @@ def scalar_tensor(t, name: str, ref: torch.Tensor, ref_name: str) -> torch.Tenso
     return t.reshape(())
 
 
-def choice(value, name: str, allowed) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-    return value
+choice = check.check_choice

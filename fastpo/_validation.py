@@ -85,6 +85,16 @@ def check_int(value, name: str) -> int:
     return value
 
 
+def check_choice(value, name: str, choices) -> str:
+    """``value`` is a str among ``choices`` (mode strings of every op and config)."""
+    choices = tuple(choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 def check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Optional
 
+from fastpo._validation import check_choice as _choice
+
 __all__ = [
     "PolicyLossConfig", "PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO", "BNPO", "LUSPO", "CISPO", "CISPO_TRL", "SAPO",
     "GMPO", "GPG", "DPPO_TV", "DPPO_KL", "DRO", "VESPO",
@@ -40,14 +42,6 @@ def _real(value, name: str, *, optional: bool = False) -> Optional[float]:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _choice(value, name: str, choices) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, one of {choices}, got {type(value).__name__}")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
 
 
