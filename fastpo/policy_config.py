@@ -26,6 +26,8 @@ SURROGATES = ("clip", "cispo", "cispo_upper", "sapo", "reinforce", "dppo_tv", "d
               "ratio")
 # Surrogates whose ratio may be the GSPO sequence ratio (the others read log-probs, not a ratio).
 SEQUENCE_RATIO_SURROGATES = ("clip", "cispo", "cispo_upper", "sapo", "ratio")
+# Surrogates whose per-token gradient reads the whole sequence's log-probs (see PolicyLossConfig.token_local).
+NON_LOCAL_SURROGATES = ("geo_mean", "vespo")
 RATIO_LEVELS = ("token", "sequence")
 # kX+: the value of kX with the gradient of k2 (verl's straight-through estimators).
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
@@ -161,6 +163,15 @@ class PolicyLossConfig:
         _flag(self.kl_bias_correction, "kl_bias_correction")
         _flag(self.count_empty_sequences, "count_empty_sequences")
         self._check_combinations()
+
+    @property
+    def token_local(self) -> bool:
+        """Whether each token's loss gradient ∂L/∂logp_t reads no other token's log-prob: its ratio is the
+        token's own (not GSPO's sequence ratio) and the surrogate is not a sequence functional (geo_mean,
+        vespo). The masks, the aggregation weights and the rollout IS weights are constants of the batch,
+        so they keep a config token-local. :func:`fastpo.linear_policy_loss` takes its one-pass (three
+        GEMM) path exactly for these configs."""
+        return self.ratio_level == "token" and self.surrogate not in NON_LOCAL_SURROGATES
 
     def _check_combinations(self):
         """Options that only some surrogates read."""
