@@ -9,6 +9,7 @@ from fastpo.loss_output import LossOutput
 from fastpo.ops import linear_token_logprobs, token_logprobs
 from fastpo.reference.logprobs import LogProbOutputs
 from fastpo.ops.policy_loss import policy_loss
+from fastpo.ops.linear_policy_loss import linear_policy_loss
 from fastpo.ops.value_loss import value_loss
 from fastpo.policy_config import (BNPO, CISPO, CISPO_TRL, DAPO, DPPO_KL, DPPO_TV, DR_GRPO, DRO, GMPO, GPG, GRPO, GSPO,
                                    LUSPO, PPO, SAPO, VESPO, PolicyLossConfig)
@@ -31,6 +32,6 @@ __all__ = [
     "cpo_loss", "nll_loss", "kto_kl_ref_point", "ld_sequence_logprobs", "wpo_weights",
     "token_logprobs", "linear_token_logprobs", "LogProbOutputs",
     "LossOutput", "reference", "__version__",
-    "policy_loss", "value_loss", "PolicyLossConfig", "PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO",
+    "policy_loss", "linear_policy_loss", "value_loss", "PolicyLossConfig", "PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO",
     "BNPO", "LUSPO", "CISPO", "CISPO_TRL", "SAPO", "GMPO", "GPG", "DPPO_TV", "DPPO_KL", "DRO", "VESPO",
 ]
