@@ -7,6 +7,9 @@ Use it from a verl run with ``actor_rollout_ref.model.external_lib=fastpo.integr
 and ``fastpo_bypass_mode`` through
 ``verl.trainer.ppo.core_algos.register_policy_loss`` (and, when ``fastpo.integrations.verl_advantages``
 exists, its advantage estimators). It needs verl's ``core_algos`` only: no GPU, Ray workers or trainer.
+With ``FASTPO_VERL_FUSED_HEAD=1`` in the workers' environment the import also swaps verl's fused log-prob +
+entropy head (``use_fused_kernels``) for ``fastpo.linear_token_logprobs`` (``install_fused_head()``, see
+``fastpo.integrations.verl_head``).
 
 Each function has verl's signature ``(old_log_prob, log_prob, advantages, response_mask,
 loss_agg_mode="token-mean", config=None, rollout_is_weights=None) -> (loss, metrics)``, reads the same
@@ -40,8 +43,10 @@ from fastpo.ops.token_selection import clip_cov_weights, kl_cov_tokens
 from fastpo.policy_config import PolicyLossConfig
 
 from verl.trainer.ppo import core_algos  # noqa: E402  (this module exists to plug into verl)
+from fastpo.integrations.verl_head import install as install_fused_head, install_from_env  # noqa: E402
+from fastpo.integrations.verl_head import uninstall as uninstall_fused_head  # noqa: E402,F401
 
-__all__ = ["LOSSES", "register", "fastpo_config", "SAFETY_BOUND"]
+__all__ = ["LOSSES", "register", "fastpo_config", "SAFETY_BOUND", "install_fused_head", "uninstall_fused_head"]
 
 SAFETY_BOUND = 20.0  # verl's rollout_corr_helper clamp of IS log-ratios
 _AGG = {"token-mean": "token_mean", "token-sum": "token_sum", "seq-mean-token-mean": "seq_mean_token_mean",
@@ -299,3 +304,4 @@ def register() -> None:
 
 
 register()
+install_from_env()  # FASTPO_VERL_FUSED_HEAD=1: verl's FusedLinearForPPO is fastpo's (verl_head)
