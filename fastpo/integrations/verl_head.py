@@ -33,13 +33,12 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from contextlib import nullcontext
 from numbers import Real
 from typing import Optional
 
 import torch
 
-import fastpo
+from fastpo.integrations._head import head_logprobs, is_dtensor
 
 from verl.utils.experimental import torch_functional as _verl_tf  # noqa: E402  (this module swaps its class)
 
@@ -55,18 +54,10 @@ _LOGGED: set = set()
 _ORIGINAL = _verl_tf.FusedLinearForPPO  # verl's class, whatever install() later puts in its place
 
 
-def _is_dtensor(x: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(x, DTensor)
-
-
 def _delegate_reason(hidden_states, vocab_weights, temperature) -> Optional[str]:
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         return f"temperature of type {type(temperature).__name__} (fastpo takes a Python real)"
-    if _is_dtensor(hidden_states) or _is_dtensor(vocab_weights):
+    if is_dtensor(hidden_states) or is_dtensor(vocab_weights):
         return "DTensor hidden states or head weight"
     return None
 
@@ -88,13 +79,8 @@ class FastpoFusedLinearForPPO(_ORIGINAL):
         if tuple(input_ids.shape) != tuple(hidden_states.shape[:-1]):
             raise ValueError(f"input_ids {tuple(input_ids.shape)} must match hidden_states "
                              f"{tuple(hidden_states.shape)} without its last dimension")
-        device = hidden_states.device.type
-        autocast = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else hidden_states.dtype
-        with torch.autocast(device, enabled=False) if autocast else nullcontext():
-            log_probs, entropy = fastpo.linear_token_logprobs(
-                hidden_states.to(dtype), vocab_weights.to(dtype) if autocast else vocab_weights,
-                input_ids.to(torch.int64), temperature=float(temperature), return_entropy=True)
+        log_probs, entropy = head_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
+                                           temperature=temperature, return_entropy=True)
         STATS["served:fused_linear"] += 1
         return log_probs, entropy.to(hidden_states.dtype)
 
