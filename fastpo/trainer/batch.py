@@ -16,7 +16,8 @@ import torch
 
 import fastpo
 
-from .precision import FULL, Precision, head_operands, run_decoder
+from .packing import decoder_states
+from .precision import FULL, Precision, head_operands
 
 
 @dataclass
@@ -128,11 +129,11 @@ class TokenScorer(torch.nn.Module):
         self.lm = lm
         self.temperature = temperature
         self.chunk_size = chunk_size
-        self.precision = precision  # --bf16, --cast-lm-head-fp32 (precision.py)
+        self.precision = precision  # --bf16, --cast-lm-head-fp32 (precision.py), --padding-free (packing.py)
 
     def forward(self, input_ids, attention_mask, rows, positions, labels, return_entropy: bool = False):
-        hidden = run_decoder(self.lm.get_decoder(), input_ids, attention_mask, self.precision)
-        h, weight, bias = head_operands(hidden[rows, positions], self.lm.get_output_embeddings(), self.precision)
+        hidden = decoder_states(self.lm.get_decoder(), input_ids, attention_mask, rows, positions, self.precision)
+        h, weight, bias = head_operands(hidden, self.lm.get_output_embeddings(), self.precision)
         return fastpo.linear_token_logprobs(h, weight, labels, bias=bias, temperature=self.temperature,
                                             return_entropy=return_entropy, chunk_size=self.chunk_size)
 

@@ -112,6 +112,11 @@ class TrainConfig:
     bf16: bool = field(default=False, metadata={
         "help": "bf16 autocast over float32 master weights (as Hugging Face's Trainer bf16=True); needs "
                 "--dtype float32"})
+    padding_free: Optional[bool] = field(default=None, metadata={
+        "help": "pack each forward's sequences back to back with restarting position_ids instead of padding them "
+                "(TRL's padding_free): flash-attn varlen on CUDA when installed, else transformers' block-diagonal "
+                "mask (dense [T, T]: use --micro-batch-size); default: on where flash-attn runs it (CUDA, bf16), "
+                "off elsewhere (see fastpo/trainer/packing.py)"})
     cast_lm_head_fp32: bool = field(default=False, metadata={
         "help": "compute the lm_head log-probs from float32 hidden states and weights (under --bf16 or "
                 "--dtype bfloat16)"})
@@ -263,6 +268,9 @@ class TrainConfig:
 
         if self.lr_scheduler not in SCHEDULERS:
             raise UserInputError(f"--lr-scheduler: unknown value {self.lr_scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+        from .packing import check_padding_free
+
+        check_padding_free(self.padding_free)
         if self.bf16 and self.dtype != "float32":
             raise UserInputError("--bf16 autocasts over float32 master weights: use it with --dtype float32 "
                                  "(--dtype bfloat16 alone trains a bf16 model)")

@@ -39,7 +39,9 @@ from .distributed import all_sum, barrier, init_distributed, initialise_sharded,
 from .data import PromptFormatter, load_eval_examples
 from .errors import UserInputError
 from .evaluation import Evaluator
-from .models import ValueModel, load_policy, precision_of, prepare_policy, reference_policy, resolve_model_source
+from .models import (ValueModel, compute_dtype, load_policy, precision_of, prepare_policy, reference_policy,
+                     resolve_model_source)
+from .packing import PaddingFreeWarning, padding_free_warning, resolve_padding_free
 from .microbatch import accumulate_gradients, split_experience
 from .reporting import Reporter
 from .trackers import parse_report_to
@@ -113,7 +115,12 @@ class Trainer:
         self.prompts, self.pairs, self.rewards = self._data()
         self.eval_examples = load_eval_examples(cfg)  # --eval-data / --eval-split (held out)
         self.model_source = resolve_model_source(cfg.model, log=self.log)
-        self.lm, self.tokenizer = load_policy(self.model_source, cfg.dtype, self.device)
+        # --padding-free: on/off for this device, and flash-attn's varlen attention where it runs (packing.py)
+        padding_free, attn_implementation = resolve_padding_free(cfg.padding_free, self.device, compute_dtype(cfg))
+        message = padding_free_warning(padding_free, attn_implementation, cfg.micro_batch_size)
+        if message is not None and self.dist.is_main:
+            warnings.warn(message, PaddingFreeWarning, stacklevel=2)
+        self.lm, self.tokenizer = load_policy(self.model_source, cfg.dtype, self.device, attn_implementation)
         self.lm = prepare_policy(self.lm, cfg)  # LoRA adapters (and memory settings), see models.py
         self.format_prompt = PromptFormatter(self.tokenizer, cfg.chat_template)  # --chat-template
         if isinstance(self.prompts, ExamplePool):
@@ -125,10 +132,11 @@ class Trainer:
             self.ref = reference_policy(self.lm, cfg)  # a frozen copy, or LoRA's adapter-disabled base
         self.ref_step = 0
         self.critic = self.critic_eval = None
-        self.policy_eval = TokenScorer(self.lm, temperature=cfg.temperature, precision=precision_of(cfg))
+        self.precision = precision_of(cfg, self.device)  # --bf16, --cast-lm-head-fp32, --padding-free
+        self.policy_eval = TokenScorer(self.lm, temperature=cfg.temperature, precision=self.precision)
         self.trainable_modules = torch.nn.ModuleDict({"policy": self.policy_eval})
         if self.algo.needs_critic:
-            self.critic_eval = ValueModel(self.lm, precision=precision_of(cfg))
+            self.critic_eval = ValueModel(self.lm, precision=self.precision)
             self.trainable_modules["critic"] = self.critic_eval
         if cfg.fsdp:  # shard before the optimiser sees the parameters
             probe = make_token_batch([[self.tokenizer.pad_token_id]], [[self.tokenizer.pad_token_id]],

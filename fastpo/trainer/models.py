@@ -11,7 +11,8 @@ import torch
 
 from .batch import TokenBatch, TokenScorer
 from .errors import UserInputError
-from .precision import FULL, Precision, enable_gradient_checkpointing, run_decoder
+from .packing import decoder_states, resolve_padding_free
+from .precision import FULL, Precision, enable_gradient_checkpointing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -29,13 +30,15 @@ def resolve_model_source(name: Optional[str], log=print) -> str:
     return name
 
 
-def load_policy(name: str, dtype: str, device: torch.device):
-    """(causal LM, tokenizer) from a source that :func:`resolve_model_source` returned."""
+def load_policy(name: str, dtype: str, device: torch.device, attn_implementation: Optional[str] = None):
+    """(causal LM, tokenizer) from a source that :func:`resolve_model_source` returned; the model's own
+    attention implementation unless ``attn_implementation`` names one (``flash_attention_2``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], **extra)
     except (OSError, ValueError) as exc:
         raise UserInputError(f"--model {name}: could not load a causal LM and tokenizer ({exc})") from None
     if tokenizer.pad_token_id is None:
@@ -65,9 +68,17 @@ def prepare_policy(lm: torch.nn.Module, cfg) -> torch.nn.Module:
     return lm
 
 
-def precision_of(cfg) -> Precision:
-    """The forward passes' precision settings (``--bf16``, ``--cast-lm-head-fp32``; see precision.py)."""
-    return Precision(autocast=torch.bfloat16 if cfg.bf16 else None, head_fp32=cfg.cast_lm_head_fp32)
+def compute_dtype(cfg) -> torch.dtype:
+    """The dtype the decoder's matmuls run in: bf16 under ``--bf16`` or ``--dtype bfloat16``."""
+    return torch.bfloat16 if cfg.bf16 or cfg.dtype == "bfloat16" else torch.float32
+
+
+def precision_of(cfg, device: torch.device) -> Precision:
+    """The forward passes' settings (``--bf16``, ``--cast-lm-head-fp32``, see precision.py;
+    ``--padding-free`` as resolved for ``device``, see packing.py)."""
+    padding_free, _ = resolve_padding_free(cfg.padding_free, device, compute_dtype(cfg))
+    return Precision(autocast=torch.bfloat16 if cfg.bf16 else None, head_fp32=cfg.cast_lm_head_fp32,
+                     padding_free=padding_free)
 
 
 def reference_policy(lm: torch.nn.Module, cfg) -> TokenScorer:
@@ -75,9 +86,10 @@ def reference_policy(lm: torch.nn.Module, cfg) -> TokenScorer:
     its adapters disabled (the base model, no copy)."""
     from .lora import is_lora, lora_reference
 
+    precision = precision_of(cfg, next(lm.parameters()).device)
     if is_lora(lm):
-        return lora_reference(lm, cfg.temperature, precision_of(cfg))
-    return frozen_copy(lm, cfg.temperature, precision_of(cfg))
+        return lora_reference(lm, cfg.temperature, precision)
+    return frozen_copy(lm, cfg.temperature, precision)
 
 
 def frozen_copy(lm: torch.nn.Module, temperature: float, precision: Precision = FULL) -> TokenScorer:
@@ -106,8 +118,8 @@ class ValueModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
-        hidden = run_decoder(self.backbone, input_ids, attention_mask, self.precision)
-        return self.head(hidden[rows, positions].float()).squeeze(-1)
+        hidden = decoder_states(self.backbone, input_ids, attention_mask, rows, positions, self.precision)
+        return self.head(hidden.float()).squeeze(-1)
 
 
 def values_of(critic: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""How the trainer's forward passes run: bf16 autocast, the lm_head's dtype, gradient checkpointing.
+"""How the trainer's forward passes run: bf16 autocast, the lm_head's dtype, gradient checkpointing
+(and whether the sequences are packed: ``Precision.padding_free``, see packing.py).
 
 - ``--bf16``: mixed precision as Hugging Face's Trainer (and so TRL) does it with ``bf16=True``: the
   weights, their gradients and AdamW's state stay float32 (the master weights), and the decoder runs
@@ -29,6 +30,7 @@ import torch
 class Precision:
     autocast: Optional[torch.dtype] = None   # --bf16: torch.bfloat16
     head_fp32: bool = False                  # --cast-lm-head-fp32
+    padding_free: bool = False               # --padding-free: sequences packed in one row (packing.py)
 
 
 FULL = Precision()
@@ -51,13 +53,15 @@ def _checkpointing(module: torch.nn.Module):
             layer.training = False
 
 
-def run_decoder(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                precision: Precision = FULL) -> torch.Tensor:
-    """The decoder's last hidden states ``[B, L, D]`` under ``precision`` (and checkpointing)."""
+def run_decoder(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                precision: Precision = FULL, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The decoder's last hidden states ``[B, L, D]`` under ``precision`` (and checkpointing);
+    ``position_ids`` with no ``attention_mask`` is the packed layout (packing.py)."""
     autocast = (torch.autocast(input_ids.device.type, dtype=precision.autocast) if precision.autocast is not None
                 else contextlib.nullcontext())
     with autocast, _checkpointing(decoder):
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state
 
 
 def head_operands(hidden: torch.Tensor, head: torch.nn.Module, precision: Precision = FULL):

@@ -18,6 +18,7 @@ import fastpo
 
 from ...rollout.base import Rollout, SamplingSettings
 from ..batch import TokenBatch, make_token_batch, score_in_chunks, token_logprobs
+from ..packing import padding_fraction
 
 
 @dataclass
@@ -192,6 +193,8 @@ class Algorithm(ABC):
             "reward_mean": float(rewards.mean()) if rewards.numel() else None,
             "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "response_len": float(batch.lengths.float().mean()) if rewards.numel() else 0.0,
+            # share of the padded forward's token positions that are padding (what --padding-free skips)
+            "padding_frac": padding_fraction(batch.attention_mask, self.cfg.micro_batch_size),
             "finished_frac": sum(rollout.finished) / max(len(rollout), 1),
             "entropy": float(entropy.sum() / n_tok),
             "rollout_logp_abs_diff": float(gap.sum() / n_tok),
