@@ -178,7 +178,8 @@ FASTPO_NO_SINK void policy_tokens(const TokenConsts<T>& consts, const TokenLossA
     const SurOut<T> sur = surrogate<SURR>(k, SurIn<T>{x, olds[t], A, raw_delta, delta, ratio, d_ratio});
     T pg = sur.loss, d_pg = sur.dloss;
     if (IS == 1) {
-      const T w = exp_fast(clamp_abs<T>(olds[t] - rolls[t], C));
+      const T raw_lw = olds[t] - rolls[t];
+      const T w = exp_fast(clamp_abs<T>(raw_lw == raw_lw ? raw_lw : T(0), C));  // NaN rollout logp: Δ = 0 (TRL)
       const T w_capped = w > cap ? cap_value : w;  // truncated to the cap, or masked to 0
       pg *= w_capped;
       d_pg *= w_capped;
@@ -264,14 +265,19 @@ inline int64_t count_tokens(const uint8_t* __restrict m, int64_t begin, int64_t 
 }
 
 // Σ over the counted tokens of [begin, end) of clamp(p − q, ±C) (a select, so padding never leaks).
-template <class T>
+// NAN_ZERO: a NaN difference counts as 0 (the rollout log-probs: a token vLLM could not score, as TRL).
+template <class T, bool NAN_ZERO = false>
 double masked_log_ratio_sum(const T* __restrict p, const T* __restrict q, const uint8_t* __restrict m, int64_t begin,
                             int64_t end, T C) {
   T sum = 0;
 #ifdef _OPENMP
 #pragma omp simd reduction(+ : sum)
 #endif
-  for (int64_t t = begin; t < end; ++t) sum += m[t] != 0 ? clamp_abs<T>(p[t] - q[t], C) : T(0);
+  for (int64_t t = begin; t < end; ++t) {
+    T d = p[t] - q[t];
+    if (NAN_ZERO) d = d == d ? d : T(0);
+    sum += m[t] != 0 ? clamp_abs<T>(d, C) : T(0);
+  }
   return static_cast<double>(sum);
 }
 
@@ -324,7 +330,7 @@ void policy_sequence(const TokenLossSpec& s, const TokenLossArgs<T>& a, int64_t 
   const bool geo = s.surrogate == kGeoMean, vespo = s.surrogate == kVespo;
   const double n = static_cast<double>(count_tokens(a.mask, begin, end));
   const double sum_delta = s.seq_ratio || vespo ? masked_log_ratio_sum(a.x, a.old, a.mask, begin, end, C) : 0.0;
-  double sum_log_w = s.rollout_seq ? masked_log_ratio_sum(a.old, a.roll, a.mask, begin, end, C) : 0.0;
+  double sum_log_w = s.rollout_seq ? masked_log_ratio_sum<T, true>(a.old, a.roll, a.mask, begin, end, C) : 0.0;
   if (geo && s.rollout_given) sum_log_w = masked_log_weight_sum(a.roll, a.mask, begin, end);
   const double inv_n = n > 0 ? 1.0 / n : 0.0;
   TokenConsts<T> k;

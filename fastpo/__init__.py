@@ -13,6 +13,7 @@ from fastpo.ops.linear_policy_loss import linear_policy_loss
 from fastpo.ops.value_loss import value_loss
 from fastpo.policy_config import (BNPO, CISPO, CISPO_TRL, DAPO, DPPO_KL, DPPO_TV, DR_GRPO, DRO, GMPO, GPG, GRPO, GSPO,
                                    LUSPO, PPO, SAPO, VESPO, PolicyLossConfig)
+from fastpo.policy_config import CLIP_COV, KL_COV
 from fastpo.ops.gae import gae
 from fastpo.ops.group_advantages import group_advantages, process_advantages
 from fastpo.ops.multi_reward import multi_reward_advantages
@@ -34,4 +35,5 @@ __all__ = [
     "LossOutput", "reference", "__version__",
     "policy_loss", "linear_policy_loss", "value_loss", "PolicyLossConfig", "PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO",
     "BNPO", "LUSPO", "CISPO", "CISPO_TRL", "SAPO", "GMPO", "GPG", "DPPO_TV", "DPPO_KL", "DRO", "VESPO",
+    "CLIP_COV", "KL_COV",
 ]

@@ -11,14 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Real
-from typing import Optional
+from typing import Optional, Union
 
 from fastpo._validation import check_choice as _choice
 
 __all__ = [
     "PolicyLossConfig", "PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO", "BNPO", "LUSPO", "CISPO", "CISPO_TRL", "SAPO",
     "GMPO", "GPG", "DPPO_TV", "DPPO_KL", "DRO", "VESPO",
-    "SURROGATES", "RATIO_LEVELS", "KL_ESTIMATORS", "AGGREGATIONS", "ROLLOUT_IS_MODES",
+    "CLIP_COV", "KL_COV", "SURROGATES", "RATIO_LEVELS", "KL_ESTIMATORS", "AGGREGATIONS", "ROLLOUT_IS_MODES",
+    "ROLLOUT_IS_SEQUENCE_RATIOS",
 ]
 
 # The per-token objective; fastpo.reference.policy states each formula.
@@ -33,6 +34,8 @@ RATIO_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm", "token_sum")
 ROLLOUT_IS_MODES = ("none", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask")
+# The sequence modes' weight: exp(mean_t Δ) (fastpo's historical default) or exp(Σ_t Δ) (verl and TRL).
+ROLLOUT_IS_SEQUENCE_RATIOS = ("geometric_mean", "product")
 
 
 def _real(value, name: str, *, optional: bool = False) -> Optional[float]:
@@ -91,6 +94,25 @@ class PolicyLossConfig:
     ``kl_bias_correction``: the KL term times the (differentiable) ratio, TRL's ``use_bias_correction_kl``.
     ``count_empty_sequences``: the sequence means divide by every sequence of the batch, empty ones too
     (TRL's grpo / luspo and verl's geo_mean), instead of by the non-empty ones (verl's agg_loss).
+
+    Token selection over the batch (``fastpo.ops.policy_prepass``: one detached pass before the fused loss;
+    global across data-parallel ranks with ``policy_loss(process_group=)``): ``clip_cov_ratio`` (None or in
+    (0, 1]; surrogate "clip"): Clip-Cov cuts the gradient of max(1, ⌊ratio·N⌋) random unclipped tokens with
+    ``clip_cov_lower`` < cov_t < ``clip_cov_upper``; ``kl_cov_ratio`` (None or in (0, 1]): KL-Cov adds
+    ``kl_cov_coef``·|logp − old_logp| on the max(1, ⌊ratio·N⌋) tokens of largest covariance;
+    ``top_entropy_quantile`` (in (0, 1]; 1 = off, TRL's name): only tokens whose entropy is at least the
+    (1 − q) quantile keep their policy term; ``off_policy_mask_threshold`` (None or a float, TRL's OPSM):
+    sequences with A < 0 whose mean of rollout_logp − logp (old_logp without rollout_logp) exceeds it drop
+    their policy term.
+
+    Rollout correction beyond the per-token cap: ``rollout_is_sequence_ratio`` ("geometric_mean" |
+    "product": exp Σ_t Δ, as verl and TRL) for the sequence modes; ``rollout_is_floor`` (None or in (0,
+    cap]): the lower bound (truncate: clamp up to it, TRL's clip_min; mask: 0 below it, IcePop);
+    ``rollout_is_batch_normalize``: divide the weights by their batch mean (over sequences at sequence
+    level; verl's); ``rollout_rejection`` (None or verl's comma-chained ``rollout_rs`` options
+    token_k1/k2/k3, seq_sum_*, seq_mean_*, seq_max_k2/k3) with ``rollout_rejection_threshold`` (a number
+    or verl's string: "lo_hi" for k1, one value or one per option): rejected tokens leave the mask.
+    NaN rollout log-probs on counted tokens (vLLM could not score them) give Δ = 0, as TRL.
     """
 
     clip_low: float = 0.2
@@ -117,10 +139,23 @@ class PolicyLossConfig:
     vespo_lambda_neg: float = 2.0
     kl_bias_correction: bool = False
     count_empty_sequences: bool = False
+    clip_cov_ratio: Optional[float] = None
+    clip_cov_lower: float = 1.0
+    clip_cov_upper: float = 5.0
+    kl_cov_ratio: Optional[float] = None
+    kl_cov_coef: float = 1.0
+    top_entropy_quantile: float = 1.0
+    off_policy_mask_threshold: Optional[float] = None
+    rollout_is_sequence_ratio: str = "geometric_mean"
+    rollout_is_floor: Optional[float] = None
+    rollout_is_batch_normalize: bool = False
+    rollout_rejection: Optional[str] = None
+    rollout_rejection_threshold: Union[str, float, None] = None
 
     def __post_init__(self):
         def put(name, value):
             object.__setattr__(self, name, value)
+            return value
 
         put("clip_low", _real(self.clip_low, "clip_low"))
         if not 0.0 <= self.clip_low < 1.0:
@@ -162,6 +197,8 @@ class PolicyLossConfig:
             put(name, _real(getattr(self, name), name))
         _flag(self.kl_bias_correction, "kl_bias_correction")
         _flag(self.count_empty_sequences, "count_empty_sequences")
+        self._check_selection(put)
+        self._check_rollout(put)
         self._check_combinations()
 
     @property
@@ -171,7 +208,64 @@ class PolicyLossConfig:
         vespo). The masks, the aggregation weights and the rollout IS weights are constants of the batch,
         so they keep a config token-local. :func:`fastpo.linear_policy_loss` takes its one-pass (three
         GEMM) path exactly for these configs."""
-        return self.ratio_level == "token" and self.surrogate not in NON_LOCAL_SURROGATES
+        return (self.ratio_level == "token" and self.surrogate not in NON_LOCAL_SURROGATES
+                and not self.selects_tokens)
+
+    @property
+    def selects_tokens(self) -> bool:
+        """Whether a token-selection step runs over the batch (Clip-Cov, KL-Cov, the entropy quantile,
+        OPSM): each reads other tokens' log-probs or entropies, so such a config is not token_local."""
+        return (self.clip_cov_ratio is not None or self.kl_cov_ratio is not None or self.top_entropy_quantile < 1.0
+                or self.off_policy_mask_threshold is not None)
+
+    def _check_selection(self, put):
+        for name in ("clip_cov_ratio", "kl_cov_ratio"):
+            v = put(name, _real(getattr(self, name), name, optional=True))
+            if v is not None and not 0.0 < v <= 1.0:
+                raise ValueError(f"{name} must be None or lie in (0, 1], got {v}")
+        put("clip_cov_lower", _real(self.clip_cov_lower, "clip_cov_lower"))
+        put("clip_cov_upper", _real(self.clip_cov_upper, "clip_cov_upper"))
+        if not self.clip_cov_lower < self.clip_cov_upper:
+            raise ValueError(f"clip_cov_lower must be < clip_cov_upper, got {self.clip_cov_lower} and "
+                             f"{self.clip_cov_upper}")
+        put("kl_cov_coef", _real(self.kl_cov_coef, "kl_cov_coef"))
+        if self.kl_cov_coef < 0.0:
+            raise ValueError(f"kl_cov_coef must be >= 0, got {self.kl_cov_coef}")
+        q = put("top_entropy_quantile", _real(self.top_entropy_quantile, "top_entropy_quantile"))
+        if not 0.0 < q <= 1.0:
+            raise ValueError(f"top_entropy_quantile must lie in (0, 1] (1: off), got {q}")
+        put("off_policy_mask_threshold", _real(self.off_policy_mask_threshold, "off_policy_mask_threshold",
+                                               optional=True))
+        if self.clip_cov_ratio is not None and self.surrogate != "clip":
+            raise ValueError(f"clip_cov_ratio selects among the tokens PPO's clip leaves unclipped: it needs "
+                             f"surrogate='clip', got surrogate={self.surrogate!r}")
+        if self.selects_tokens and self.ratio_level != "token":
+            raise ValueError("token selection (clip_cov_ratio, kl_cov_ratio, top_entropy_quantile, "
+                             "off_policy_mask_threshold) needs ratio_level='token'")
+
+    def _check_rollout(self, put):
+        _choice(self.rollout_is_sequence_ratio, "rollout_is_sequence_ratio", ROLLOUT_IS_SEQUENCE_RATIOS)
+        floor = put("rollout_is_floor", _positive(self.rollout_is_floor, "rollout_is_floor", optional=True))
+        if floor is not None and floor > self.rollout_is_cap:
+            raise ValueError(f"rollout_is_floor must be <= rollout_is_cap, got {floor} > {self.rollout_is_cap}")
+        _flag(self.rollout_is_batch_normalize, "rollout_is_batch_normalize")
+        if self.rollout_is == "none" and (floor is not None or self.rollout_is_batch_normalize
+                                          or self.rollout_is_sequence_ratio != "geometric_mean"):
+            raise ValueError("rollout_is_floor, rollout_is_batch_normalize and rollout_is_sequence_ratio need a "
+                             "rollout_is mode, got rollout_is='none'")
+        rs, th = self.rollout_rejection, self.rollout_rejection_threshold
+        if rs is None:
+            if th is not None:
+                raise ValueError("rollout_rejection_threshold needs rollout_rejection (got None)")
+            return
+        if not isinstance(rs, str):
+            raise TypeError(f"rollout_rejection must be a str or None, got {type(rs).__name__}")
+        if th is None:
+            raise ValueError(f"rollout_rejection={rs!r} needs rollout_rejection_threshold (got None)")
+        if isinstance(th, bool) or not isinstance(th, (str, Real)):
+            raise TypeError(f"rollout_rejection_threshold must be a str or a number, got {type(th).__name__}")
+        from fastpo.ops.rollout_correction import parse_rejection  # validates the options and thresholds
+        parse_rejection(rs, th)
 
     def _check_combinations(self):
         """Options that only some surrogates read."""
@@ -273,3 +367,15 @@ VESPO = PolicyLossConfig(surrogate="vespo", kl_coef=0.0, aggregation="token_mean
 """VESPO (arXiv 2602.10693, "Variational Sequence-Level Soft Policy Optimization"), TRL ``loss_type="vespo"``:
 −sg(φ(w))·A·logp with w = exp(Σ_t Δ) the sequence ratio and φ(w) = e^λ·w^k·e^(−λw), k/λ = 2/3 for A >= 0
 and 3/2 for A < 0 (TRL's defaults), token_mean (TRL normalises by the global token count)."""
+
+CLIP_COV = PolicyLossConfig(clip_low=0.2, clip_high=0.2, kl_coef=0.0, aggregation="token_mean", clip_cov_ratio=2e-4,
+                            clip_cov_lower=1.0, clip_cov_upper=5.0)
+"""Clip-Cov (Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models",
+arXiv 2505.22617), verl's ``clip_cov``: the PPO clip (ε = 0.2, no dual clip) with the gradient cut on
+max(1, ⌊2e-4·N⌋) random unclipped tokens whose covariance lies in (1, 5) (verl's yaml defaults
+clip_cov_ratio = 2e-4, clip_cov_lb = 1, clip_cov_ub = 5), token_mean."""
+
+KL_COV = PolicyLossConfig(surrogate="ratio", kl_coef=0.0, aggregation="token_mean", kl_cov_ratio=2e-4, kl_cov_coef=0.1)
+"""KL-Cov (Cui et al. 2025, arXiv 2505.22617), verl's ``kl_cov``: −A·r unclipped plus 0.1·|logp − old_logp|
+on the max(1, ⌊2e-4·N⌋) tokens of largest covariance (verl's yaml defaults kl_cov_ratio = 2e-4,
+ppo_kl_coef = 0.1; its code falls back to 1.0), token_mean."""

@@ -101,7 +101,9 @@ def _token_loss_fwd_kernel(
             if ROLLOUT_SEQ:
                 o = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
                 ro = tl.load(roll_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-                sum_logw += tl.sum(tl.where(on, tl.minimum(tl.maximum(o - ro, -CLAMP), CLAMP), 0.0), axis=0)
+                lw = o - ro
+                lw = tl.where(lw == lw, lw, 0.0)  # a NaN rollout log-prob gives Δ = 0 (TRL)
+                sum_logw += tl.sum(tl.where(on, tl.minimum(tl.maximum(lw, -CLAMP), CLAMP), 0.0), axis=0)
             if GEO and ROLLOUT_GIVEN:
                 wg = tl.load(roll_ptr + offs, mask=inb, other=1.0).to(tl.float32)
                 sum_logw += tl.sum(tl.where(on, tl.log(wg + 1e-10), 0.0), axis=0)
@@ -194,7 +196,9 @@ def _token_loss_fwd_kernel(
                     w = tl.load(roll_ptr + offs, mask=inb, other=0.0).to(tl.float32)
                 else:
                     ro = tl.load(roll_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-                    w = tl.exp(tl.minimum(tl.maximum(o - ro, -CLAMP), CLAMP))
+                    lw = o - ro
+                    lw = tl.where(lw == lw, lw, 0.0)  # a NaN rollout log-prob gives Δ = 0 (TRL)
+                    w = tl.exp(tl.minimum(tl.maximum(lw, -CLAMP), CLAMP))
                     if ROLLOUT_MASK:
                         w = tl.where(w > is_cap, 0.0, w)
                     else:

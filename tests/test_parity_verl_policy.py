@@ -153,11 +153,12 @@ def test_every_builtin_is_registered():
 @pytest.mark.parametrize("info", list(INFOS))
 def test_cov_losses_equal_verl(name, mode, info):
     """Clip-Cov / KL-Cov with a selection ratio that picks several tokens of this small batch (the same
-    global-generator state for verl's and fastpo's random pick)."""
+    global-generator state for verl's and fastpo's random pick), selected inside fastpo.policy_loss; with
+    rollout_is_weights for both (verl weighs KL-Cov's term too)."""
     overrides = dict(clip_cov_ratio=0.1, clip_cov_lb=-1.0, clip_cov_ub=5.0, kl_cov_ratio=0.1, ppo_kl_coef=0.5)
     for seed in (0, 1):
         log_prob, old, adv, mask, weights = make_batch(seed, token_adv=seed == 1)
-        w = weights if name == "clip_cov" and seed == 1 else None
+        w = weights if seed == 1 else None
         config = actor_config(name, INFOS[info], policy_loss=overrides)
         torch.manual_seed(seed)
         want = run(core_algos.get_policy_loss_fn(name), log_prob, old, adv, mask, mode, config, w)

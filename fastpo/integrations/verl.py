@@ -19,11 +19,11 @@ where verl's does (sapo: seq-mean-token-mean; geo_mean: the mean over the micro-
 returns the same metric keys as Python floats. The loss and its gradient come from one fused
 ``fastpo.policy_loss`` call; ``rollout_is_weights`` go in as its ``is_weights``.
 
-``clip_cov`` and ``kl_cov`` select their tokens with ``fastpo.ops.token_selection`` (one pass over the
-micro-batch, as verl; ``clip_cov``'s random pick draws from torch's global generator, as verl).
-``bypass_mode``'s weights and rejection sampling come from ``fastpo.ops.rollout_correction``.
-Not covered (NotImplementedError): ``kl_cov`` with ``rollout_is_weights``, and in ``bypass_mode``
-batch-normalised weights under torch.distributed. ``bypass_mode``'s ``rollout_corr/*`` diagnostics are computed by
+``clip_cov`` and ``kl_cov`` select their tokens inside ``fastpo.policy_loss`` (``clip_cov_ratio`` /
+``kl_cov_ratio``: one pass over the micro-batch, as verl; ``clip_cov``'s random pick draws from torch's
+global generator, as verl). ``bypass_mode``'s weights and rejection sampling come from
+``fastpo.ops.rollout_correction``. Not covered (NotImplementedError): in ``bypass_mode`` batch-normalised
+weights under torch.distributed. ``bypass_mode``'s ``rollout_corr/*`` diagnostics are computed by
 verl's own ``compute_rollout_correction_and_rejection_mask`` (no_grad, metrics only), so that the keys
 and values match verl's; the weights and the loss are fastpo's.
 """
@@ -39,7 +39,6 @@ import torch
 
 import fastpo
 from fastpo.ops.rollout_correction import rejection_mask, rollout_is_weights
-from fastpo.ops.token_selection import clip_cov_weights, kl_cov_tokens
 from fastpo.policy_config import PolicyLossConfig
 
 from verl.trainer.ppo import core_algos  # noqa: E402  (this module exists to plug into verl)
@@ -238,50 +237,40 @@ def fastpo_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantag
                     response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
                     rollout_is_weights: Optional[torch.Tensor] = None):
     """verl's ``clip_cov``: the PPO clip (no dual clip) with the gradient of a random few high-covariance
-    tokens cut (fastpo.ops.token_selection.clip_cov_weights, into is_weights)."""
+    tokens cut, selected inside fastpo.policy_loss (``PolicyLossConfig.clip_cov_ratio``; torch's global
+    generator, as verl)."""
     assert config is not None
     pl = config.policy_loss
     get = lambda v, default: default if v is None else v  # noqa: E731
     lo, hi = _clip_bounds(config)
     ratio = get(pl.clip_cov_ratio, 0.0002)
     assert ratio > 0, "clip_ratio should be larger than 0."
-    mask = response_mask != 0
-    keep = clip_cov_weights(log_prob, old_log_prob, advantages, mask, clip_low=lo, clip_high=hi, clip_cov_ratio=ratio,
-                            clip_cov_lb=get(pl.clip_cov_lb, 1.0), clip_cov_ub=get(pl.clip_cov_ub, 5.0))
-    w = keep if rollout_is_weights is None else keep * rollout_is_weights
-    cfg = PolicyLossConfig(clip_low=lo, clip_high=hi, kl_coef=0.0, aggregation=_AGG[_check_mode(loss_agg_mode)])
-    loss, metrics = _call(cfg, old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, w)
-    cut = ((keep == 0) & mask).sum() / mask.sum().clamp(min=1)
-    return loss, {"actor/pg_clipfrac": float(cut.item()), "actor/ppo_kl": _f(metrics, "ppo_kl")}
+    cfg = PolicyLossConfig(clip_low=lo, clip_high=hi, kl_coef=0.0, aggregation=_AGG[_check_mode(loss_agg_mode)],
+                           clip_cov_ratio=float(ratio), clip_cov_lower=float(get(pl.clip_cov_lb, 1.0)),
+                           clip_cov_upper=float(get(pl.clip_cov_ub, 5.0)))
+    loss, metrics = _call(cfg, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                          rollout_is_weights)
+    return loss, {"actor/pg_clipfrac": _f(metrics, "clip_cov_frac"), "actor/ppo_kl": _f(metrics, "ppo_kl")}
 
 
 def fastpo_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                   response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
                   rollout_is_weights: Optional[torch.Tensor] = None):
-    """verl's ``kl_cov``: −A·r unclipped, plus ppo_kl_coef·|logp − old_logp| on the top few covariance tokens
-    (fastpo.ops.token_selection.kl_cov_tokens), as fastpo's "abs" KL term against a reference equal to
-    old_log_prob there and to log_prob (a zero term, zero gradient) elsewhere."""
+    """verl's ``kl_cov``: −A·r unclipped, plus ppo_kl_coef·|logp − old_logp| on the top few covariance tokens,
+    selected inside fastpo.policy_loss (``PolicyLossConfig.kl_cov_ratio``); ``rollout_is_weights`` weigh
+    both terms, as verl."""
     assert config is not None
-    if rollout_is_weights is not None:  # verl weighs the KL-Cov term too; fastpo's KL term is unweighted
-        raise NotImplementedError("fastpo_kl_cov with rollout_is_weights; use loss_mode=kl_cov")
     pl = config.policy_loss
     ratio = pl.kl_cov_ratio if pl.kl_cov_ratio is not None else 0.0002
     coef = pl.ppo_kl_coef if pl.ppo_kl_coef is not None else 1.0
     assert ratio > 0, "kl_cov_ratio should be larger than 0."
+    cfg = PolicyLossConfig(surrogate="ratio", kl_coef=0.0, aggregation=_AGG[_check_mode(loss_agg_mode)],
+                           kl_cov_ratio=float(ratio), kl_cov_coef=float(coef))
+    loss, _ = _call(cfg, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                    rollout_is_weights)
     mask = response_mask != 0
-    selected = kl_cov_tokens(log_prob, advantages, mask, kl_cov_ratio=ratio)
-    ref = torch.where(selected, old_log_prob, log_prob.detach())
-    cfg = PolicyLossConfig(surrogate="ratio", kl_coef=float(coef), kl_estimator="abs", kl_clamp=None,
-                           aggregation=_AGG[_check_mode(loss_agg_mode)])
-    info = dict(getattr(config, "global_batch_info", None) or {})
-    if cfg.aggregation.startswith("seq_mean") and info.get("global_batch_size") is not None:
-        cfg = dataclasses.replace(cfg, count_empty_sequences=True)
-    out = fastpo.policy_loss(log_prob, old_log_prob.detach(), advantages.detach(), mask, ref_logp=ref,
-                             num_tokens=info.get("batch_num_tokens") if cfg.aggregation == "token_mean" else None,
-                             config=cfg)
     abs_kl = torch.where(mask, (log_prob.detach() - old_log_prob).abs(), torch.zeros_like(log_prob)).sum()
-    return (_global_scale(out.loss, response_mask, loss_agg_mode, info),
-            {"actor/ppo_kl": float((abs_kl / mask.sum().clamp(min=1)).item())})
+    return loss, {"actor/ppo_kl": float((abs_kl / mask.sum().clamp(min=1)).item())}
 
 
 def _check_mode(loss_agg_mode: str) -> str:

@@ -9,8 +9,9 @@ per-token derivative up to the global scale, so the backward is one multiply.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from numbers import Integral
+from numbers import Integral, Real
 from types import ModuleType
 from typing import List, Optional
 
@@ -24,6 +25,7 @@ from fastpo._layout import (
 )
 from fastpo.loss_output import LossOutput
 from fastpo.ops.loss_spec import POLICY_METRICS, STATS, TokenLossSpec, policy_spec_lists
+from fastpo.ops.policy_prepass import needs_prepass, run_prepass
 from fastpo.policy_config import GRPO, PolicyLossConfig
 
 __all__ = ["policy_loss"]
@@ -189,6 +191,9 @@ def policy_loss(
     is_weights: Optional[torch.Tensor] = None,
     num_tokens=None,
     config: PolicyLossConfig = GRPO,
+    process_group=None,
+    generator: Optional[torch.Generator] = None,
+    entropy_threshold=None,
 ) -> LossOutput:
     """Clipped policy-gradient loss (+ KL, entropy bonus, rollout IS correction), fused, with metrics.
 
@@ -247,6 +252,19 @@ def policy_loss(
     int is traced as a SymInt and does not recompile per value either, once the compiler has seen two
     values). The config is a frozen constant: a new ``PolicyLossConfig`` object recompiles.
 
+    Rollout correction and token selection (``fastpo.ops.policy_prepass``: one detached pass over the batch
+    before the fused pass, when the config asks for any): the ``config.rollout_is`` weights (geometric mean or
+    product, ``rollout_is_floor``, batch-normalised), verl's rejection sampling (``rollout_rejection``: the
+    rejected tokens leave the mask), Clip-Cov, KL-Cov, the high-entropy mask and OPSM (see
+    :class:`PolicyLossConfig`). NaN rollout log-probs on counted tokens count as Δ = 0 (TRL). ``process_group``
+    makes the batch statistics global over data-parallel ranks (the covariance means, counts and picks, the
+    entropy quantile, the batch-normalising mean); ``generator`` draws Clip-Cov's random pick (give every rank
+    one in the same state); ``entropy_threshold`` (a number or 0-d tensor) replaces the entropy quantile.
+    Such configs are not ``token_local``. Their metrics join the others: ``is_mean`` / ``is_min`` /
+    ``is_max`` / ``is_std`` / ``is_eff_sample_size`` (the rollout weights over the counted tokens, verl's
+    rollout_is_*), ``rejection_frac``, ``clip_cov_frac`` (tokens cut), ``kl_cov_frac`` (tokens selected),
+    ``entropy_mask_frac`` (tokens kept), ``off_policy_mask_frac`` (tokens of masked sequences).
+
     Masked positions are ignored whatever they hold (NaN, ±inf): they reach no sum, metric or gradient.
     Inputs may be any strided view (slices, ``expand``, transposes): non-contiguous ones are copied once.
 
@@ -276,6 +294,7 @@ def policy_loss(
         raise ValueError(f"config.entropy_coef={config.entropy_coef} != 0 needs entropy (got None)")
     if config.rollout_is != "none" and rollout_logp is None:
         raise ValueError(f"config.rollout_is={config.rollout_is!r} needs rollout_logp (got None)")
+    _check_prepass_inputs(config, entropy, rollout_logp, generator, entropy_threshold)
     num_tokens = check_num_tokens(num_tokens, layout)
     if num_tokens is not None and config.aggregation != "token_mean":
         raise ValueError(f"num_tokens applies to aggregation='token_mean' only, got aggregation="
@@ -289,7 +308,16 @@ def policy_loss(
             check_num_tokens_value(num_tokens)
         return reference.policy_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
                                      entropy=entropy, rollout_logp=rollout_logp, is_weights=is_weights,
-                                     num_tokens=num_tokens, config=config)
+                                     num_tokens=num_tokens, config=config, process_group=process_group,
+                                     generator=generator, entropy_threshold=entropy_threshold)
+    pre = None
+    if needs_prepass(config):
+        pre = run_prepass(config, layout, logp, old_logp, advantages, entropy=entropy, rollout_logp=rollout_logp,
+                          is_weights=is_weights, process_group=process_group, generator=generator,
+                          entropy_threshold=entropy_threshold)
+        is_weights = pre.weights
+        if pre.mask is not None:
+            layout = dataclasses.replace(layout, mask=pre.mask)
 
     floats, ints = policy_spec_lists(config, has_ref=ref_logp is not None, has_entropy=entropy is not None,
                                      norm_length=default_norm_length(layout, config.norm_length),
@@ -301,4 +329,28 @@ def policy_loss(
         layout.flat(logp), old, adv, ref, layout.flat(entropy), roll, m, layout.cu_seqlens,
         num_tokens if tensor_count else None, -1 if num_tokens is None or tensor_count else num_tokens,
         floats, ints, not layout.is_padded, backend)
-    return LossOutput(loss, metrics_from(stats, POLICY_METRICS))
+    metrics = metrics_from(stats, POLICY_METRICS)
+    if pre is not None:
+        if pre.kl_cov_index is not None:  # KL-Cov's few tokens, aggregated like the rest (scale = stats[1])
+            x = layout.flat(logp).index_select(0, pre.kl_cov_index).to(pre.kl_cov_scale.dtype)
+            o = old.index_select(0, pre.kl_cov_index).to(x.dtype)
+            loss = loss + stats[1].detach() * (pre.kl_cov_scale * (x - o).abs()).sum()
+        metrics.update(pre.metrics)
+    return LossOutput(loss, metrics)
+
+
+def _check_prepass_inputs(config, entropy, rollout_logp, generator, entropy_threshold):
+    if config.top_entropy_quantile < 1.0 and entropy is None:
+        raise ValueError(f"config.top_entropy_quantile={config.top_entropy_quantile} < 1 masks tokens by their "
+                         f"entropy: pass entropy (got None)")
+    if config.rollout_rejection is not None and rollout_logp is None:
+        raise ValueError(f"config.rollout_rejection={config.rollout_rejection!r} needs rollout_logp (got None)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if entropy_threshold is not None:
+        if config.top_entropy_quantile >= 1.0:
+            raise ValueError("entropy_threshold applies with config.top_entropy_quantile < 1 only")
+        if isinstance(entropy_threshold, bool) or not isinstance(entropy_threshold, (Real, torch.Tensor)) or (
+                isinstance(entropy_threshold, torch.Tensor) and entropy_threshold.numel() != 1):
+            raise TypeError(f"entropy_threshold must be a number or a one-element tensor, got "
+                            f"{type(entropy_threshold).__name__}")

@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["rollout_is_weights", "rejection_mask", "rollout_is_metrics", "RS_OPTIONS"]
+__all__ = ["rollout_is_weights", "rejection_mask", "rollout_is_metrics", "parse_rejection", "RS_OPTIONS"]
 
 RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3", "seq_mean_k1",
               "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
@@ -53,13 +53,15 @@ def _all_reduce(x, group):
 def rollout_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, *,
                        level: str = "token", mode: str = "truncate", upper: Optional[float] = 2.0,
                        lower: Optional[float] = None, log_clamp: Optional[float] = SAFETY_BOUND,
-                       batch_normalize: bool = False, group=None) -> torch.Tensor:
+                       batch_normalize: bool = False, group=None,
+                       sequence_ratio: str = "product") -> torch.Tensor:
     """The rollout importance weights [B, T] (0 on uncounted tokens); see the module docstring.
 
     verl: ``level`` = ``rollout_is``, a float ``rollout_is_threshold`` is ``mode="truncate", upper=it``, a
     "lo_hi" one is ``mode="mask", lower=lo, upper=hi``. TRL: ``vllm_importance_sampling_mode`` =
     "{level}_{mode}", ``lower`` / ``upper`` = ``vllm_importance_sampling_clip_min`` / ``_max`` and
-    ``log_clamp=None`` (TRL does not clamp the log-ratio).
+    ``log_clamp=None`` (TRL does not clamp the log-ratio). ``sequence_ratio="geometric_mean"``: the
+    sequence weight is exp(mean_t clamp(Δ_t)) instead (fastpo's ``PolicyLossConfig.rollout_is`` default).
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"level must be 'token' or 'sequence', got {level!r}")
@@ -67,8 +69,15 @@ def rollout_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
         raise ValueError(f"mode must be 'truncate' or 'mask', got {mode!r}")
     if upper is not None and not upper > 0 or lower is not None and upper is not None and lower > upper:
         raise ValueError(f"need 0 < upper and lower <= upper, got lower={lower}, upper={upper}")
+    if sequence_ratio not in ("product", "geometric_mean"):
+        raise ValueError(f"sequence_ratio must be 'product' or 'geometric_mean', got {sequence_ratio!r}")
     lr, m = _log_ratio(old_logp, rollout_logp, mask)
-    if level == "sequence":
+    if level == "sequence" and sequence_ratio == "geometric_mean":
+        if log_clamp is not None:
+            lr = lr.clamp(-log_clamp, log_clamp)
+        lr = lr.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+        lr = lr.expand_as(m)
+    elif level == "sequence":
         lr = lr.sum(-1, keepdim=True).expand_as(lr)
     if log_clamp is not None:
         lr = lr.clamp(-log_clamp, log_clamp)
@@ -93,6 +102,18 @@ def rollout_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
         if mean > 1e-8:
             w = w / mean
     return w.to(old_logp.dtype)
+
+
+def parse_rejection(options: str, threshold: Union[str, float, Sequence]):
+    """[(option, log-space lower or None, upper)] of verl's ``rollout_rs`` / ``rollout_rs_threshold``
+    (ValueError naming the bad option or threshold)."""
+    if not isinstance(options, str):
+        raise TypeError(f"options must be a comma-separated str, got {type(options).__name__}")
+    opts = list(dict.fromkeys(o.strip() for o in options.split(",") if o.strip()))
+    bad = [o for o in opts if o not in RS_OPTIONS]
+    if not opts or bad:
+        raise ValueError(f"options must be a comma list of {RS_OPTIONS}, got {options!r}")
+    return [(o, lo, hi) for o, (lo, hi) in zip(opts, _thresholds(opts, threshold))]
 
 
 def _thresholds(options: Sequence[str], spec: Union[str, float, Sequence]):
@@ -121,16 +142,13 @@ def _thresholds(options: Sequence[str], spec: Union[str, float, Sequence]):
 def rejection_mask(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, options: str,
                    threshold: Union[str, float, Sequence]) -> torch.Tensor:
     """Tokens kept by verl's rejection sampling, bool [B, T] (``mask`` and every option's test)."""
-    opts = list(dict.fromkeys(o.strip() for o in options.split(",") if o.strip()))
-    bad = [o for o in opts if o not in RS_OPTIONS]
-    if not opts or bad:
-        raise ValueError(f"options must be a comma list of {RS_OPTIONS}, got {options!r}")
+    parsed = parse_rejection(options, threshold)
     lr, m = _log_ratio(old_logp, rollout_logp, mask)
     lr = lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)
     stats = {"k1": -lr, "k2": 0.5 * lr * lr, "k3": torch.exp(lr) - 1.0 - lr}
     mf = m.to(lr.dtype)
     keep = m.clone()
-    for opt, (lo, hi) in zip(opts, _thresholds(opts, threshold)):
+    for opt, lo, hi in parsed:
         level, k = opt.rsplit("_", 1)
         stat = torch.where(m, stats[k], torch.zeros_like(lr))
         if level == "seq_sum":

@@ -18,8 +18,28 @@ import torch
 __all__ = ["clip_cov_weights", "kl_cov_tokens", "high_entropy_mask", "off_policy_sequence_mask"]
 
 
-def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return torch.where(m, x, torch.zeros_like(x)).sum() / m.sum().clamp(min=1)
+def _world(group):
+    import torch.distributed as dist
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _all_gather(x: torch.Tensor, group) -> list:
+    import torch.distributed as dist
+    parts = [torch.empty_like(x) for _ in range(_world(group)[0])]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return parts
+
+
+def _means_and_count(a: torch.Tensor, x: torch.Tensor, m: torch.Tensor, group):
+    """(mean A, mean logp, count) over the counted tokens, of every rank of ``group`` when given."""
+    zero = torch.zeros((), dtype=torch.float64, device=a.device)
+    sums = torch.stack([torch.where(m, a, zero.to(a.dtype)).sum().double(),
+                        torch.where(m, x, zero.to(x.dtype)).sum().double(), m.sum().double()])
+    if group is not None:
+        import torch.distributed as dist
+        dist.all_reduce(sums, group=group)
+    n = sums[2].clamp(min=1)
+    return (sums[0] / n).to(a.dtype), (sums[1] / n).to(x.dtype), int(sums[2].item())
 
 
 def _check(logp, old_logp, advantages, mask, ratio, name):
@@ -34,46 +54,66 @@ def _check(logp, old_logp, advantages, mask, ratio, name):
 def clip_cov_weights(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                      clip_low: float = 0.2, clip_high: float = 0.2, clip_cov_ratio: float = 2e-4,
                      clip_cov_lb: float = 1.0, clip_cov_ub: float = 5.0,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                     generator: Optional[torch.Generator] = None, group=None) -> torch.Tensor:
     """Clip-Cov's per-token weight [B, T] (1 = kept, 0 = its gradient is cut), as verl's ``clip_cov``.
 
     Candidates are counted tokens that PPO's clip has not already clipped (−A·clip(r) > −A·r) with
     clip_cov_lb < cov_t < clip_cov_ub; max(1, ⌊clip_cov_ratio·Σmask⌋) of them, drawn uniformly at random
     with ``generator`` (``torch.randperm``: the global generator when None, as verl), get weight 0.
-    Multiply the result into ``policy_loss``'s ``is_weights``.
+    With a process ``group`` the means, the count and the draw are global: the candidates of all ranks are
+    numbered rank by rank and one permutation of them is drawn; every rank must hold a generator in the
+    same state (e.g. seeded alike) so that they draw the same one. Multiply the result into
+    ``policy_loss``'s ``is_weights``.
     """
     _check(logp, old_logp, advantages, mask, clip_cov_ratio, "clip_cov_ratio")
     m = mask != 0
     x, a = logp.detach(), advantages.detach()
     ratio = torch.exp(x - old_logp)
     clipped = (-a * torch.clamp(ratio, 1 - clip_low, 1 + clip_high) > -a * ratio) & m
-    cov = (a - _masked_mean(a, m)) * (x - _masked_mean(x, m))
+    mean_a, mean_x, count = _means_and_count(a, x, m, group)
+    cov = (a - mean_a) * (x - mean_x)
     cov = torch.where(m & ~clipped, cov, torch.full_like(cov, -float("inf")))
-    num = max(int(clip_cov_ratio * m.sum().item()), 1)
+    num = max(int(clip_cov_ratio * count), 1)
     idx = torch.nonzero((cov < clip_cov_ub) & (cov > clip_cov_lb) & m)
     keep = torch.ones_like(a)
-    if len(idx) > 0:
-        idx = idx[torch.randperm(len(idx), generator=generator)[:min(num, len(idx))]]
-        keep[tuple(idx.unbind(-1))] = 0
+    offset, total = 0, len(idx)
+    if group is not None:
+        counts = [int(c) for c in _all_gather(torch.tensor([len(idx)], device=a.device), group)]
+        offset, total = sum(counts[:_world(group)[1]]), sum(counts)
+    if total > 0:
+        pick = torch.randperm(total, generator=generator)[:min(num, total)] - offset
+        pick = pick[(pick >= 0) & (pick < len(idx))].to(idx.device)
+        if pick.numel():
+            keep[tuple(idx[pick].unbind(-1))] = 0
     return keep
 
 
 @torch.no_grad()
 def kl_cov_tokens(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                  kl_cov_ratio: float = 2e-4) -> torch.Tensor:
+                  kl_cov_ratio: float = 2e-4, group=None) -> torch.Tensor:
     """KL-Cov's selected tokens, bool [B, T]: the max(1, ⌊kl_cov_ratio·Σmask⌋) counted tokens of largest
-    cov_t (``torch.topk``, as verl's ``kl_cov``); none when nothing is counted."""
+    cov_t (``torch.topk``, as verl's ``kl_cov``); none when nothing is counted. With a process ``group``
+    the means, the count and the top-k are global (each rank's top-k candidates are all-gathered)."""
     _check(logp, None, advantages, mask, kl_cov_ratio, "kl_cov_ratio")
     m = mask != 0
     selected = torch.zeros_like(m)
-    flat = torch.nonzero(m.reshape(-1), as_tuple=True)[0]
-    if flat.numel() == 0:
+    a_all, x_all = advantages.detach(), logp.detach()
+    mean_a, mean_x, count = _means_and_count(a_all, x_all, m, group)
+    if count == 0:
         return selected
-    a = advantages.detach().reshape(-1)[flat]
-    x = logp.detach().reshape(-1)[flat]
-    cov = (a - a.mean()) * (x - x.mean())
-    k = max(1, int(flat.numel() * kl_cov_ratio))
-    selected.view(-1)[flat[torch.topk(cov, k, largest=True).indices]] = True
+    flat = torch.nonzero(m.reshape(-1), as_tuple=True)[0]
+    cov = (a_all.reshape(-1)[flat] - mean_a) * (x_all.reshape(-1)[flat] - mean_x)
+    k = max(1, int(count * kl_cov_ratio))
+    if group is None:
+        selected.view(-1)[flat[torch.topk(cov, k, largest=True).indices]] = True
+        return selected
+    local = torch.topk(cov, min(k, cov.numel()), largest=True)
+    vals = torch.full((k,), -float("inf"), dtype=cov.dtype, device=cov.device)
+    vals[:local.values.numel()] = local.values
+    top = torch.topk(torch.cat(_all_gather(vals, group)), k, largest=True).indices
+    mine = top[(top // k) == _world(group)[1]] % k
+    mine = mine[mine < local.indices.numel()]
+    selected.view(-1)[flat[local.indices[mine]]] = True
     return selected
 
 

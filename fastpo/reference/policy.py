@@ -13,6 +13,7 @@ import torch
 
 from fastpo._layout import accumulation_dtype, flat_mask, segment_ids, segment_sum, token_layout
 from fastpo.loss_output import LossOutput
+from fastpo.ops.policy_prepass import needs_prepass, run_prepass
 from fastpo.policy_config import GRPO, PolicyLossConfig
 from fastpo.reference.surrogates import SURROGATE_FNS, Ctx, safe_div, seq_mean
 
@@ -59,13 +60,16 @@ def _counted_values(t, m, dt):
     return torch.where(m > 0, t.reshape(-1).to(dt), 0.0)
 
 
-def _rollout_weight(cfg, old, rollout_logp, is_weights, m, seg, B, dt):
-    """The detached per-token rollout weight (None without one) and whether it is the caller's is_weights."""
+def _rollout_weight(cfg, old, rollout_logp, is_weights, m, seg, B, dt, prepassed=False):
+    """The detached per-token rollout weight (None without one) and whether it is the caller's is_weights
+    (or the pre-pass's weights, ``prepassed``)."""
     if is_weights is not None:
         return _counted_values(is_weights.detach(), m, dt), True
-    if cfg.rollout_is == "none":
+    if cfg.rollout_is == "none" or prepassed:
         return None, False
-    log_w = torch.clamp(old - _counted_values(rollout_logp.detach(), m, dt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    # a NaN rollout log-prob (a token vLLM could not score) gives Δ = 0, as TRL
+    log_w = torch.nan_to_num(old - _counted_values(rollout_logp.detach(), m, dt), nan=0.0)
+    log_w = torch.clamp(log_w, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if cfg.rollout_is.startswith("sequence"):
         log_w = seq_mean(log_w, m, seg, B)[seg]
     w = torch.exp(log_w)
@@ -92,7 +96,8 @@ def _kl(cfg, ref_logp, x, ratio, m, dt):
 
 
 def policy_loss(logp, old_logp, advantages, mask=None, *, cu_seqlens=None, ref_logp=None, entropy=None,
-                rollout_logp=None, is_weights=None, num_tokens=None, config: PolicyLossConfig = GRPO) -> LossOutput:
+                rollout_logp=None, is_weights=None, num_tokens=None, config: PolicyLossConfig = GRPO,
+                process_group=None, generator=None, entropy_threshold=None) -> LossOutput:
     """Per counted token, with Δ = clamp(logp − old_logp, ±20)::
 
         r  = exp(Δ)                                    (ratio_level="token")
@@ -101,12 +106,21 @@ def policy_loss(logp, old_logp, advantages, mask=None, *, cu_seqlens=None, ref_l
              max(−A·r, −A·clip(r, 1 − clip_low, 1 + clip_high)), A < 0 and dual_clip c: min(pg, −c·A))
         w  = sg(rollout IS weight, or the given is_weights) (1 without either)
         k  = clamp(k_est(clamp(ref_logp − logp, ±20)), ±kl_clamp)
-        l  = w·pg + kl_coef·k − entropy_coef·entropy
+        l  = w·(pg + kl_cov_coef·|logp − old_logp|·1[KL-Cov selected]) + kl_coef·k − entropy_coef·entropy
 
-    aggregated by ``config.aggregation`` (see :func:`fastpo.policy_loss`).
+    aggregated by ``config.aggregation`` (see :func:`fastpo.policy_loss`). The rollout IS weights, the
+    rejection mask and the token selections come from ``fastpo.ops.policy_prepass`` (w and the mask).
     """
     cfg = config
     layout, dt, m, seg = _setup(logp, "logp", mask, cu_seqlens)
+    pre = None
+    if needs_prepass(cfg):
+        pre = run_prepass(cfg, layout, logp, old_logp, advantages, entropy=entropy, rollout_logp=rollout_logp,
+                          is_weights=is_weights, process_group=process_group, generator=generator,
+                          entropy_threshold=entropy_threshold)
+        is_weights = pre.weights
+        if pre.mask is not None:
+            m = pre.mask.to(dt)
     B = layout.num_seqs
     x = _counted_values(logp, m, dt)
     old = _counted_values(old_logp.detach(), m, dt)
@@ -118,9 +132,12 @@ def policy_loss(logp, old_logp, advantages, mask=None, *, cu_seqlens=None, ref_l
         ratio = torch.exp(x - x.detach() + log_s)
     else:
         ratio = torch.exp(delta)
-    w, w_given = _rollout_weight(cfg, old, rollout_logp, is_weights, m, seg, B, dt)
+    w, w_given = _rollout_weight(cfg, old, rollout_logp, is_weights, m, seg, B, dt, prepassed=pre is not None)
     terms = SURROGATE_FNS[cfg.surrogate](Ctx(x, old, adv, delta, ratio, m, seg, B, w, w_given), cfg)
     pg = terms.pg
+    if pre is not None and pre.kl_cov_index is not None:  # KL-Cov's term, part of the policy term (as verl)
+        selected = torch.zeros_like(m).index_fill(0, pre.kl_cov_index, 1.0)
+        pg = pg + cfg.kl_cov_coef * selected * (x - old).abs()
     if w is not None and not terms.weighted:
         pg = pg * w
 
@@ -159,6 +176,8 @@ def policy_loss(logp, old_logp, advantages, mask=None, *, cu_seqlens=None, ref_l
             "ratio_max": torch.where(any_counted, torch.where(counted, r, -big).amax(), zero) if r.numel() else zero,
             "entropy": _masked_mean(ent.detach(), m) if ent is not None else zero,
         }
+        if pre is not None:
+            metrics.update(pre.metrics)
     return LossOutput(loss, metrics)
 
 
