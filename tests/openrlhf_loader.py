@@ -5,6 +5,12 @@ installable here. This registers a bare ``openrlhf.models`` package pointing at 
 ``openrlhf.models.utils`` holding only the installed ``masked_mean`` (its source, unchanged, taken from the
 file with ``ast``), then imports the installed ``loss.py`` as is. Returns the module, or None when openrlhf is
 not installed.
+
+:func:`load_openrlhf_actor` does the same for ``openrlhf/models/actor.py``: ``openrlhf.models.utils`` then also
+holds the installed ``_logsumexp_by_chunk``, ``log_probs_from_logits``, ``compute_entropy`` and
+``set_z3_leaf_modules`` (their source, decorators included), ``openrlhf.models.ring_attn_utils`` (flash-attn:
+the packing path only) is a stand-in whose functions raise, and ``openrlhf.utils`` is a bare package (its
+``__init__`` imports the math grader's pylatexenc) so that the installed ``openrlhf/utils/utils.py`` imports.
 """
 
 import ast
@@ -31,18 +37,51 @@ def load_openrlhf_loss():
     pkg = types.ModuleType("openrlhf.models")
     pkg.__path__ = [os.path.join(root, "models")]
     sys.modules["openrlhf.models"] = pkg
-    utils_path = os.path.join(root, "models", "utils.py")
-    tree = ast.parse(open(utils_path).read())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "masked_mean")
-    utils = types.ModuleType("openrlhf.models.utils")
-    utils.__file__ = utils_path
-    import torch
-
-    exec(compile(ast.Module(body=[fn], type_ignores=[]), utils_path, "exec"),
-         {"torch": torch, "Optional": Optional, "__name__": utils.__name__}, utils.__dict__)
+    utils = _utils_module(os.path.join(root, "models", "utils.py"))
     sys.modules["openrlhf.models.utils"] = utils
     pkg.utils = utils
     loss = importlib.import_module("openrlhf.models.loss")
     pkg.loss = loss
     pkg.PolicyLoss, pkg.ValueLoss, pkg.aggregate_loss = loss.PolicyLoss, loss.ValueLoss, loss.aggregate_loss
     return loss
+
+
+_UTILS = ("masked_mean", "_logsumexp_by_chunk", "log_probs_from_logits", "compute_entropy", "set_z3_leaf_modules")
+
+
+def _utils_module(utils_path):
+    """``openrlhf.models.utils`` with only the installed functions in :data:`_UTILS` (no deepspeed import)."""
+    import torch
+
+    tree = ast.parse(open(utils_path).read())
+    fns = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in _UTILS]
+    utils = types.ModuleType("openrlhf.models.utils")
+    utils.__file__ = utils_path
+    utils.__dict__.update(torch=torch, F=torch.nn.functional, nn=torch.nn, os=os, Optional=Optional)
+    exec(compile(ast.Module(body=fns, type_ignores=[]), utils_path, "exec"), utils.__dict__)
+    return utils
+
+
+def _needs_flash_attn(*args, **kwargs):
+    raise ImportError("openrlhf's packing path needs flash-attn (not installed here)")
+
+
+def load_openrlhf_actor():
+    """The installed ``openrlhf.models.actor`` module (see the module docstring), or None without openrlhf."""
+    if load_openrlhf_loss() is None:
+        return None
+    if "openrlhf.models.actor" in sys.modules:
+        return sys.modules["openrlhf.models.actor"]
+    try:
+        return importlib.import_module("openrlhf.models.actor")
+    except ImportError:
+        pass
+    root = os.path.dirname(importlib.util.find_spec("openrlhf").origin)
+    ring = types.ModuleType("openrlhf.models.ring_attn_utils")
+    ring.gather_and_pad_tensor = ring.unpad_and_slice_tensor = _needs_flash_attn
+    sys.modules[ring.__name__] = ring
+    if "openrlhf.utils" not in sys.modules:
+        pkg = types.ModuleType("openrlhf.utils")
+        pkg.__path__ = [os.path.join(root, "utils")]
+        sys.modules["openrlhf.utils"] = pkg
+    return importlib.import_module("openrlhf.models.actor")

@@ -127,7 +127,7 @@ def test_install_patches_the_trainer_modules(monkeypatch):
     actor.PolicyLoss, critic.ValueLoss = L.PolicyLoss, L.ValueLoss
     monkeypatch.setitem(sys.modules, actor.__name__, actor)
     monkeypatch.setitem(sys.modules, critic.__name__, critic)
-    assert fo.install()
+    assert fo.install(actor_forward=False)  # the Actor.forward swap: tests/test_integration_openrlhf_actor.py
     assert actor.PolicyLoss is fo.FastpoPolicyLoss and critic.ValueLoss is fo.FastpoValueLoss
     assert models.PolicyLoss is fo.FastpoPolicyLoss and models.ValueLoss is fo.FastpoValueLoss
 

@@ -22,6 +22,9 @@ OpenRLHF's detached per-token weight, passed as ``is_weights``. Handed back to O
 through the sequence mean, fastpo's sequence ratio is the token-gradient form), and options fastpo
 cannot express (e.g. ``clip_eps_low >= 1``). Divergence: gspo's per-token log-ratios are clamped to ±20
 before the sequence mean (OpenRLHF does not clamp). Counts are in :data:`STATS`.
+
+``install()`` also makes ``Actor.forward`` compute its log-probs and entropy with
+``fastpo.linear_token_logprobs`` (no ``[B, S, V]`` logits; see :mod:`fastpo.integrations.openrlhf_actor`).
 """
 
 from __future__ import annotations
@@ -203,9 +206,11 @@ class FastpoValueLoss(_ValueLoss):
         return loss
 
 
-def install() -> bool:
+def install(actor_forward: bool = True) -> bool:
     """Make OpenRLHF's PPO actors and critics build fastpo's losses (``openrlhf.models.PolicyLoss`` /
-    ``ValueLoss``, and the names already imported by ``openrlhf.trainer.ray.ppo_actor`` / ``ppo_critic``).
+    ``ValueLoss``, and the names already imported by ``openrlhf.trainer.ray.ppo_actor`` / ``ppo_critic``) and,
+    with ``actor_forward``, compute ``Actor.forward``'s log-probs with fastpo
+    (:mod:`fastpo.integrations.openrlhf_actor`; skipped, logged, where OpenRLHF's actor does not import).
     For Ray: ``runtime_env={"worker_process_setup_hook": "fastpo.integrations.openrlhf.install"}``.
     Outside the tested OpenRLHF range it warns and changes nothing (returns False)."""
     if not openrlhf_supported():
@@ -223,4 +228,11 @@ def install() -> bool:
                 logger.info("fastpo: %s not importable yet (%s)", module_name, exc)
                 continue
         setattr(module, attr, FastpoPolicyLoss if attr == "PolicyLoss" else FastpoValueLoss)
+    if actor_forward:
+        try:
+            from fastpo.integrations.openrlhf_actor import install_actor
+        except ImportError as exc:  # openrlhf.models.actor needs flash-attn, deepspeed and peft
+            logger.warning("fastpo: OpenRLHF's Actor.forward left as it is (%s)", exc)
+        else:
+            install_actor()
     return True
