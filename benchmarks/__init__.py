@@ -14,6 +14,7 @@ from typing import Dict, List
 from .harness import BenchOp
 from .advantages import GaeOp, GroupAdvantagesOp
 from .fused import LinearGrpoOp
+from .linear_policy import LinearPolicyOp
 from .logprobs import LinearLogprobsOp, LinearMemoryCheck, TokenLogprobsOp
 from .policy import PolicyLossOp
 from .preference import SequenceDpoOp
@@ -47,6 +48,7 @@ register(LinearMemoryCheck())
 register(PolicyLossOp())
 register(SequenceDpoOp())
 register(LinearGrpoOp())
+register(LinearPolicyOp())  # opt-in (--ops linear-policy, or python -m benchmarks.linear_policy): heavy heads
 
 # What a plain run measures; the memory check joins in full mode.
 DEFAULT_OPS_QUICK = ["logprobs", "linear", "gae", "group_advantages", "policy", "dpo", "linear-grpo"]
