@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from .fused import LinearGrpoOp, eager_linear_grpo
+from .fused import LinearGrpoOp
 from .harness import device_info, git_commit, header_lines, run_op
 from .peers import require
 from .policy import eager_policy_loss, preset_knobs
