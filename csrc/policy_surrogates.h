@@ -68,7 +68,9 @@ inline SurOut<T> sur_clip(const TokenConsts<T>& k, const SurIn<T>& in) {
 template <class T>
 inline SurOut<T> sur_cispo(const TokenConsts<T>& k, const SurIn<T>& in) {
   const T w = std::min(std::max(in.ratio, k.lo), k.hi);
-  return {-w * in.A * in.x, -w * in.A, in.ratio < k.lo ? T(1) : T(0), in.ratio > k.hi ? T(1) : T(0), T(0)};
+  // the upper-only form (lo = 0, TRL) counts r > hi with A > 0 only (TRL's cispo_clip_ratio); verl's both
+  const bool high = in.ratio > k.hi && (in.A > T(0) || k.lo > T(0));
+  return {-w * in.A * in.x, -w * in.A, in.ratio < k.lo ? T(1) : T(0), high ? T(1) : T(0), T(0)};
 }
 
 // sapo: s = σ(τ(r − 1)), τ = tau_pos for A > 0 else tau_neg; l = −s·(4/τ)·A, ∂l/∂x = −4·A·s·(1 − s)·∂r/∂x.

@@ -15,7 +15,7 @@ __all__ = ["_sur_clip", "_sur_cispo", "_sur_sapo", "_sur_dppo", "_geo_log_ratio"
 # clip_frac_low / clip_frac_high / dual_clip_frac. Derivations, per token:
 #   clip:      r' = min(r, δ); l = max(−A·r', −A·clip(r, lo, hi)); ∂l/∂x = 0 where the clipped branch is the
 #              max or r > δ, else −A·dr; dual cap c (A < 0): min(l, −c·A), ∂ = 0 where the cap binds
-#   cispo:     l = −sg(clip(r, lo, hi))·A·x, ∂l/∂x = −clip(r, lo, hi)·A
+#   cispo:     l = −sg(clip(r, lo, hi))·A·x, ∂l/∂x = −clip(r, lo, hi)·A; high flag r > hi (lo = 0: and A > 0)
 #   sapo:      s = σ(τ(r − 1)), l = −s·(4/τ)·A, ∂l/∂x = −4·A·s·(1 − s)·dr
 #   reinforce: l = −A·x, ∂l/∂x = −A
 #   dppo:      l = −A·sg(min(r, C))·x·valid, ∂l/∂x = −A·min(r, C)·valid
@@ -49,7 +49,9 @@ def _sur_clip(a, r, dr, lo, hi, delta_cap, dual_clip, DUAL: tl.constexpr):
 @triton.jit
 def _sur_cispo(x, a, r, lo, hi):
     w = tl.minimum(tl.maximum(r, lo), hi)
-    return -w * a * x, -w * a, r < lo, r > hi, r != r
+    # the upper-only form (lo = 0, TRL) counts r > hi with A > 0 only: TRL's cispo_clip_ratio
+    two_sided = (tl.zeros_like(r) + lo) > 0.0
+    return -w * a * x, -w * a, r < lo, (r > hi) & ((a > 0.0) | two_sided), r != r
 
 
 @triton.jit

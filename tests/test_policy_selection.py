@@ -273,3 +273,22 @@ def test_global_selection_over_two_ranks(cfg_name):
     picked = sum(got[r][1][key] * counts[r] for r in range(2))
     assert picked == pytest.approx(float(whole[key]) * sum(counts)) and picked > 0
     assert float(alone.metrics[key]) * counts[0] != pytest.approx(got[0][1][key] * counts[0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_cispo_clip_fraction_as_trl_and_verl(backend, monkeypatch):
+    """cispo_upper's clip_frac_high is TRL's cispo_clip_ratio, mean((r > ε_max) & (A > 0)); verl's two-sided
+    cispo keeps clip_frac = mean(r outside [lo, hi]) (its pg_clipfrac), whatever the sign of A."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    with_backend(monkeypatch, backend)
+    ins, mask = make_batch(9)
+    ins["logp"] = ins["old_logp"] + 0.8 * torch.randn(B, T, generator=torch.Generator().manual_seed(1))
+    r = torch.exp(ins["logp"] - ins["old_logp"])
+    a = ins["advantages"]
+    mean = lambda v: float(v[mask].float().mean())  # noqa: E731
+    upper = run(fastpo.policy_loss, ins, mask, dataclasses.replace(fastpo.CISPO_TRL, clip_high=0.5))[2]
+    assert float(upper["clip_frac_high"]) == pytest.approx(mean((r > 1.5) & (a > 0)), abs=1e-6)
+    assert mean((r > 1.5) & (a <= 0)) > 0  # the A > 0 condition matters on this batch
+    both = run(fastpo.policy_loss, ins, mask, fastpo.CISPO)[2]
+    assert float(both["clip_frac"]) == pytest.approx(mean((r > 1.2) | (r < 0.8)), abs=1e-6)

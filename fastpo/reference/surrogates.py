@@ -80,11 +80,14 @@ def clip(c: Ctx, cfg) -> Terms:
 
 
 def cispo(c: Ctx, cfg) -> Terms:
-    """CISPO: −sg(clip(r, lo, 1 + ε_high))·A·logp, lo = 1 − ε_low ("cispo") or 0 ("cispo_upper", TRL)."""
+    """CISPO: −sg(clip(r, lo, 1 + ε_high))·A·logp, lo = 1 − ε_low ("cispo") or 0 ("cispo_upper", TRL).
+    Flags: r < lo, r > hi (verl's clipfrac); the upper-only form's high flag also needs A > 0 (TRL's
+    cispo_clip_ratio)."""
     lo = 0.0 if cfg.surrogate == "cispo_upper" else 1.0 - cfg.clip_low
     hi = 1.0 + cfg.clip_high
     r = c.ratio.detach()
-    return Terms(-torch.clamp(r, lo, hi) * c.adv * c.x, r < lo, r > hi, _none(c))
+    high = (r > hi) & (c.adv > 0) if lo == 0.0 else r > hi  # upper-only: TRL's cispo_clip_ratio (A > 0)
+    return Terms(-torch.clamp(r, lo, hi) * c.adv * c.x, r < lo, high, _none(c))
 
 
 def sapo(c: Ctx, cfg) -> Terms:
