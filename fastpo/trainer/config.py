@@ -371,7 +371,7 @@ def _range_text(low, low_open, high, high_open) -> str:
 RESUME_MUST_MATCH = ("algo", "model", "fsdp")
 RESUME_FREE = ("max_steps", "save_every", "resume", "overwrite", "output_dir", "progress", "tensorboard", "device",
                "reward_timeout", "vllm_max_model_len", "vllm_kv_cache_gib", "vllm_gpu_memory_utilization",
-               "vllm_sleep", "eval_every", "eval_size", "eval_temperature", "report_to")
+               "vllm_sleep", "eval_every", "eval_size", "eval_temperature", "report_to", "padding_free")
 
 
 class ResumeWarning(UserWarning):
