@@ -172,6 +172,24 @@ const int64_t* check_labels(const py::buffer_info& b, int64_t N, int64_t V, int6
   return y;
 }
 
+// (number of labels outside [0, V) that are not ignore_index, the first of them) for a contiguous
+// int64 labels [N]: the public ops' label range check on CPU, without a torch temporary per test.
+py::tuple count_bad_labels(const py::object& labels_obj, int64_t V, int64_t ignore_index) {
+  const py::buffer_info b = request(labels_obj, "labels", false);
+  if (b.ndim != 1 || !is_i64(b) || (b.shape[0] > 1 && b.strides[0] != 8))
+    throw py::value_error("labels: expected a contiguous 1-D int64 array, got format '" + b.format + "' shape " +
+                          shape_str(b));
+  const int64_t* y = static_cast<const int64_t*>(b.ptr);
+  const int64_t N = b.shape[0];
+  int64_t bad = 0, first = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const bool out = y[i] != ignore_index && (y[i] < 0 || y[i] >= V);
+    if (out && bad == 0) first = y[i];
+    bad += out;
+  }
+  return py::make_tuple(bad, first);
+}
+
 void check_inv_temperature(double inv_t) {
   if (!(inv_t > 0.0) || !std::isfinite(inv_t))
     throw py::value_error("inv_temperature: must be a finite number > 0 (1 / temperature), got " + std::to_string(inv_t));
@@ -555,6 +573,10 @@ is the first argmax of the row, else 0.0) and mean_logits [N] (mean_j logits * i
 computed in the same pass when given, skipped when None. Rows with label == ignore_index get 0
 everywhere. logit_scale k and logit_softcap c (0: none) transform each logit first, z = c tanh(k x / c)
 (z = k x without a softcap), as TRL and Gemma do. Raises ValueError on bad input before writing anything.)doc");
+
+  m.def("count_bad_labels", &count_bad_labels, py::arg("labels"), py::arg("vocab_size"), py::arg("ignore_index"),
+        R"doc((count, first): how many of the contiguous int64 labels [N] lie outside [0, vocab_size) and are not
+ignore_index, and the first such value (0 when none).)doc");
 
   m.def("logprob_backward", &logprob_backward, py::arg("logits"), py::arg("labels"), py::arg("row_max"),
         py::arg("log_norm"), py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad_logits"),

@@ -124,10 +124,19 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) 
     """Every label lies in [0, vocab_size) or equals ignore_index (data-dependent: syncs on CUDA)."""
     if labels.numel() == 0:
         return
-    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
-    if bool(bad.any()):
-        first = labels[bad][0].item()
+    if type(labels) is torch.Tensor and labels.is_cpu and labels.dtype == torch.int64 and labels.is_contiguous():
+        # one C++ pass over N integers instead of five torch ops and a bool(any) (~8 us a call)
+        from fastpo import _C
+
+        flat = labels if labels.dim() == 1 else labels.view(-1)  # integer tensors never require grad
+        count, first = _C.count_bad_labels(flat.numpy(), vocab_size, ignore_index)
+    else:
+        bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+        if not bool(bad.any()):
+            return
+        count, first = int(bad.sum()), labels[bad][0].item()
+    if count:
         raise ValueError(
             f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-            f"found {int(bad.sum())} out of range (first: {first}) in labels of shape {shape_of(labels)}"
+            f"found {count} out of range (first: {first}) in labels of shape {shape_of(labels)}"
         )

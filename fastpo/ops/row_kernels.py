@@ -24,13 +24,22 @@ from fastpo.reference.logprobs import OUTPUT_NAMES, LogProbOutputs
 result_dtype = accumulation_dtype
 
 
+_ROW_KERNELS: dict = {}
+
+
 def row_kernels(backend: str) -> ModuleType:
-    return kernel_module(backend, triton="fastpo.kernels.logprobs", cpu="fastpo.ops.cpu_logprobs", what="row")
+    module = _ROW_KERNELS.get(backend)
+    if module is None:
+        module = _ROW_KERNELS[backend] = kernel_module(
+            backend, triton="fastpo.kernels.logprobs", cpu="fastpo.ops.cpu_logprobs", what="row")
+    return module
 
 
 def flat_labels(labels: torch.Tensor) -> torch.Tensor:
     """``labels [...]`` as the kernels take them: ``[N]`` int64 and contiguous (a strided view such as
     ``ids[:, 3]`` or an ``expand``ed one is copied: N integers)."""
+    if labels.dim() == 1 and labels.dtype == torch.int64 and labels.is_contiguous():
+        return labels  # the common case, without the ~1.5 us of three no-op calls
     return labels.reshape(-1).to(torch.int64).contiguous()
 
 
@@ -77,6 +86,8 @@ def as_row_blocks(logits: torch.Tensor) -> torch.Tensor:
     (``reshape`` would copy all of it). A last dimension that is not contiguous (a transpose) or
     rows that overlap (an ``expand``) are made contiguous."""
     vocab = logits.shape[-1]
+    if logits.dim() == 2 and logits.stride(-1) == 1 and logits.stride(0) >= vocab:
+        return logits  # [N, V] rows the kernels read in place (the common case, checked first)
     if logits.dim() == 3 and logits.stride(-1) == 1 and logits.stride(1) >= vocab \
             and logits.stride(0) > logits.shape[1] * logits.stride(1):
         return logits
@@ -89,6 +100,21 @@ def as_row_blocks(logits: torch.Tensor) -> torch.Tensor:
 def num_rows(blocks: torch.Tensor):
     """Rows of an :func:`as_row_blocks` tensor."""
     return blocks.shape[0] * blocks.shape[1] if blocks.dim() == 3 else blocks.shape[0]
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct_call_ok(*tensors) -> bool:
+    """Whether an op may skip the ``torch.library`` dispatcher and call its kernels (through a plain
+    ``autograd.Function``) directly: in eager mode only, on plain CPU/CUDA tensors, with no dispatch or
+    torch-function mode (FakeTensorMode, a device context, a FLOP counter) and no functorch transform
+    active. The custom ops' Python dispatch costs ~60 us a forward + backward; everything else
+    (``torch.compile``, ``opcheck``, fake and meta tensors, tensor subclasses) goes through them."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and (t.is_cpu or t.is_cuda)) for t in tensors)
 
 
 def no_double_backward(public_name: str):

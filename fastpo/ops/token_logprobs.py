@@ -5,7 +5,8 @@ fake implementation) → row kernels of the selected backend (Triton or C++).
 
 Under ``torch.compile`` the temperature travels as a 0-d tensor (``_validation.scalar_tensor``), so
 a new value is a new input, not a recompile; its value and the label range are checked inside the
-forward op, which the compiler does not trace.
+forward op, which the compiler does not trace. Eager calls on plain tensors skip the dispatcher: a
+plain ``autograd.Function`` runs the same bodies (``_forward``, ``_grad_logits``), with the same checks.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from fastpo import reference
 from fastpo._backend import select_backend
 from fastpo.reference.logprobs import check_logit_transform, check_outputs
 from fastpo.ops.row_kernels import (
-    as_row_blocks, empty_row_outputs, extras_mask, flat_labels, named_outputs, no_double_backward, num_rows,
-    row_kernels,
+    as_row_blocks, direct_call_ok, empty_row_outputs, extras_mask, flat_labels, named_outputs, no_double_backward,
+    num_rows, row_kernels,
 )
 
 __all__ = ["token_logprobs"]
@@ -35,7 +36,13 @@ def _token_logprobs_fwd(
     or ``[B, T, V]`` (see ``as_row_blocks``); ``extras`` selects the last three (``EXTRA_*`` bits);
     ``logit_softcap`` (0: none) and ``logit_scale`` transform the logits first; ``inplace_backward`` is
     read by the backward only."""
-    tau = check.check_temperature_value(float(temperature))
+    return _forward(logits, labels, float(temperature), ignore_index, with_entropy, extras, logit_softcap,
+                    logit_scale, backend)
+
+
+def _forward(logits, labels, tau: float, ignore_index, with_entropy, extras, logit_softcap, logit_scale, backend):
+    """The forward op's body (also the eager path's): the run-time checks, then the row kernels."""
+    check.check_temperature_value(tau)
     check.check_label_range(labels, logits.shape[-1], ignore_index)
     return row_kernels(backend).logprob_forward(logits, labels, tau, ignore_index, with_entropy, extras,
                                                 logit_softcap, logit_scale)
@@ -100,23 +107,68 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_logp, grad_entropy, *_grad_statistics):
     logits, labels, row_max, log_norm, entropy, temperature = ctx.saved_tensors
+    # (no float(temperature) here: under torch.compile this backward is traced and the value is symbolic)
+    return (_grad_logits(ctx, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
+                         None, False),) + (None,) * 9
+
+
+def _grad_logits(ctx, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, tau,
+                 direct):
+    """∂L/∂logits of both paths' autograd formulas: the custom ops' (``temperature`` the 0-d tensor, ``tau``
+    None, ``direct`` False) and the eager Function's (``temperature`` None, built from the float ``tau``
+    if a backward op is needed; ``direct``: call the row kernels without the backward custom ops where no
+    graph is wanted)."""
     # Upstream gradients may be strided or expanded (the backward of a .sum()): the kernels read
     # them as contiguous [N] vectors.
     grad_logp = grad_logp.contiguous() if grad_logp is not None else None
     grad_entropy = grad_entropy.contiguous() if (ctx.with_entropy and grad_entropy is not None) else None
-    args = (labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ctx.ignore_index,
-            *ctx.transform, ctx.backend)
     # With create_graph=True the gradient must stay a graph node (whose own backward raises a clear
     # NotImplementedError), so it is not written over the saved logits.
-    if ctx.inplace_backward and not torch.is_grad_enabled():
+    graph = torch.is_grad_enabled()
+    if direct and not graph:
+        out = logits if ctx.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        row_kernels(ctx.backend).logprob_backward(
+            logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, tau, ctx.ignore_index, out,
+            *ctx.transform)
+        return out
+    if temperature is None:
+        temperature = check.scalar_tensor(tau)
+    args = (labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ctx.ignore_index,
+            *ctx.transform, ctx.backend)
+    if ctx.inplace_backward and not graph:
         _token_logprobs_bwd_inplace(logits, *args)
-        grad_logits = logits
-    else:
-        grad_logits = _token_logprobs_bwd(logits, *args)
-    return grad_logits, None, None, None, None, None, None, None, None, None
+        return logits
+    return _token_logprobs_bwd(logits, *args)
 
 
 torch.library.register_autograd("fastpo::token_logprobs_fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerTokenLogprobs(torch.autograd.Function):
+    """The same forward and autograd formula as ``fastpo::token_logprobs_fwd``, without the
+    ``torch.library`` dispatch (see :func:`direct_call_ok`): eager calls on plain tensors only.
+    Returns (logp, entropy, log_sum_sq_probs, is_top1, mean_logits), the last three non-differentiable."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, tau, ignore_index, with_entropy, extras, logit_softcap, logit_scale,
+                inplace_backward, backend):
+        logp, entropy, row_max, log_norm, *extra = _forward(
+            logits, labels, tau, ignore_index, with_entropy, extras, logit_softcap, logit_scale, backend)
+        ctx.save_for_backward(logits, labels, row_max, log_norm, entropy)
+        ctx.tau, ctx.ignore_index, ctx.with_entropy, ctx.inplace_backward, ctx.backend = (
+            tau, ignore_index, with_entropy, inplace_backward, backend)
+        ctx.transform = (logit_softcap, logit_scale)
+        ctx.mark_non_differentiable(*extra)
+        ctx.set_materialize_grads(False)
+        return (logp, entropy, *extra)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, *_grad_statistics):
+        logits, labels, row_max, log_norm, entropy = ctx.saved_tensors
+        if grad_logp is None and (grad_entropy is None or not ctx.with_entropy):
+            return (None,) * 10
+        return (_grad_logits(ctx, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, None,
+                             ctx.tau, True),) + (None,) * 9
 
 
 def token_logprobs(
@@ -185,10 +237,20 @@ def token_logprobs(
                                         logit_softcap, logit_scale)
 
     with_entropy = return_entropy if wanted is None else "entropy" in wanted
-    results = _token_logprobs_fwd(
-        as_row_blocks(logits), flat_labels(labels), check.scalar_tensor(temperature), ignore_index,
-        with_entropy, extras_mask(wanted), softcap, scale, inplace_backward, backend)
+    extras = extras_mask(wanted)
+    rows, flat = as_row_blocks(logits), flat_labels(labels)
+    if not direct_call_ok(logits, labels):
+        results = _token_logprobs_fwd(rows, flat, check.scalar_tensor(temperature), ignore_index, with_entropy,
+                                      extras, softcap, scale, inplace_backward, backend)
+    elif torch.is_grad_enabled() and logits.requires_grad:
+        logp, entropy, *extra = _EagerTokenLogprobs.apply(rows, flat, temperature, ignore_index, with_entropy,
+                                                          extras, softcap, scale, inplace_backward, backend)
+        results = (logp, entropy, None, None, *extra)
+    else:
+        results = _forward(rows, flat, temperature, ignore_index, with_entropy, extras, softcap, scale, backend)
     if wanted is not None:
         return named_outputs(results, labels.shape, wanted)
+    if labels.dim() == 1:  # already [N]: no views to make
+        return (results[0], results[1]) if return_entropy else results[0]
     logp = results[0].view(labels.shape)
     return (logp, results[1].view(labels.shape)) if return_entropy else logp
