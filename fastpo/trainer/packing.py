@@ -11,9 +11,10 @@ when no 2-D ``attention_mask`` is passed:
 
 - ``flash_attention_2``: ``_is_packed_sequence`` finds the restarts and calls flash-attn's varlen
   kernel with ``cu_seqlens`` from them (no mask, no padding compute);
-- ``sdpa`` / ``eager`` / ``flex_attention``: ``masking_utils.find_packed_sequence_indices`` turns the
+- ``sdpa`` / ``eager`` (the CPU path): ``masking_utils.find_packed_sequence_indices`` turns the
   restarts into a block-diagonal causal mask. This one is a dense ``[T, T]`` mask, so attention costs
   ``T²`` (not ``Σ len_i²``): use ``--micro-batch-size`` with it (see :func:`padding_free_warning`).
+  (``flex_attention`` gets the same mask as a sparse ``BlockMask``.)
 
 The response tokens' packed layout (``cu_seqlens`` over ``[N]``) that the losses take is the same
 either way, so nothing downstream of the decoder changes."""
