@@ -22,9 +22,16 @@ TOKEN_LOCAL = {
     "token_is_mask": R(fastpo.DAPO, rollout_is="token_mask", rollout_is_cap=1.05),
     "k2plus_bias": R(fastpo.GRPO, kl_estimator="k2+", kl_bias_correction=True),
 }
+# Configs with policy_loss's pre-pass (token selection, batch-level rollout correction): served by the composition.
+PREPASS = {"clip_cov": fastpo.CLIP_COV, "kl_cov": fastpo.KL_COV,
+           "entropy_quantile": R(fastpo.DAPO, top_entropy_quantile=0.5),
+           "rejection": R(fastpo.GRPO, rollout_is="sequence_truncate", rollout_rejection="token_k3,seq_mean_k2",
+                          rollout_rejection_threshold=0.05),
+           "product_floor": R(fastpo.DAPO, rollout_is="sequence_truncate", rollout_is_sequence_ratio="product",
+                              rollout_is_floor=0.5, rollout_is_batch_normalize=True)}
 NON_LOCAL = {"gspo": fastpo.GSPO, "luspo": fastpo.LUSPO, "gmpo": fastpo.GMPO, "vespo": fastpo.VESPO,
              "gspo_entropy_is": R(fastpo.GSPO, entropy_coef=-0.02, rollout_is="sequence_mask", rollout_is_cap=1.3)}
-ALL = {**TOKEN_LOCAL, **NON_LOCAL}
+ALL = {**TOKEN_LOCAL, **NON_LOCAL, **PREPASS}
 
 
 def _batch(packed, dtype=torch.float32, *, n_seqs=4, T=9, D=6, V=40, seed=0, bias=True, device="cpu"):
@@ -60,6 +67,7 @@ def _leaves(t):
 
 
 def fused(t, config, chunk_size=None, **extra):
+    torch.manual_seed(1234)  # Clip-Cov's random pick: the same draw in every implementation
     h, w, b = _leaves(t)
     kw = _kwargs(t, config, bias=b, **extra)
     out = fastpo.linear_policy_loss(h, w, t["labels"], t["old_logp"], t["advantages"], t["mask"],
@@ -70,8 +78,9 @@ def fused(t, config, chunk_size=None, **extra):
 
 def composed(t, config, impl=fastpo, **extra):
     """policy_loss(linear_token_logprobs(...)) of ``impl`` (fastpo's fused ops, or fastpo.reference)."""
+    torch.manual_seed(1234)
     h, w, b = _leaves(t)
-    ent = config.entropy_coef != 0 or extra.pop("compute_entropy", False)
+    ent = config.entropy_coef != 0 or config.top_entropy_quantile < 1 or extra.pop("compute_entropy", False)
     kw = _kwargs(t, config, **extra)
     kw.pop("bias")
     if impl is fastpo:
@@ -100,6 +109,7 @@ def _assert_same(got, want, atol, rtol=1e-5):
 def test_token_local_flags():
     assert all(c.token_local for c in TOKEN_LOCAL.values())
     assert not any(c.token_local for c in NON_LOCAL.values())
+    assert not PREPASS["clip_cov"].token_local and PREPASS["rejection"].token_local
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
@@ -287,3 +297,4 @@ def test_errors(cpu_backend):
     assert_raises_unmodified(call, dict(base, labels=t["labels"].clamp(min=0) + 40), ValueError, fragment="label")
     assert_raises_unmodified(call, dict(base, config="grpo"), TypeError, fragment="config")
     assert_raises_unmodified(call, dict(base, temperature=0.0), ValueError, fragment="temperature")
+    assert_raises_unmodified(call, dict(base, generator=torch.Generator()), ValueError, fragment="generator")

@@ -22,6 +22,11 @@ every chunk first, then the loss kernel over the whole batch for the per-token d
 recompute pass that forms G_c and the gradient GEMMs: four GEMMs, with the same memory bound. Both
 paths run in the forward; peak extra memory is one chunk of logits plus the gradient buffers (∂h in
 hidden's dtype, ∂W and ∂b in float32), which the backward returns scaled.
+
+Configs that need ``policy_loss``'s detached pre-pass over the batch (token selection, rejection
+sampling, product / floored / batch-normalised rollout weights: ``fastpo.ops.policy_prepass``) are
+computed as ``policy_loss(linear_token_logprobs(...))`` itself: the log-probs in the forward, the
+recompute in the backward, four GEMMs with the same memory bound.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from fastpo.ops.linear_token_logprobs import _chunk_rows
 from fastpo.ops.lm_head import add_chunk_gradients, check_head_operands, chunk_logits, gradient_buffers
 from fastpo.ops.loss_spec import POLICY_METRICS, TokenLossSpec, policy_spec_lists
 from fastpo.ops.policy_inputs import check_policy_inputs
-from fastpo.ops.policy_loss import default_norm_length, loss_kernels, metrics_from, run_forward
+from fastpo.ops.policy_loss import default_norm_length, loss_kernels, metrics_from, policy_loss, run_forward
+from fastpo.ops.policy_prepass import needs_prepass
 from fastpo.ops.row_kernels import flat_labels, no_double_backward, result_dtype, row_kernels
 from fastpo.policy_config import GRPO, PolicyLossConfig
 from fastpo.reference.logprobs import check_logit_transform
@@ -191,6 +197,9 @@ def linear_policy_loss(
     logit_scale: Optional[float] = None,
     compute_entropy: Optional[bool] = None,
     chunk_size: Optional[int] = None,
+    process_group=None,
+    generator: Optional[torch.Generator] = None,
+    entropy_threshold=None,
 ) -> LossOutput:
     """``policy_loss(linear_token_logprobs(hidden, weight, labels, ...), old_logp, advantages, mask, ...)``
     in one fused op: three lm_head GEMMs for token-local configs, four otherwise, and never ``[N, V]``.
@@ -202,7 +211,9 @@ def linear_policy_loss(
     :func:`fastpo.policy_loss`, as do ``num_tokens`` and ``config``; ``temperature``, ``ignore_index``
     (a label there scores logp 0; mask it out), ``logit_softcap`` and ``logit_scale`` as in
     :func:`fastpo.linear_token_logprobs`. The entropy (for ``config.entropy_coef`` and the "entropy"
-    metric) is computed when ``compute_entropy`` (default: ``entropy_coef != 0``).
+    metric, and ``top_entropy_quantile``'s mask) is computed when ``compute_entropy`` (default: when the
+    config reads it). ``process_group``, ``generator`` and ``entropy_threshold`` go to the token selection
+    and rollout correction of :func:`fastpo.policy_loss`.
 
     Gradients flow to ``hidden``, ``weight`` and ``bias`` (each only when it requires grad: a frozen
     LoRA lm_head skips its GEMM). They are computed in the forward, chunk by chunk (``chunk_size`` rows,
@@ -219,11 +230,11 @@ def linear_policy_loss(
     check_like_layout(layout, labels, "labels", "old_logp", floating=False)
     check.check_aligned_labels(labels, hidden, "hidden")
     check.check_same_device(hidden=hidden, weight=weight, labels=labels, old_logp=old_logp, bias=bias)
-    with_entropy = config.entropy_coef != 0 if compute_entropy is None else check.check_bool(compute_entropy,
-                                                                                             "compute_entropy")
-    if config.entropy_coef != 0 and not with_entropy:
-        raise ValueError(f"config.entropy_coef={config.entropy_coef} != 0 needs the entropy: compute_entropy must "
-                         f"not be False")
+    reads_entropy = config.entropy_coef != 0 or config.top_entropy_quantile < 1.0
+    with_entropy = reads_entropy if compute_entropy is None else check.check_bool(compute_entropy, "compute_entropy")
+    if reads_entropy and not with_entropy:
+        raise ValueError(f"config (entropy_coef={config.entropy_coef}, top_entropy_quantile="
+                         f"{config.top_entropy_quantile}) reads the entropy: compute_entropy must not be False")
     num_tokens = check_policy_inputs(layout, config, advantages=advantages, ref_logp=ref_logp,
                                      rollout_logp=rollout_logp, is_weights=is_weights, num_tokens=num_tokens,
                                      has_entropy=with_entropy)
@@ -234,6 +245,17 @@ def linear_policy_loss(
         check.check_int(chunk_size, "chunk_size")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+
+    if needs_prepass(config):
+        return _composed(hidden, weight, labels, old_logp, advantages, mask, bias, temperature, ignore_index,
+                         logit_softcap, logit_scale, with_entropy, chunk_size,
+                         dict(cu_seqlens=cu_seqlens, ref_logp=ref_logp, rollout_logp=rollout_logp,
+                              is_weights=is_weights, num_tokens=num_tokens, config=config,
+                              process_group=process_group, generator=generator,
+                              entropy_threshold=entropy_threshold))
+    if process_group is not None or generator is not None or entropy_threshold is not None:
+        raise ValueError("process_group, generator and entropy_threshold apply to configs with token selection or "
+                         "batch-level rollout correction only (see fastpo.policy_loss)")
 
     backend = select_backend(hidden)
     if backend == "reference":
@@ -258,3 +280,15 @@ def linear_policy_loss(
         else num_tokens, floats, ints, not layout.is_padded, check.scalar_tensor(temperature), ignore_index,
         softcap, scale, 0 if chunk_size is None else chunk_size, config.token_local, needs_grad, backend)
     return LossOutput(loss, metrics_from(stats, POLICY_METRICS))
+
+
+def _composed(hidden, weight, labels, old_logp, advantages, mask, bias, temperature, ignore_index, logit_softcap,
+              logit_scale, with_entropy, chunk_size, loss_kwargs) -> LossOutput:
+    """The two public ops in turn (the pre-pass configs; see the module docstring)."""
+    from fastpo.ops.linear_token_logprobs import linear_token_logprobs
+
+    scored = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                   ignore_index=ignore_index, return_entropy=with_entropy,
+                                   logit_softcap=logit_softcap, logit_scale=logit_scale, chunk_size=chunk_size)
+    logp, entropy = scored if with_entropy else (scored, None)
+    return policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **loss_kwargs)
