@@ -53,13 +53,31 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+def plain_eager() -> bool:
+    """True in plain eager mode: not tracing, and no dispatch mode (FakeTensorMode, a FLOP counter),
+    torch-function mode (a ``torch.device`` context) or functorch transform active."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active())
+
+
+_SCALARS: dict = {}
+
+
 def scalar_tensor(value) -> torch.Tensor:
     """A 0-d float64 CPU tensor holding the Python scalar ``value``, to hand a float hyperparameter to
     a custom op: under ``torch.compile`` it stays a graph input (no recompile per value; a float
     passed to a custom op as ``float`` is specialised). Built by arithmetic, which the compiler
     keeps symbolic (``torch.tensor(value)`` / ``torch.full`` specialise it). The op reads it with
-    ``float(t)`` on the host: no device sync."""
-    return torch.zeros((), dtype=torch.float64) + value
+    ``float(t)`` on the host: no device sync. In plain eager mode one tensor per value is kept (the ops
+    never write it; ~3 us a call saved), outside inference mode so that autograd may save it."""
+    if type(value) is not float or not plain_eager() or torch.is_inference_mode_enabled():  # (is_compiling first)
+        return torch.zeros((), dtype=torch.float64) + value
+    t = _SCALARS.get(value)
+    if t is None:
+        if len(_SCALARS) >= 256:
+            _SCALARS.clear()
+        t = _SCALARS[value] = torch.zeros((), dtype=torch.float64) + value
+    return t
 
 
 def check_temperature(temperature):

@@ -147,3 +147,27 @@ def test_count_bad_labels_binding():
         _C.count_bad_labels(labels.int().numpy(), 10, -100)
     with pytest.raises(ValueError, match="contiguous 1-D int64"):
         _C.count_bad_labels(labels[::2].numpy(), 10, -100)
+
+
+def test_scalar_tensor_cache_is_safe_for_autograd():
+    """Eager scalar_tensor keeps one tensor per value, but never an inference tensor (autograd could not
+    save it) and never one made under a mode (a fake or meta tensor)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.inference_mode():
+        inside = _validation.scalar_tensor(0.8125)
+    assert inside.is_inference()
+    assert not _validation.scalar_tensor(0.8125).is_inference()
+    assert _validation.scalar_tensor(0.8125) is _validation.scalar_tensor(0.8125)
+    with FakeTensorMode():
+        _validation.scalar_tensor(0.4375)
+    assert type(_validation.scalar_tensor(0.4375)) is torch.Tensor
+    for value in (1.0, 0.7, 1e-30, -2.5, 3):
+        t = _validation.scalar_tensor(value)
+        assert t.dtype == torch.float64 and t.shape == () and float(t) == value
+    with torch.inference_mode():
+        fastpo.token_logprobs(torch.randn(2, 5), torch.tensor([1, 2]), temperature=0.8125)
+    x = torch.randn(2, 5, requires_grad=True)  # the custom-op path saves the temperature tensor
+    with _Recorder():
+        fastpo.token_logprobs(x, torch.tensor([1, 2]), temperature=0.8125).sum().backward()
+    assert x.grad is not None

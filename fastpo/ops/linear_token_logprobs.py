@@ -229,12 +229,14 @@ def linear_token_logprobs(
                                                return_entropy, outputs, logit_softcap, logit_scale)
 
     # labels.numel() rather than -1: with D = 0 the row count cannot be inferred from hidden.
-    rows = hidden.reshape(labels.numel(), hidden.shape[-1])
+    rows = hidden if hidden.dim() == 2 else hidden.reshape(labels.numel(), hidden.shape[-1])
     with_entropy = return_entropy if wanted is None else "entropy" in wanted
     results = _linear_fwd(
         rows, weight, bias, flat_labels(labels), check.scalar_tensor(temperature), ignore_index,
         with_entropy, extras_mask(wanted), softcap, scale, 0 if chunk_size is None else chunk_size, backend)
     if wanted is not None:
         return named_outputs(results, labels.shape, wanted)
+    if labels.dim() == 1:  # already [N]: no views to make
+        return (results[0], results[1]) if return_entropy else results[0]
     logp = results[0].view(labels.shape)
     return (logp, results[1].view(labels.shape)) if return_entropy else logp

@@ -17,6 +17,7 @@ import torch
 
 from fastpo._backend import kernel_module
 from fastpo._layout import accumulation_dtype
+from fastpo._validation import plain_eager
 from fastpo.reference.logprobs import OUTPUT_NAMES, LogProbOutputs
 
 
@@ -111,8 +112,7 @@ def direct_call_ok(*tensors) -> bool:
     torch-function mode (FakeTensorMode, a device context, a FLOP counter) and no functorch transform
     active. The custom ops' Python dispatch costs ~60 us a forward + backward; everything else
     (``torch.compile``, ``opcheck``, fake and meta tensors, tensor subclasses) goes through them."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
+    if not plain_eager():
         return False
     return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and (t.is_cpu or t.is_cuda)) for t in tensors)
 

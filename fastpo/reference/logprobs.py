@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 
 from fastpo._layout import accumulation_dtype as _accumulation_dtype
+from fastpo._validation import is_tracing
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "LogProbOutputs", "OUTPUT_NAMES", "check_outputs"]
 
@@ -44,9 +46,6 @@ def check_logit_transform(logit_softcap, logit_scale):
     symbolic and then restart to specialise it); returned as
     the kernels take them: (softcap, 0.0 for none; scale) floats. While tracing (torch.compile) only
     the types are checked: the values are constants of the traced code, checked again in C++."""
-    import math
-
-    from fastpo._validation import is_tracing
     if logit_softcap is not None:
         if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, (int, float)):
             raise TypeError(f"logit_softcap must be a float or None, got {type(logit_softcap).__name__}")
