@@ -212,3 +212,19 @@ def test_bad_padding_free_flag(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--padding-free=yes"])
     assert "--padding-free" in capsys.readouterr().err
+
+
+def test_benchmark_configurations_parse(tmp_path):
+    """benchmarks/trainer.py's 16 configurations are valid runs of the trainer, and its table has one
+    line per configuration with the packed/padded ratios on the packed lines."""
+    from benchmarks.trainer import CONFIGS, markdown, trainer_flags
+
+    assert len(CONFIGS) == 16
+    for config in CONFIGS:
+        cfg = parse_config(trainer_flags(config, str(tmp_path), 3, 0))
+        assert (cfg.padding_free, cfg.micro_batch_size, cfg.gradient_checkpointing, cfg.lora_rank) == tuple(config.values())
+        assert cfg.task == "countdown"
+    rows = [{**c, "step_s": 1.0, "update_s": 0.5 if c["padding_free"] else 1.0, "peak_mib": 2.0, "padding_frac": 0.1}
+            for c in CONFIGS]
+    lines = markdown(rows).splitlines()[2:]
+    assert len(lines) == 16 and all(("0.50x" in line) == line.startswith("| packed") for line in lines)
