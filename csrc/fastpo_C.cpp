@@ -522,9 +522,20 @@ void token_loss_forward(const py::object& x_obj, const py::object& old_obj, cons
   floats(unit_obj, "unit", true, true, ub);
   const bool has_unit_ent = floats(unit_ent_obj, "unit_entropy", !s.value && s.has_entropy, true, ueb);
   const uint8_t* m = nullptr;
+  const void* wide_mask = nullptr;  // a float32 / float64 mask (non-zero = counted)
+  int wide_mask_bytes = 0;
   if (!mask_obj.is_none()) {
     mb = request(mask_obj, "mask", false);
-    m = static_cast<const uint8_t*>(check_vector(mb, "mask", N, false, "x"));
+    if (is_f32(mb) || is_f64(mb)) {
+      wide_mask = check_vector(mb, "mask", N, true, "x");
+      wide_mask_bytes = static_cast<int>(mb.itemsize);
+    } else {
+      const char c = format_char(mb);
+      if (mb.itemsize != 1 || (c != '?' && c != 'B'))
+        throw py::value_error("mask: expected bool, uint8, float32 or float64, got format '" + mb.format +
+                              "' itemsize " + std::to_string(mb.itemsize));
+      m = static_cast<const uint8_t*>(check_vector(mb, "mask", N, false, "x"));
+    }
   }
   const py::buffer_info cb = request(cu_obj, "cu_seqlens", false);
   const int64_t* cu = check_cu_seqlens(cb, N);
@@ -534,14 +545,15 @@ void token_loss_forward(const py::object& x_obj, const py::object& old_obj, cons
   check_disjoint({{&ub, "unit"}, {has_unit_ent ? &ueb : nullptr, "unit_entropy"}, {&sb, "stats"}},
                  {{&xb, "x"}, {&ob, "old"}, {&ab, "adv"}, {has_ref ? &rb : nullptr, "ref"},
                   {has_ent ? &eb : nullptr, "entropy"}, {has_roll ? &wb : nullptr, "rollout"},
-                  {m ? &mb : nullptr, "mask"}});
+                  {m || wide_mask ? &mb : nullptr, "mask"}});
 
   auto run = [&](auto tag) {
     using T = decltype(tag);
     auto ptr = [](const py::buffer_info& b, bool present) { return present ? static_cast<const T*>(b.ptr) : nullptr; };
     const fastpo::TokenLossArgs<T> args{ptr(xb, true), ptr(ob, true), ptr(ab, true), ptr(rb, has_ref),
                                         ptr(eb, has_ent), ptr(wb, has_roll), m, cu, cb.shape[0] - 1,
-                                        static_cast<T*>(ub.ptr), has_unit_ent ? static_cast<T*>(ueb.ptr) : nullptr};
+                                        static_cast<T*>(ub.ptr), has_unit_ent ? static_cast<T*>(ueb.ptr) : nullptr,
+                                        wide_mask, wide_mask_bytes};
     py::gil_scoped_release nogil;
     fastpo::token_loss_forward<T>(s, args, static_cast<T*>(sb.ptr));
   };
@@ -604,7 +616,8 @@ must not overlap the inputs or each other. Raises ValueError on bad input before
 
 x, old, adv (returns for the value loss), ref, entropy, rollout, unit, unit_entropy: contiguous 1-D [N]
 arrays of x's dtype (float32 or float64); ref / entropy / rollout / unit_entropy are given exactly when the
-spec uses them, else None. mask: contiguous [N] bool/uint8 or None; cu_seqlens: contiguous int64 [B+1].
+spec uses them, else None. mask: contiguous [N] bool/uint8/float32/float64 (non-zero = counted) or None;
+cu_seqlens: contiguous int64 [B+1].
 spec: a dict of fastpo.ops.loss_spec.TokenLossSpec's fields plus rollout_seq, rollout_mask, aggregation
 (by name) and log_ratio_clamp. Writes unit (the per-token derivative up to the global scale), unit_entropy
 and stats [12] (loss, scale, metrics). Raises ValueError on bad input before writing anything.)doc");

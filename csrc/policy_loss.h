@@ -88,7 +88,28 @@ struct TokenLossArgs {
   int64_t num_seqs;
   T* unit;                        // [N]
   T* unit_ent;                    // [N] when spec.has_entropy, else nullptr
+  // A float32 / float64 mask (non-zero = counted) instead of `mask` (which is then nullptr): verl's
+  // response_mask is a float tensor. Each sequence's slice is turned into bytes in a per-thread buffer.
+  const void* wide_mask = nullptr;
+  int wide_mask_bytes = 0;        // 4 or 8
 };
+
+// The args of tokens [begin, begin + n) as a batch of their own ([0, n)), reading `m` as its mask.
+template <class T>
+TokenLossArgs<T> shifted_args(const TokenLossArgs<T>& a, int64_t begin, const uint8_t* m) {
+  auto at = [begin](auto* p) { return p == nullptr ? p : p + begin; };
+  TokenLossArgs<T> b = a;
+  b.x = at(a.x), b.old = at(a.old), b.adv = at(a.adv), b.ref = at(a.ref), b.ent = at(a.ent), b.roll = at(a.roll);
+  b.unit = at(a.unit), b.unit_ent = at(a.unit_ent);
+  b.mask = m, b.wide_mask = nullptr, b.wide_mask_bytes = 0;
+  return b;
+}
+
+// buf[t] = w[t] != 0 for t in [0, n) (NaN counts, as torch's `mask != 0`).
+template <class W>
+void bytes_of_mask(const W* __restrict w, int64_t n, uint8_t* __restrict buf) {
+  for (int64_t t = 0; t < n; ++t) buf[t] = w[t] != W(0);
+}
 
 // One sequence's sums over its counted tokens.
 struct SeqSums {
@@ -109,7 +130,7 @@ constexpr int64_t kLossBlock = 256;
 
 // gcc's code sinking moves the loads and arithmetic that only feed `counted ? v : 0` into a branch, which
 // if-conversion cannot undo (a conditional load): the token loop then stays scalar (reinforce, dro, sapo,
-// geo_mean did). Off for that one function, the loop vectorises for every surrogate but DPPO's KL (std::log).
+// geo_mean did). Off for that one function, the loop vectorises for every surrogate (DPPO's KL: log_fast).
 #if defined(__GNUC__) && !defined(__clang__)
 #define FASTPO_NO_SINK __attribute__((optimize("no-tree-sink")))
 #else
@@ -403,7 +424,7 @@ void token_loss_forward(const TokenLossSpec& s, const TokenLossArgs<T>& args, T*
   // The token loops read a mask: without one, every token counts.
   std::vector<uint8_t> all_counted;
   TokenLossArgs<T> a = args;
-  if (a.mask == nullptr) {
+  if (a.mask == nullptr && a.wide_mask == nullptr) {
     all_counted.assign(static_cast<size_t>(N), 1);
     a.mask = all_counted.data();
   }
@@ -411,10 +432,22 @@ void token_loss_forward(const TokenLossSpec& s, const TokenLossArgs<T>& args, T*
 #pragma omp parallel for schedule(dynamic, 8) if (N >= kLossParallelMinTokens && B > 1)
 #endif
   for (int64_t i = 0; i < B; ++i) {
+    int64_t begin = a.cu[i], end = a.cu[i + 1];
+    TokenLossArgs<T> seq = a;
+    if (a.wide_mask != nullptr) {  // this sequence's mask as bytes, in an L1/L2-resident buffer
+      thread_local std::vector<uint8_t> buf;
+      buf.resize(static_cast<size_t>(std::max<int64_t>(end - begin, 1)));
+      if (a.wide_mask_bytes == 8)
+        bytes_of_mask(static_cast<const double*>(a.wide_mask) + begin, end - begin, buf.data());
+      else
+        bytes_of_mask(static_cast<const float*>(a.wide_mask) + begin, end - begin, buf.data());
+      seq = shifted_args(a, begin, buf.data());
+      end -= begin, begin = 0;
+    }
     if (s.value)
-      value_sequence<T>(s, a, a.cu[i], a.cu[i + 1], sums[i]);
+      value_sequence<T>(s, seq, begin, end, sums[i]);
     else
-      policy_sequence<T>(s, a, a.cu[i], a.cu[i + 1], sums[i]);
+      policy_sequence<T>(s, seq, begin, end, sums[i]);
   }
 
   SeqSums total;

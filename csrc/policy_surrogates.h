@@ -90,13 +90,13 @@ inline SurOut<T> sur_reinforce(const TokenConsts<T>&, const SurIn<T>& in) {
 // dppo: l = −A·sg(min(r, C))·x·valid, ∂l/∂x = −A·min(r, C)·valid, with valid the trust region of the token
 // probability p = e^x: TV: p − p_old <= ε_high (A > 0), >= −ε_low (else); KL: the binary KL
 // D = p_old·(old − x) + (1 − p_old)·log((1 − p_old + 1e-8)/(1 − p + 1e-8)) <= ε_high or p <= p_old (A > 0),
-// D <= ε_low or p >= p_old (else).
+// D <= ε_low or p >= p_old (else). log_fast (not std::log): the token loop vectorises.
 template <class T, bool KL_REGION>
 inline SurOut<T> sur_dppo(const TokenConsts<T>& k, const SurIn<T>& in) {
   const T p = exp_fast(in.x), p_old = exp_fast(in.old), A = in.A;
   bool valid;
   if (KL_REGION) {
-    const T kl = p_old * (in.old - in.x) + (T(1) - p_old) * std::log((T(1) - p_old + T(1e-8)) / (T(1) - p + T(1e-8)));
+    const T kl = p_old * (in.old - in.x) + (T(1) - p_old) * log_fast((T(1) - p_old + T(1e-8)) / (T(1) - p + T(1e-8)));
     const bool pos = A > T(0);  // bool arithmetic, not a select of two `|`s: gcc if-converts it
     valid = (pos & ((kl <= k.clip_high) | (p <= p_old))) | ((!pos) & ((kl <= k.clip_low) | (p >= p_old)));
   } else {

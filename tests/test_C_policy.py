@@ -60,6 +60,28 @@ def test_parallel_batch_equals_sequences_alone():
         torch.testing.assert_close(stats[STATS.index(k)].double(), v, atol=1e-6, rtol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("surrogate", ["clip", "cispo", "sapo", "reinforce", "dppo_tv", "dppo_kl", "dro", "geo_mean",
+                                       "vespo", "ratio"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float_mask_equals_bool_mask(surrogate, dtype):
+    """The kernel reads a float32/float64 mask (verl's response_mask) itself, non-zero = counted (NaN too, as
+    torch's mask != 0): bitwise the results of the bool mask, across sequences, empty ones and the parallel path."""
+    g = torch.Generator().manual_seed(11)
+    lengths = torch.tensor([0, 5, 300, 1]) if dtype == torch.float64 else torch.randint(0, 20_000, (30,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    ins, m = _flat(int(cu[-1]), seed=12, dtype=dtype)
+    ins["old"] = ins["old"].clamp(max=-1e-3)  # DPPO reads probabilities
+    config = dataclasses.replace(fastpo.GRPO, surrogate=surrogate, dro_beta=0.3, aggregation="seq_mean_token_mean")
+    spec = policy_spec(config, has_ref=True, has_entropy=False, norm_length=0, num_tokens=-1.0)
+    args = (ins["x"], ins["old"], ins["adv"], ins["ref"], None, None)
+    want = cpu_policy.token_loss_forward(*args, m, cu, None, spec)
+    values = torch.where(m, torch.rand(m.shape, generator=g) * 3 + 0.5, torch.zeros(m.shape))
+    for mask in (m.float(), m.double(), values.float(), torch.where(m, float("nan"), 0.0)):
+        got = cpu_policy.token_loss_forward(*args, mask, cu, None, spec)
+        for w, o in zip(want, got):
+            assert torch.equal(w, o), (surrogate, mask.dtype)
+
+
 @pytest.mark.parametrize("config", [CONFIG, fastpo.GSPO, fastpo.PPO], ids=["grpo+is", "gspo", "ppo"])
 def test_masked_tokens_may_hold_garbage(config, backend):
     """Padding may hold anything (NaN, inf): it never reaches the loss, the gradient or a metric."""
@@ -127,7 +149,8 @@ ERRORS = {
     "rollout_not_used": (lambda a: a["spec"].update(rollout=0, rollout_seq=False), "rollout: not used"),
     "dtype_mismatch": (_set("old", np.zeros(12, np.float64)), "old: must have the dtype of x"),
     "length_mismatch": (_set("adv", np.zeros(11, np.float32)), r"adv: expected shape \(12,\)"),
-    "mask_dtype": (_set("mask", np.ones(12, np.float32)), "mask: expected bool or uint8"),
+    "mask_dtype": (_set("mask", np.ones(12, np.int32)), "mask: expected bool, uint8, float32 or float64"),
+    "mask_length": (_set("mask", np.ones(11, np.float32)), r"mask: expected shape \(12,\)"),
     "strided": (_set("ref", np.zeros(24, np.float32)[::2]), "ref: must be contiguous"),
     "cu_end": (_set("cu_seqlens", np.array([0, 5, 11], np.int64)), "cu_seqlens: must start at 0 and end at N=12"),
     "cu_decreasing": (_set("cu_seqlens", np.array([0, 6, 5, 12], np.int64)), "non-decreasing"),

@@ -23,6 +23,9 @@ __all__ = ["token_loss_forward", "token_loss_backward"]
 
 
 _KERNEL_SPECS: dict = {}
+# Masks the kernel reads as they are (non-zero = counted): a float mask (verl's response_mask) needs no
+# `mask != 0` pass over the batch first.
+_KERNEL_MASK_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float64)
 
 
 def _kernel_spec(s: TokenLossSpec, num_tokens: Optional[torch.Tensor]) -> dict:
@@ -50,7 +53,7 @@ def token_loss_forward(x, old, adv, ref: Optional[torch.Tensor], ent: Optional[t
     ref, ent, roll = (t if used else None for t, used in ((ref, s.kl), (ent, s.has_entropy), (roll, s.rollout)))
     flat = lambda t: None if t is None else t.detach().to(dt).contiguous()  # noqa: E731
     x, old, adv, ref, ent, roll = map(flat, (x, old, adv, ref, ent, roll))
-    if mask is not None and mask.dtype not in (torch.bool, torch.uint8):
+    if mask is not None and mask.dtype not in _KERNEL_MASK_DTYPES:
         mask = mask != 0
     m = None if mask is None else mask.detach().contiguous()
     unit = torch.empty(N, dtype=dt)
