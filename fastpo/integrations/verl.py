@@ -58,25 +58,54 @@ def _clip_bounds(config) -> Tuple[float, float]:
     return float(lo), float(hi)
 
 
-def fastpo_config(name: str, config, loss_agg_mode: str) -> PolicyLossConfig:
-    """The ``PolicyLossConfig`` of verl's ``name`` loss under ``config`` (an ActorConfig) and ``loss_agg_mode``."""
+def _knobs(name: str, config):
+    """The ActorConfig numbers that verl's ``name`` loss reads beyond the clip bounds."""
+    if name == "vanilla":
+        return config.get("clip_ratio_c", 3.0)
+    if name in ("dppo_tv", "dppo_kl"):
+        return config.get("clip_ratio_c", 20.0)
+    if name == "sapo":
+        return config.tau_pos, config.tau_neg
+    if name == "dro":
+        return config.policy_loss.dro_beta
+    return None
+
+
+_CONFIGS: Dict[tuple, PolicyLossConfig] = {}
+
+
+def fastpo_config(name: str, config, loss_agg_mode: str, count_empty_sequences: bool = False) -> PolicyLossConfig:
+    """The ``PolicyLossConfig`` of verl's ``name`` loss under ``config`` (an ActorConfig) and ``loss_agg_mode``;
+    cached per the values it reads (a config is frozen; building one costs more than the loss of a small batch)."""
     if loss_agg_mode not in _AGG:
         raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
-    lo, hi = _clip_bounds(config)
-    agg = _AGG[loss_agg_mode]
+    key = (name, loss_agg_mode, _clip_bounds(config), _knobs(name, config), count_empty_sequences)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        cfg = _build_config(name, key[2], key[3], _AGG[loss_agg_mode])
+        if count_empty_sequences and cfg.aggregation.startswith("seq_mean"):
+            cfg = dataclasses.replace(cfg, count_empty_sequences=True)
+        if len(_CONFIGS) >= 256:
+            _CONFIGS.clear()
+        _CONFIGS[key] = cfg
+    return cfg
+
+
+def _build_config(name: str, bounds: Tuple[float, float], knobs, agg: str) -> PolicyLossConfig:
+    lo, hi = bounds
     base = dict(clip_low=lo, clip_high=hi, kl_coef=0.0, aggregation=agg)
     if name == "vanilla":
-        c = config.get("clip_ratio_c", 3.0)
+        c = knobs
         if not c > 1.0:
             raise ValueError(f"The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0, "
                              f"but get the value: {c}.")
         return PolicyLossConfig(dual_clip=float(c), **base)
     if name in ("dppo_tv", "dppo_kl"):
-        return PolicyLossConfig(surrogate=name, dppo_ratio_cap=float(config.get("clip_ratio_c", 20.0)), **base)
+        return PolicyLossConfig(surrogate=name, dppo_ratio_cap=float(knobs), **base)
     if name == "gspo":
         return PolicyLossConfig(ratio_level="sequence", **base)
     if name == "sapo":  # verl aggregates SAPO with seq-mean-token-mean whatever loss_agg_mode says
-        return PolicyLossConfig(surrogate="sapo", sapo_tau_pos=float(config.tau_pos), sapo_tau_neg=float(config.tau_neg),
+        return PolicyLossConfig(surrogate="sapo", sapo_tau_pos=float(knobs[0]), sapo_tau_neg=float(knobs[1]),
                                 **dict(base, aggregation="seq_mean_token_mean"))
     if name == "gpg":
         return PolicyLossConfig(surrogate="reinforce", **base)
@@ -84,7 +113,7 @@ def fastpo_config(name: str, config, loss_agg_mode: str) -> PolicyLossConfig:
         return PolicyLossConfig(surrogate="geo_mean", count_empty_sequences=True,
                                 **dict(base, aggregation="seq_mean_token_mean"))
     if name == "dro":
-        beta = config.policy_loss.dro_beta
+        beta = knobs
         if beta is None or beta <= 0:
             raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
         return PolicyLossConfig(surrogate="dro", dro_beta=float(beta), **base)
@@ -113,17 +142,21 @@ def _global_scale(loss, response_mask, loss_agg_mode, info, *, local_only=False)
     return loss * dp
 
 
+_NO_INFO: dict = {}
+
+
 def _call(cfg: PolicyLossConfig, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
           is_weights=None, *, local_only=False):
     """One fused fastpo.policy_loss over verl's padded [bs, T] micro-batch, scaled as verl's agg_loss."""
-    info = dict(getattr(config, "global_batch_info", None) or {})
+    info = getattr(config, "global_batch_info", None) or _NO_INFO
     num_tokens = None
     if cfg.aggregation == "token_mean" and not local_only:
         num_tokens = info.get("batch_num_tokens")
-    if cfg.aggregation.startswith("seq_mean") and not local_only and info.get("global_batch_size") is not None:
+    if cfg.aggregation.startswith("seq_mean") and not local_only and info.get("global_batch_size") is not None \
+            and not cfg.count_empty_sequences:
         cfg = dataclasses.replace(cfg, count_empty_sequences=True)
-    mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-    out = fastpo.policy_loss(log_prob, old_log_prob.detach(), advantages.detach(), mask,
+    # the kernels read a bool or float mask as it is (non-zero = counted): no conversion pass here
+    out = fastpo.policy_loss(log_prob, old_log_prob.detach(), advantages.detach(), response_mask,
                              is_weights=None if is_weights is None else is_weights.detach(), num_tokens=num_tokens,
                              config=cfg)
     return _global_scale(out.loss, response_mask, loss_agg_mode, info, local_only=local_only), out.metrics
@@ -159,7 +192,8 @@ def _make_loss(name: str):
                 response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
                 rollout_is_weights: Optional[torch.Tensor] = None):
         assert config is not None
-        cfg = fastpo_config(name, config, loss_agg_mode)
+        info = getattr(config, "global_batch_info", None) or _NO_INFO
+        cfg = fastpo_config(name, config, loss_agg_mode, info.get("global_batch_size") is not None)
         agg_mode = "seq-mean-token-mean" if name == "sapo" else loss_agg_mode
         loss, metrics = _call(cfg, old_log_prob, log_prob, advantages, response_mask, agg_mode, config,
                               rollout_is_weights, local_only=name == "geo_mean")

@@ -26,6 +26,7 @@ from fastpo._layout import (
 from fastpo.loss_output import LossOutput
 from fastpo.ops.loss_spec import POLICY_METRICS, STATS, TokenLossSpec, policy_spec_lists
 from fastpo.ops.policy_prepass import needs_prepass, run_prepass
+from fastpo.ops.row_kernels import direct_call_ok
 from fastpo.policy_config import GRPO, PolicyLossConfig
 
 __all__ = ["policy_loss"]
@@ -63,8 +64,8 @@ def _policy_loss_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, stats, unit, unit_entropy) for flat ``[N]`` inputs (see ``fastpo.ops.loss_spec``);
     ``num_tokens`` (a tensor) or ``num_tokens_int`` (> 0; -1: none) is token_mean's denominator."""
-    return run_forward(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens,
-                       floats, ints, packed, backend, num_tokens_int)
+    return _run_op_args(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens,
+                        num_tokens_int, floats, ints, packed, backend)
 
 
 @_policy_loss_fwd.register_fake
@@ -111,12 +112,18 @@ def save_for_backward(ctx, x, entropy, output, backend):
 
 
 def backward_grads(ctx, grad_loss):
-    """(∂L/∂x, ∂L/∂entropy or None) from what :func:`save_for_backward` kept."""
+    """(∂L/∂x, ∂L/∂entropy or None) from what :func:`save_for_backward` kept. A first-order backward in
+    plain eager mode calls the kernels directly; a backward that builds a graph (``create_graph=True``) or
+    is traced goes through ``fastpo::policy_loss_bwd``, whose autograd formula refuses a double backward."""
     stats, unit, unit_ent = ctx.saved_tensors
     if grad_loss is None:
         return None, None
-    grad_x, grad_ent = _policy_loss_bwd(grad_loss.contiguous(), stats, unit, unit_ent, ctx.x_dtype,
-                                        ctx.entropy_dtype, ctx.backend)
+    if not torch.is_grad_enabled() and direct_call_ok(grad_loss, stats, unit, unit_ent):
+        grad_x, grad_ent = loss_kernels(ctx.backend).token_loss_backward(grad_loss, stats, unit, unit_ent,
+                                                                         ctx.x_dtype, ctx.entropy_dtype)
+    else:
+        grad_x, grad_ent = _policy_loss_bwd(grad_loss.contiguous(), stats, unit, unit_ent, ctx.x_dtype,
+                                            ctx.entropy_dtype, ctx.backend)
     return grad_x, (grad_ent if ctx.has_entropy else None)
 
 
@@ -131,6 +138,32 @@ def _backward(ctx, grad_loss, _stats, _unit, _unit_ent):
 
 
 torch.library.register_autograd("fastpo::policy_loss_fwd", _backward, setup_context=_setup_context)
+
+
+def _run_op_args(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens,
+                 num_tokens_int, floats, ints, packed, backend):
+    """:func:`run_forward` of ``fastpo::policy_loss_fwd``'s arguments (in the op's order)."""
+    return run_forward(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens,
+                       floats, ints, packed, backend, num_tokens_int)
+
+
+class _EagerPolicyLoss(torch.autograd.Function):
+    """``fastpo::policy_loss_fwd`` and its autograd formula without the ``torch.library`` dispatch (see
+    ``fastpo.ops.row_kernels.direct_call_ok``): eager calls on plain tensors only. Returns (loss, stats)."""
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens,
+                num_tokens_int, floats, ints, packed, backend):
+        output = _run_op_args(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens,
+                              num_tokens, num_tokens_int, floats, ints, packed, backend)
+        save_for_backward(ctx, logp, entropy, output, backend)
+        # stats stays a differentiable output (metrics detach it): under create_graph=True the saved stats then
+        # carry a graph into fastpo::policy_loss_bwd, whose formula raises on the double backward
+        return output[0], output[1]
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        return _backward(ctx, grad_loss, None, None, None)
 
 
 def check_num_tokens_value(num_tokens: torch.Tensor) -> None:
@@ -173,9 +206,12 @@ def default_norm_length(layout: TokenLayout, norm_length: Optional[int]) -> int:
     return 0 if norm_length is None else norm_length
 
 
+_STAT_INDEX = {name: i for i, name in enumerate(STATS)}
+
+
 def metrics_from(stats: torch.Tensor, names) -> dict:
-    stats = stats.detach()
-    return {name: stats[STATS.index(name)] for name in names}
+    parts = stats.detach().unbind()  # one call for every view (indexing costs ~1.5 us a metric)
+    return {name: parts[_STAT_INDEX[name]] for name in names}
 
 
 def policy_loss(
@@ -325,10 +361,15 @@ def policy_loss(
     roll = rollout_logp if is_weights is None else is_weights  # the kernels' rollout slot (see loss_spec)
     old, adv, ref, roll, m = flat_inputs(layout, old_logp, advantages, ref_logp, roll, layout.mask)
     tensor_count = isinstance(num_tokens, torch.Tensor)
-    loss, stats, _, _ = _policy_loss_fwd(
-        layout.flat(logp), old, adv, ref, layout.flat(entropy), roll, m, layout.cu_seqlens,
-        num_tokens if tensor_count else None, -1 if num_tokens is None or tensor_count else num_tokens,
-        floats, ints, not layout.is_padded, backend)
+    args = (layout.flat(logp), old, adv, ref, layout.flat(entropy), roll, m, layout.cu_seqlens,
+            num_tokens if tensor_count else None, -1 if num_tokens is None or tensor_count else num_tokens,
+            floats, ints, not layout.is_padded, backend)
+    if not direct_call_ok(logp, old, adv, ref, entropy, roll, m, args[8]):
+        loss, stats, _, _ = _policy_loss_fwd(*args)
+    elif torch.is_grad_enabled() and (logp.requires_grad or (entropy is not None and entropy.requires_grad)):
+        loss, stats = _EagerPolicyLoss.apply(*args)
+    else:
+        loss, stats, _, _ = _run_op_args(*args)
     metrics = metrics_from(stats, POLICY_METRICS)
     if pre is not None:
         if pre.kl_cov_index is not None:  # KL-Cov's few tokens, aggregated like the rest (scale = stats[1])
