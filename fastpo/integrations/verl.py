@@ -302,8 +302,8 @@ def fastpo_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages
                            kl_cov_ratio=float(ratio), kl_cov_coef=float(coef))
     loss, _ = _call(cfg, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                     rollout_is_weights)
-    mask = response_mask != 0
-    abs_kl = torch.where(mask, (log_prob.detach() - old_log_prob).abs(), torch.zeros_like(log_prob)).sum()
+    mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+    abs_kl = torch.where(mask, (log_prob.detach() - old_log_prob).abs_(), 0.0).sum()  # a select: NaN padding
     return loss, {"actor/ppo_kl": float((abs_kl / mask.sum().clamp(min=1)).item())}
 
 

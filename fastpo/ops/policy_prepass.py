@@ -86,8 +86,11 @@ def run_prepass(config: PolicyLossConfig, layout: TokenLayout, logp, old_logp, a
     dt = accumulation_dtype(logp.dtype)
     g = _Grid(layout, logp.device)
     flat = lambda t: t.detach().reshape(-1).to(dt)  # noqa: E731
-    m0 = torch.ones(layout.num_tokens, dtype=torch.bool, device=logp.device) if layout.mask is None \
-        else layout.mask.reshape(-1) != 0
+    if layout.mask is None:
+        m0 = torch.ones(layout.num_tokens, dtype=torch.bool, device=logp.device)
+    else:  # a bool mask is used as it is (no pass over the batch)
+        m0 = layout.mask.reshape(-1)
+        m0 = m0 if m0.dtype == torch.bool else m0 != 0
     mg = g.grid(m0, False)
     x, old, adv = (g.grid(flat(t)) for t in (logp, old_logp, advantages))
     metrics = {}
