@@ -171,3 +171,43 @@ def test_scalar_tensor_cache_is_safe_for_autograd():
     with _Recorder():
         fastpo.token_logprobs(x, torch.tensor([1, 2]), temperature=0.8125).sum().backward()
     assert x.grad is not None
+
+
+sl = importlib.import_module("fastpo.ops.sequence_logprobs")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs_direct_path_equals_custom_op_path(cpu_backend, monkeypatch, packed, average):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 6, generator=g)
+    mask = torch.rand(3, 6, generator=g) > 0.3
+    kw = dict(average=average)
+    if packed:
+        x, mask = x.reshape(-1), mask.reshape(-1)
+        kw["cu_seqlens"] = torch.tensor([0, 5, 5, 18])
+    weights = torch.randn(3, generator=g)
+
+    def run():
+        leaf = x.clone().requires_grad_()
+        out = fastpo.sequence_logprobs(leaf, mask, **kw)
+        (grad,) = torch.autograd.grad((out * out * weights).sum(), leaf, create_graph=True)
+        (grad * grad).sum().backward()  # double backward: linear op, supported
+        return out.detach(), grad.detach(), leaf.grad
+
+    calls = []
+    apply = sl._EagerSequenceLogprobs.apply
+    monkeypatch.setattr(sl._EagerSequenceLogprobs, "apply", lambda *a: calls.append(1) or apply(*a))
+    direct = run()
+    monkeypatch.setattr(sl, "direct_call_ok", lambda *tensors: False)
+    via_ops = run()
+    assert len(calls) == 1
+    for a, b in zip(direct, via_ops):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with _Recorder() as rec:
+        fastpo.sequence_logprobs(x.clone().requires_grad_(), mask, **kw)
+    assert any("fastpo.sequence_logprobs_fwd" in op for op in rec.ops)
+    if packed:
+        with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+            monkeypatch.undo()
+            fastpo.sequence_logprobs(x, mask, cu_seqlens=torch.tensor([0, 5, 5, 17]), average=average)

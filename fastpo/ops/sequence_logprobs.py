@@ -1,7 +1,8 @@
 """``fastpo.sequence_logprobs``: per-sequence sums (or means) of token log-probs, padded or packed.
 
 Layers: public function (validation) → ``torch.library`` custom ops ``fastpo::sequence_logprobs_fwd``
-/ ``_bwd`` (autograd formula, fake implementation) → the segment reduction of the selected backend:
+/ ``_bwd`` (autograd formula, fake implementation; eager calls on plain tensors run the same bodies
+through a plain ``autograd.Function``, without the dispatcher) → the segment reduction of the selected backend:
 the Triton kernels of ``fastpo.kernels.segments`` or the vectorised torch CPU path below (same
 contract: ``segment_forward`` / ``segment_backward``).
 """
@@ -16,6 +17,7 @@ from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
 from fastpo._layout import accumulation_dtype, check_cu_seqlens_values, token_layout
+from fastpo.ops.row_kernels import direct_call_ok
 
 __all__ = ["sequence_logprobs"]
 
@@ -76,6 +78,11 @@ def _sequence_logprobs_fwd(
     average: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sequence sum or mean, counted tokens) for ``token_logp [B, T]`` or ``[N]`` + ``cu_seqlens``."""
+    return _forward(token_logp, mask, cu_seqlens, average, backend)
+
+
+def _forward(token_logp, mask, cu_seqlens, average, backend):
+    """The forward op's body (also the eager path's): the cu_seqlens values check, then the reduction."""
     if cu_seqlens is not None:
         check_cu_seqlens_values(cu_seqlens, token_logp.shape[0])
     forward, _ = _segment_ops(backend)
@@ -137,6 +144,30 @@ def _bwd_backward(ctx, grad_grad):
 torch.library.register_autograd("fastpo::sequence_logprobs_bwd", _bwd_backward, setup_context=_bwd_setup_context)
 
 
+class _EagerSequenceLogprobs(torch.autograd.Function):
+    """``fastpo::sequence_logprobs_fwd`` and its autograd formula without the ``torch.library`` dispatch,
+    for eager calls on plain tensors (see :func:`fastpo.ops.row_kernels.direct_call_ok`). The backward
+    is the backward op itself (not its body), so double backward keeps working."""
+
+    @staticmethod
+    def forward(ctx, token_logp, mask, cu_seqlens, average, backend):
+        out, count = _forward(token_logp, mask, cu_seqlens, average, backend)
+        ctx.save_for_backward(count, mask, cu_seqlens)
+        ctx.shape, ctx.dtype, ctx.average, ctx.backend = list(token_logp.shape), token_logp.dtype, average, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        count, mask, cu_seqlens = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the custom op carries the double-backward formula
+            grad = _sequence_logprobs_bwd(grad_out, count, mask, cu_seqlens, ctx.shape, ctx.dtype, ctx.average,
+                                          ctx.backend)
+        else:
+            _, backward = _segment_ops(ctx.backend)
+            grad = backward(grad_out.contiguous(), count, mask, cu_seqlens, ctx.shape, ctx.dtype, ctx.average)
+        return grad, None, None, None, None
+
+
 def sequence_logprobs(
     token_logp: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
@@ -169,5 +200,9 @@ def sequence_logprobs(
         if packed_cu is not None:
             check_cu_seqlens_values(packed_cu, token_logp.shape[0])
         return reference.sequence_logprobs(token_logp, counted, packed_cu, average)
-    out, _ = _sequence_logprobs_fwd(token_logp, counted, packed_cu, average, backend)
-    return out
+    if not direct_call_ok(token_logp, counted, packed_cu):
+        out, _ = _sequence_logprobs_fwd(token_logp, counted, packed_cu, average, backend)
+        return out
+    if torch.is_grad_enabled() and token_logp.requires_grad:
+        return _EagerSequenceLogprobs.apply(token_logp, counted, packed_cu, average, backend)
+    return _forward(token_logp, counted, packed_cu, average, backend)[0]
