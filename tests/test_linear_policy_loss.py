@@ -261,9 +261,27 @@ def test_double_backward_raises(cpu_backend):
     h, w, b = _leaves(t)
     loss = fastpo.linear_policy_loss(h, w, t["labels"], t["old_logp"], t["advantages"], t["mask"],
                                      **_kwargs(t, fastpo.GRPO, bias=b)).loss
-    (gh,) = torch.autograd.grad(loss, h, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
+        (gh,) = torch.autograd.grad(loss, h, create_graph=True)
         gh.sum().backward()
+    loss = fastpo.linear_policy_loss(h, w, t["labels"], t["old_logp"], t["advantages"], t["mask"],
+                                     **_kwargs(t, fastpo.GRPO, bias=b)).loss
+    loss.backward(retain_graph=True)  # a retained graph: later backwards rescale out of place
+    first = [g.clone() for g in (h.grad, w.grad)]
+    h.grad = w.grad = None
+    (2.5 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(h.grad, 2.5 * first[0])
+    torch.testing.assert_close(w.grad, 2.5 * first[1])
+
+
+def test_backward_allocates_no_second_weight_gradient(cpu_backend):
+    t = _batch(True, torch.float32, D=16, V=3000, bias=False)
+    h, w, _ = _leaves(t)
+    loss = fastpo.linear_policy_loss(h, w, t["labels"], t["old_logp"], t["advantages"], t["mask"],
+                                     **_kwargs(t, fastpo.DAPO, bias=None)).loss
+    with _LargestAllocation() as seen:
+        loss.backward()
+    assert seen.largest < w.numel()  # the forward's float32 buffer, scaled in place, is the gradient
 
 
 def test_compile_dynamic_fullgraph(cpu_backend):

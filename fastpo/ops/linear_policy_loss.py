@@ -157,18 +157,45 @@ def _(grad_loss, stats, grad_hidden, grad_weight, grad_bias, dtype):
 torch.library.register_autograd("fastpo::linear_policy_loss_bwd", no_double_backward("linear_policy_loss"))
 
 
+def _scale_in_place(factor: torch.Tensor, *buffers: torch.Tensor) -> None:
+    """The forward's gradient buffers times ``factor`` (0-d), in place: no second ∂weight-sized buffer.
+    Through ``.data``: the buffers are this op's own saved outputs, and a later backward through a retained
+    graph reads them knowing the factor applied (``ctx.applied``), so their version must not change."""
+    for g in buffers:
+        if g.numel():
+            g.data.mul_(factor.to(g.dtype))
+
+
 def _setup_context(ctx, inputs, output):
     ctx.dtype = inputs[0].dtype
     ctx.needs_grad = inputs[21]
     ctx.save_for_backward(output[1], *output[4:])
     ctx.set_materialize_grads(False)
+    ctx.applied = None
 
 
 def _backward(ctx, grad_loss, *_):
     stats, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 23
-    grads = _linear_policy_bwd(grad_loss.contiguous(), stats, grad_hidden, grad_weight, grad_bias, ctx.dtype)
+    if torch.is_grad_enabled():  # create_graph=True: the gradient would be differentiated
+        no_double_backward("linear_policy_loss")(ctx)
+    buffers = (grad_hidden, grad_weight, grad_bias)
+    if torch.compiler.is_compiling():  # a traced backward: out of place (AOTAutograd owns the buffers)
+        grads = _linear_policy_bwd(grad_loss.contiguous(), stats, *buffers, ctx.dtype)
+    elif ctx.applied is None:
+        # The first backward scales the buffers in place and hands them to autograd (which takes them
+        # without a copy once the graph frees its saved tensors).
+        ctx.applied = grad_loss.detach().to(stats.dtype).reshape(()) * stats[1]
+        _scale_in_place(ctx.applied, *buffers)
+        grads = [g if g.dtype == ctx.dtype else g.to(ctx.dtype) for g in buffers]
+    else:
+        # Another backward through a retained graph: the buffers hold applied·G, so rescale out of place.
+        if float(ctx.applied) == 0.0:
+            raise RuntimeError("fastpo.linear_policy_loss: a second backward through a retained graph needs the "
+                               "first one's upstream gradient to be non-zero (its gradients were scaled in place)")
+        ratio = grad_loss.detach().to(stats.dtype).reshape(()) * stats[1] / ctx.applied
+        grads = [(g * ratio.to(g.dtype)).to(ctx.dtype) for g in buffers]
     grads = [g if needed else None for g, needed in zip(grads, ctx.needs_grad)]
     return tuple(grads) + (None,) * 20
 
@@ -218,8 +245,9 @@ def linear_policy_loss(
     Gradients flow to ``hidden``, ``weight`` and ``bias`` (each only when it requires grad: a frozen
     LoRA lm_head skips its GEMM). They are computed in the forward, chunk by chunk (``chunk_size`` rows,
     default ``fastpo.ops.linear_token_logprobs.default_chunk_size``), and held until the backward, which
-    scales them by the upstream gradient: a second backward raises ``NotImplementedError``. Peak extra
-    memory is one chunk of logits plus ∂hidden (hidden's dtype) and float32 ∂weight.
+    scales them in place by the upstream gradient (a double backward raises ``NotImplementedError``).
+    Peak extra memory is one chunk of logits plus ∂hidden (hidden's dtype) and float32 ∂weight, which
+    becomes the weight's gradient (for a float32 weight) without a copy.
 
     Returns ``LossOutput(loss, metrics)`` with :func:`fastpo.policy_loss`'s metrics.
     """
