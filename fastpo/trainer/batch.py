@@ -131,11 +131,26 @@ class TokenScorer(torch.nn.Module):
         self.chunk_size = chunk_size
         self.precision = precision  # --bf16, --cast-lm-head-fp32 (precision.py), --padding-free (packing.py)
 
-    def forward(self, input_ids, attention_mask, rows, positions, labels, return_entropy: bool = False):
+    def forward(self, input_ids, attention_mask, rows, positions, labels, return_entropy: bool = False,
+                policy_loss: Optional[dict] = None):
+        """Log-probs ``[N]`` (and entropies), or with ``policy_loss`` (the keyword inputs of
+        ``fastpo.linear_policy_loss`` but the head's) that loss's ``LossOutput``, computed from the
+        hidden states in three lm_head GEMMs where the config allows."""
         hidden = decoder_states(self.lm.get_decoder(), input_ids, attention_mask, rows, positions, self.precision)
         h, weight, bias = head_operands(hidden, self.lm.get_output_embeddings(), self.precision)
+        if policy_loss is not None:
+            return fastpo.linear_policy_loss(h, weight, labels, bias=bias, temperature=self.temperature,
+                                             chunk_size=self.chunk_size, **policy_loss)
         return fastpo.linear_token_logprobs(h, weight, labels, bias=bias, temperature=self.temperature,
                                             return_entropy=return_entropy, chunk_size=self.chunk_size)
+
+
+def policy_loss_of(scorer: torch.nn.Module, batch: TokenBatch, old_logp: torch.Tensor, advantages: torch.Tensor,
+                   **kwargs):
+    """``fastpo.linear_policy_loss`` of the batch's response tokens under a :class:`TokenScorer` (or a
+    DDP/FSDP wrapper of one): the policy loss straight from the hidden states, packed by ``cu_seqlens``."""
+    return scorer(batch.input_ids, batch.attention_mask, batch.rows, batch.positions, batch.labels,
+                  policy_loss=dict(kwargs, old_logp=old_logp, advantages=advantages, cu_seqlens=batch.cu_seqlens))
 
 
 def token_logprobs(scorer: torch.nn.Module, batch: TokenBatch, *, return_entropy: bool = False):

@@ -2,8 +2,9 @@
 
 Per step: G responses to each of P prompts; one outcome reward per response; the advantage of a
 response compares it with its group (``fastpo.group_advantages``) and is shared by all its tokens;
-the loss is ``fastpo.policy_loss`` with the algorithm's preset. The variants differ only in the
-row of :data:`VARIANTS` (advantage estimator, loss preset) and DAPO's group filter.
+the loss is ``fastpo.linear_policy_loss`` (from the hidden states) with the algorithm's preset. The
+variants differ only in the row of :data:`VARIANTS` (advantage estimator, loss preset) and DAPO's
+group filter.
 
   grpo          (s − mean_g)/(std_g + ε)     GRPO preset: clip 0.2, k3 KL β=0.04, seq-mean-token-mean
   dapo          same advantages              DAPO preset: clip 0.2/0.28, token-mean; dynamic sampling:
@@ -24,7 +25,7 @@ import torch
 
 import fastpo
 
-from ..batch import packed_rollout_logp, token_logprobs
+from ..batch import packed_rollout_logp, policy_loss_of
 from .base import Algorithm, Experience, metrics_of
 
 _PG_ONLY = fastpo.PolicyLossConfig(clip_low=0.2, clip_high=0.2, kl_coef=0.0, aggregation="token_mean")
@@ -135,14 +136,12 @@ class GroupPolicyGradient(Algorithm):
     def loss(self, exp: Experience) -> Tuple[torch.Tensor, Dict[str, Optional[float]]]:
         t = exp.tensors
         batch = exp.batch
-        want_entropy = self.config.entropy_coef > 0
-        scored = token_logprobs(self.trainer.policy, batch, return_entropy=want_entropy)
-        logp, entropy = scored if want_entropy else (scored, None)
         num_tokens, factor = self.policy_loss_scale(exp, self.config.aggregation)
-        out = fastpo.policy_loss(
-            logp, t["old_logp"], t["advantages"], t.get("mask"), cu_seqlens=batch.cu_seqlens,
+        # Hidden states -> loss in one op (three lm_head GEMMs for token-local configs).
+        out = policy_loss_of(
+            self.trainer.policy, batch, t["old_logp"], t["advantages"], mask=t.get("mask"),
             ref_logp=t.get("ref_logp"),
-            entropy=entropy, rollout_logp=t["rollout_logp"] if self.config.rollout_is != "none" else None,
+            rollout_logp=t["rollout_logp"] if self.config.rollout_is != "none" else None,
             num_tokens=num_tokens, config=self.config)
         metrics = metrics_of(out, LOSS_METRICS)
         metrics["kl"] = metrics.pop("ref_kl") if self.needs_reference else None

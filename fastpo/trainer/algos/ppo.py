@@ -16,7 +16,7 @@ import torch
 
 import fastpo
 
-from ..batch import packed_rollout_logp, score_in_chunks, token_logprobs
+from ..batch import packed_rollout_logp, policy_loss_of, score_in_chunks
 from ..models import values_of
 from .base import Algorithm, Experience, metrics_of
 
@@ -63,11 +63,10 @@ class PPO(Algorithm):
 
     def loss(self, exp: Experience) -> Tuple[torch.Tensor, Dict[str, Optional[float]]]:
         t, batch = exp.tensors, exp.batch
-        logp = token_logprobs(self.trainer.policy, batch)
         num_tokens, _ = self.policy_loss_scale(exp, self.config.aggregation)  # token mean: factor 1
-        pg = fastpo.policy_loss(logp, t["old_logp"], t["advantages"], cu_seqlens=batch.cu_seqlens,
-                                rollout_logp=t["rollout_logp"] if self.config.rollout_is != "none" else None,
-                                num_tokens=num_tokens, config=self.config)
+        pg = policy_loss_of(self.trainer.policy, batch, t["old_logp"], t["advantages"],
+                            rollout_logp=t["rollout_logp"] if self.config.rollout_is != "none" else None,
+                            num_tokens=num_tokens, config=self.config)
         values = values_of(self.trainer.critic, batch)
         vf = fastpo.value_loss(values, t["old_values"], t["returns"], cu_seqlens=batch.cu_seqlens, clip=0.2)
         vf_loss = vf.loss * (batch.num_response_tokens / max(self.step_totals(exp).local_tokens, 1))
