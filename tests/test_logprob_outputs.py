@@ -29,7 +29,7 @@ def _check_against_reference(got, logits, labels, temperature, dtype):
     assert torch.equal(got.is_top1.cpu(), want.is_top1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab", [1, 7, 3000])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_outputs_match_reference(backend, dtype, vocab, temperature):
@@ -46,7 +46,7 @@ def test_token_outputs_match_reference(backend, dtype, vocab, temperature):
     assert not got.is_top1.cpu()[ignored].any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab", [7, 3000])
 def test_linear_outputs_match_reference_and_keep_gradients(backend, dtype, vocab):
     g = torch.Generator().manual_seed(vocab + 1)
