@@ -10,6 +10,8 @@ from fastpo.ops import linear_token_logprobs, token_logprobs
 from fastpo.reference.logprobs import LogProbOutputs
 from fastpo.ops.policy_loss import policy_loss
 from fastpo.ops.linear_policy_loss import linear_policy_loss
+from fastpo.ops.linear_distill import linear_distill_loss
+from fastpo.ops.sampled_distill import sampled_distill_loss
 from fastpo.ops.value_loss import value_loss
 from fastpo.policy_config import (BNPO, CISPO, CISPO_TRL, DAPO, DPPO_KL, DPPO_TV, DR_GRPO, DRO, GMPO, GPG, GRPO, GSPO,
                                    LUSPO, PPO, SAPO, VESPO, PolicyLossConfig)
@@ -36,4 +38,5 @@ __all__ = [
     "policy_loss", "linear_policy_loss", "value_loss", "PolicyLossConfig", "PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO",
     "BNPO", "LUSPO", "CISPO", "CISPO_TRL", "SAPO", "GMPO", "GPG", "DPPO_TV", "DPPO_KL", "DRO", "VESPO",
     "CLIP_COV", "KL_COV",
+    "linear_distill_loss", "sampled_distill_loss",
 ]

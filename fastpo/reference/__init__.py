@@ -14,5 +14,6 @@ from fastpo.reference.linear_policy import linear_policy_loss
 from fastpo.reference.preference import (cpo_loss, kto_kl_ref_point, kto_loss, nll_loss, orpo_loss,
                                         sequence_logprobs, simpo_loss)
 from fastpo.reference.dpo import dpo_loss
+from fastpo.reference.distill import linear_distill_loss, sampled_distill_loss
 
-__all__ = ["gae", "group_advantages", "process_advantages", "whiten", "multi_reward_advantages", "optimal_token_baseline", "sequence_logprobs", "dpo_loss", "simpo_loss", "orpo_loss", "kto_loss", "cpo_loss", "nll_loss", "kto_kl_ref_point", "token_logprobs", "linear_token_logprobs", "policy_loss", "value_loss", "linear_policy_loss"]
+__all__ = ["gae", "group_advantages", "process_advantages", "whiten", "multi_reward_advantages", "optimal_token_baseline", "sequence_logprobs", "dpo_loss", "simpo_loss", "orpo_loss", "kto_loss", "cpo_loss", "nll_loss", "kto_kl_ref_point", "token_logprobs", "linear_token_logprobs", "policy_loss", "value_loss", "linear_policy_loss", "linear_distill_loss", "sampled_distill_loss"]
