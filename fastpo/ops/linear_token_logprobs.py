@@ -19,8 +19,9 @@ import torch
 from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
+from fastpo.ops.lm_head import add_chunk_gradients, check_head_operands, chunk_logits, gradient_buffers
 from fastpo.ops.row_kernels import (
-    empty_row_outputs, extras_mask, flat_labels, named_outputs, no_double_backward, result_dtype, row_kernels,
+    empty_row_outputs, extras_mask, flat_labels, named_outputs, no_double_backward, row_kernels,
 )
 from fastpo.reference.logprobs import check_logit_transform, check_outputs
 
@@ -39,10 +40,6 @@ def default_chunk_size(n_tokens: int, vocab_size: int) -> int:
     rows = min(rows, max(_MIN_CHUNK_ROWS, _MAX_CHUNK_ELEMENTS // max(vocab_size, 1)))
     rows = ((rows + 15) // 16) * 16
     return max(1, min(rows, n_tokens))
-
-
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return torch.nn.functional.linear(hidden, weight, bias)
 
 
 def _chunk_rows(chunk_size: int, n_tokens: int, vocab_size: int) -> int:
@@ -70,7 +67,7 @@ def _linear_fwd(
     outputs = empty_row_outputs(hidden, hidden.dtype)
     for start in range(0, n_tokens, chunk):
         rows = slice(start, min(start + chunk, n_tokens))
-        logits = _chunk_logits(hidden[rows], weight, bias)
+        logits = chunk_logits(hidden[rows], weight, bias)
         for out, part in zip(outputs, kernels.logprob_forward(logits, labels[rows], tau, ignore_index, with_entropy,
                                                                   extras, logit_softcap, logit_scale)):
             out[rows] = part
@@ -97,32 +94,19 @@ def _linear_bwd(
     tau = float(temperature)
     n_tokens = hidden.shape[0]
     chunk = _chunk_rows(chunk_size, n_tokens, weight.shape[0])
-    acc_dtype = result_dtype(weight.dtype)
-    grad_hidden = hidden.new_empty(hidden.shape) if needs_grad_hidden else hidden.new_empty(0)
-    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_grad_weight \
-        else weight.new_empty(0)
-    needs_grad_bias = needs_grad_bias and bias is not None
-    grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if needs_grad_bias \
-        else weight.new_empty(0)
+    grads = gradient_buffers(hidden, weight, bias, needs_grad_hidden, needs_grad_weight, needs_grad_bias)
     for start in range(0, n_tokens, chunk):
         rows = slice(start, min(start + chunk, n_tokens))
         # The forward's logits, recomputed, turned into their gradient in place.
-        grad_logits = _chunk_logits(hidden[rows], weight, bias)
+        grad_logits = chunk_logits(hidden[rows], weight, bias)
         kernels.logprob_backward(
             grad_logits, labels[rows], row_max[rows], log_norm[rows], entropy[rows],
             None if grad_logp is None else grad_logp[rows],
             None if grad_entropy is None else grad_entropy[rows],
             tau, ignore_index, grad_logits, logit_softcap, logit_scale)
-        if needs_grad_hidden:
-            torch.mm(grad_logits, weight, out=grad_hidden[rows])
-        if needs_grad_weight or needs_grad_bias:
-            grad_logits_acc = grad_logits.to(acc_dtype)  # a copy only for 16-bit inputs
-            if needs_grad_weight:
-                grad_weight.addmm_(grad_logits_acc.t(), hidden[rows].to(acc_dtype))
-            if needs_grad_bias:
-                grad_bias += grad_logits_acc.sum(dim=0)
-            del grad_logits_acc
+        add_chunk_gradients(grad_logits, hidden[rows], weight, rows, *grads)
         del grad_logits
+    grad_hidden, grad_weight, grad_bias = grads
     return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
@@ -196,21 +180,8 @@ def linear_token_logprobs(
     tokens does not recompile; ``ignore_index``, ``return_entropy``, ``outputs`` and an explicit
     ``chunk_size`` are specialised.
     """
-    check.check_float_tensor(hidden, "hidden")
-    check.check_float_tensor(weight, "weight")
-    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1] or weight.shape[0] < 1:
-        raise ValueError(
-            f"hidden [..., D] and weight [V, D] must share D (and V >= 1), got hidden {check.shape_of(hidden)} "
-            f"and weight {check.shape_of(weight)}")
+    check_head_operands(hidden, weight, bias)
     check.check_aligned_labels(labels, hidden, "hidden")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    if bias is not None:
-        check.check_float_tensor(bias, "bias")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {check.shape_of(bias)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
     check.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
     temperature = check.check_temperature(temperature)
     ignore_index = check.check_int(ignore_index, "ignore_index")
