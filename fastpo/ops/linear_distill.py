@@ -80,10 +80,7 @@ def _distill_fwd(
     zero = torch.zeros((), dtype=div.dtype, device=div.device)
     valid = counted != 0
     div, ent = torch.where(valid, div, zero), torch.where(valid, ent, zero)
-    grad_h, grad_w, grad_b = grads
-    if grad_h.numel() == 0 and s_hidden.numel() == 0 and fused_grad and needs_grad[0]:
-        grad_h = s_hidden.new_zeros(s_hidden.shape)
-    return div, ent, div.sum(), grad_h, grad_w, grad_b
+    return (div, ent, div.sum(), *grads)
 
 
 @_distill_fwd.register_fake
@@ -170,8 +167,6 @@ def _backward(ctx, grad_div, _grad_ent, grad_total, *_):
         grads = _distill_bwd(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, weight.contiguous(), beta,
                              temperature, *ctx.transform, ctx.chunk_size, ctx.backend, list(needs))
     grads = [g if need else None for g, need in zip(grads, needs)]
-    if ctx.saved_tensors and not ctx.fused_grad and ctx.saved_tensors[2] is None:
-        grads[2] = None
     return tuple(grads) + (None,) * 14
 
 
@@ -287,8 +282,8 @@ def linear_distill_loss(
         loss = div.view(lead)
     else:
         # Σ D·c comes as ``total`` (whose backward scales the forward's gradients); the scale is the reduction's.
-        loss = ref.reduce_distill(total.unsqueeze(0), counted, "sum" if reduction == "none" else reduction,
-                                  num_items_in_batch, lead_size, student_weight.shape[0])
+        loss = ref.reduce_total(total, counted, n_tokens, reduction, num_items_in_batch, lead_size,
+                                student_weight.shape[0])
     if return_entropy:
         return loss, ent.detach().view(lead)
     return loss

@@ -28,7 +28,8 @@ from fastpo._layout import accumulation_dtype
 from fastpo.reference.logprobs import transform_logits
 
 __all__ = ["linear_distill_loss", "distill_divergence", "reduce_distill", "sampled_distill_loss",
-           "REDUCTIONS", "SAMPLED_ESTIMATORS"]
+           "reduce_total", "counted_tokens", "REDUCTIONS",
+           "SAMPLED_ESTIMATORS"]
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 SAMPLED_ESTIMATORS = ("reinforce", "k1", "abs", "k2", "k3")
@@ -67,20 +68,26 @@ def distill_divergence(student_logits, teacher_logits, beta: float, temperature:
 def reduce_distill(per_token: torch.Tensor, counted: Optional[torch.Tensor], reduction: str, num_items_in_batch,
                    lead_size: int, vocab_size: int):
     """The reduction of the module docstring over ``per_token`` (already 0 where not ``counted``)."""
+    if reduction == "none" and num_items_in_batch is None:
+        return per_token
+    return reduce_total(per_token.sum(), counted, per_token.numel(), reduction, num_items_in_batch, lead_size,
+                        vocab_size)
+
+
+def reduce_total(total: torch.Tensor, counted: Optional[torch.Tensor], n_tokens: int, reduction: str,
+                 num_items_in_batch, lead_size: int, vocab_size: int):
+    """A reduced loss from ``total`` = Σ D over the counted tokens (``reduction`` other than ``"none"``, or
+    ``num_items_in_batch``)."""
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(per_token.device)
-        return per_token.sum() / num_items_in_batch
-    if reduction == "none":
-        return per_token
-    total = per_token.sum()
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
     if reduction == "sum":
         return total
-    n = counted.sum() if counted is not None else per_token.numel()
     if reduction == "batchmean":
         denom = counted.sum().clamp_min(1) if counted is not None else max(lead_size, 1)
-    else:  # "mean"
-        denom = (n * vocab_size).clamp_min(1) if counted is not None else max(n * vocab_size, 1)
+    else:  # "mean": TRL's mean over the [n, V] elements
+        denom = (counted.sum() * vocab_size).clamp_min(1) if counted is not None else max(n_tokens * vocab_size, 1)
     return total / denom
 
 
