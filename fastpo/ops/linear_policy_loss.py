@@ -44,8 +44,9 @@ from fastpo.loss_output import LossOutput
 from fastpo.ops.linear_token_logprobs import _chunk_rows
 from fastpo.ops.lm_head import add_chunk_gradients, check_head_operands, chunk_logits, gradient_buffers
 from fastpo.ops.loss_spec import POLICY_METRICS, TokenLossSpec, policy_spec_lists
-from fastpo.ops.policy_inputs import check_policy_inputs
-from fastpo.ops.policy_loss import default_norm_length, loss_kernels, metrics_from, policy_loss, run_forward
+from fastpo.ops.policy_loss import (
+    check_policy_inputs, default_norm_length, loss_kernels, metrics_from, policy_loss, run_forward,
+)
 from fastpo.ops.policy_prepass import needs_prepass
 from fastpo.ops.row_kernels import flat_labels, no_double_backward, result_dtype, row_kernels
 from fastpo.policy_config import GRPO, PolicyLossConfig
@@ -265,7 +266,8 @@ def linear_policy_loss(
                          f"{config.top_entropy_quantile}) reads the entropy: compute_entropy must not be False")
     num_tokens = check_policy_inputs(layout, config, advantages=advantages, ref_logp=ref_logp,
                                      rollout_logp=rollout_logp, is_weights=is_weights, num_tokens=num_tokens,
-                                     has_entropy=with_entropy)
+                                     has_entropy=with_entropy, generator=generator,
+                                     entropy_threshold=entropy_threshold)
     temperature = check.check_temperature(temperature)
     ignore_index = check.check_int(ignore_index, "ignore_index")
     softcap, scale = check_logit_transform(logit_softcap, logit_scale)

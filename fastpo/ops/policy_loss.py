@@ -316,25 +316,12 @@ def policy_loss(
         raise TypeError(f"config must be a fastpo.PolicyLossConfig, got {type(config).__name__}")
     layout = token_layout(logp, "logp", mask, cu_seqlens)
     check_like_layout(layout, old_logp, "old_logp", "logp")
-    check_like_layout(layout, advantages, "advantages", "logp")
-    for name, t in (("ref_logp", ref_logp), ("entropy", entropy), ("rollout_logp", rollout_logp),
-                    ("is_weights", is_weights)):
-        if t is not None:
-            check_like_layout(layout, t, name, "logp")
-    if is_weights is not None and config.rollout_is != "none":
-        raise ValueError(f"is_weights replaces config.rollout_is: pass one of them, got rollout_is="
-                         f"{config.rollout_is!r} and is_weights")
-    if config.kl_coef > 0 and ref_logp is None:
-        raise ValueError(f"config.kl_coef={config.kl_coef} > 0 needs ref_logp (got None)")
-    if config.entropy_coef != 0 and entropy is None:
-        raise ValueError(f"config.entropy_coef={config.entropy_coef} != 0 needs entropy (got None)")
-    if config.rollout_is != "none" and rollout_logp is None:
-        raise ValueError(f"config.rollout_is={config.rollout_is!r} needs rollout_logp (got None)")
-    _check_prepass_inputs(config, entropy, rollout_logp, generator, entropy_threshold)
-    num_tokens = check_num_tokens(num_tokens, layout)
-    if num_tokens is not None and config.aggregation != "token_mean":
-        raise ValueError(f"num_tokens applies to aggregation='token_mean' only, got aggregation="
-                         f"{config.aggregation!r} (scale sequence-mean / token_sum_norm losses yourself)")
+    if entropy is not None:
+        check_like_layout(layout, entropy, "entropy", "logp")
+    num_tokens = check_policy_inputs(layout, config, advantages=advantages, ref_logp=ref_logp,
+                                     rollout_logp=rollout_logp, is_weights=is_weights, num_tokens=num_tokens,
+                                     has_entropy=entropy is not None, generator=generator,
+                                     entropy_threshold=entropy_threshold, layout_name="logp")
 
     backend = select_backend(logp)
     if backend == "reference":
@@ -380,8 +367,35 @@ def policy_loss(
     return LossOutput(loss, metrics)
 
 
-def _check_prepass_inputs(config, entropy, rollout_logp, generator, entropy_threshold):
-    if config.top_entropy_quantile < 1.0 and entropy is None:
+def check_policy_inputs(layout: TokenLayout, config: PolicyLossConfig, *, advantages: torch.Tensor,
+                        ref_logp: Optional[torch.Tensor], rollout_logp: Optional[torch.Tensor],
+                        is_weights: Optional[torch.Tensor], num_tokens, has_entropy: bool, generator=None,
+                        entropy_threshold=None, layout_name: str = "old_logp"):
+    """A policy loss's per-token inputs against the layout and what the config needs (shared by
+    ``policy_loss`` and ``linear_policy_loss``); returns the checked ``num_tokens``."""
+    check_like_layout(layout, advantages, "advantages", layout_name)
+    for name, t in (("ref_logp", ref_logp), ("rollout_logp", rollout_logp), ("is_weights", is_weights)):
+        if t is not None:
+            check_like_layout(layout, t, name, layout_name)
+    if is_weights is not None and config.rollout_is != "none":
+        raise ValueError(f"is_weights replaces config.rollout_is: pass one of them, got rollout_is="
+                         f"{config.rollout_is!r} and is_weights")
+    if config.kl_coef > 0 and ref_logp is None:
+        raise ValueError(f"config.kl_coef={config.kl_coef} > 0 needs ref_logp (got None)")
+    if config.entropy_coef != 0 and not has_entropy:
+        raise ValueError(f"config.entropy_coef={config.entropy_coef} != 0 needs entropy (got None)")
+    if config.rollout_is != "none" and rollout_logp is None:
+        raise ValueError(f"config.rollout_is={config.rollout_is!r} needs rollout_logp (got None)")
+    _check_prepass_inputs(config, has_entropy, rollout_logp, generator, entropy_threshold)
+    num_tokens = check_num_tokens(num_tokens, layout)
+    if num_tokens is not None and config.aggregation != "token_mean":
+        raise ValueError(f"num_tokens applies to aggregation='token_mean' only, got aggregation="
+                         f"{config.aggregation!r} (scale sequence-mean / token_sum_norm losses yourself)")
+    return num_tokens
+
+
+def _check_prepass_inputs(config, has_entropy, rollout_logp, generator, entropy_threshold):
+    if config.top_entropy_quantile < 1.0 and not has_entropy:
         raise ValueError(f"config.top_entropy_quantile={config.top_entropy_quantile} < 1 masks tokens by their "
                          f"entropy: pass entropy (got None)")
     if config.rollout_rejection is not None and rollout_logp is None:
