@@ -41,9 +41,9 @@ from fastpo import reference
 from fastpo._backend import select_backend
 from fastpo._layout import check_cu_seqlens_values, check_like_layout, flat_inputs, token_layout
 from fastpo.loss_output import LossOutput
-from fastpo.ops.linear_token_logprobs import _chunk_rows
+from fastpo.ops.linear_token_logprobs import _chunk_rows, linear_token_logprobs
 from fastpo.ops.lm_head import add_chunk_gradients, check_head_operands, chunk_logits, gradient_buffers
-from fastpo.ops.loss_spec import POLICY_METRICS, TokenLossSpec, policy_spec_lists
+from fastpo.ops.loss_spec import POLICY_METRICS, STATS, TokenLossSpec, policy_spec_lists
 from fastpo.ops.policy_loss import (
     check_policy_inputs, default_norm_length, loss_kernels, metrics_from, policy_loss, run_forward,
 )
@@ -130,8 +130,6 @@ def _linear_policy_fwd(
 def _(hidden, weight, bias, labels, old_logp, advantages, ref_logp, rollout, mask, cu_seqlens, num_tokens,
       num_tokens_int, floats, ints, packed, temperature, ignore_index, logit_softcap, logit_scale, chunk_size,
       one_pass, needs_grad, backend):
-    from fastpo.ops.loss_spec import STATS
-
     dt = result_dtype(hidden.dtype)
     n = hidden.shape[0]
     has_entropy = bool(TokenLossSpec.from_lists(floats, ints).has_entropy)
@@ -315,8 +313,6 @@ def linear_policy_loss(
 def _composed(hidden, weight, labels, old_logp, advantages, mask, bias, temperature, ignore_index, logit_softcap,
               logit_scale, with_entropy, chunk_size, loss_kwargs) -> LossOutput:
     """The two public ops in turn (the pre-pass configs; see the module docstring)."""
-    from fastpo.ops.linear_token_logprobs import linear_token_logprobs
-
     scored = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                    ignore_index=ignore_index, return_entropy=with_entropy,
                                    logit_softcap=logit_softcap, logit_scale=logit_scale, chunk_size=chunk_size)
