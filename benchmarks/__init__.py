@@ -13,6 +13,7 @@ from typing import Dict, List
 
 from .harness import BenchOp
 from .advantages import GaeOp, GroupAdvantagesOp
+from .distill import DistillOp
 from .fused import LinearGrpoOp
 from .linear_policy import LinearPolicyOp
 from .logprobs import LinearLogprobsOp, LinearMemoryCheck, TokenLogprobsOp
@@ -49,6 +50,7 @@ register(PolicyLossOp())
 register(SequenceDpoOp())
 register(LinearGrpoOp())
 register(LinearPolicyOp())  # opt-in (--ops linear-policy, or python -m benchmarks.linear_policy): heavy heads
+register(DistillOp())  # opt-in (--ops distill, or python -m benchmarks.distill): two heavy heads
 
 # What a plain run measures; the memory check joins in full mode.
 DEFAULT_OPS_QUICK = ["logprobs", "linear", "gae", "group_advantages", "policy", "dpo", "linear-grpo"]

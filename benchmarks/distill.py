@@ -1,6 +1,8 @@
 """Fused linear distillation: student/teacher hidden states → distillation loss, forward + backward.
 
-``python -m benchmarks.distill [--cases 256x512x32768] [--betas 0,0.5,1] [--threads 1] [--no-memory]``
+``python -m benchmarks.distill [--cases 256x512x32768] [--betas 0,0.5,1] [--threads 1] [--no-memory]``, or
+within the suite as the opt-in op ``distill`` (``fastpo bench --ops distill``: one β = 0.5 case per head,
+timed and checked against a float64 eager reference by the suite's harness).
 
 A case ``NxDxV`` is N tokens (a quarter of them masked out), both models' hidden size D and vocabulary V,
 float32 on CPU (bfloat16 on CUDA). Each step is the loss and its backward into the student's hidden
@@ -22,11 +24,11 @@ import argparse
 import json
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
-from .harness import (FULL_CPU, FULL_CUDA, _proc_status_kib, _release_free_heap, _reset_rss_high_water_mark,
+from .harness import (FULL_CPU, FULL_CUDA, BenchOp, _proc_status_kib, _release_free_heap, _reset_rss_high_water_mark,
                       device_info, header_lines, time_interleaved)
 
 IMPLS = ["4-gemm", "eager", "trl", "fastpo"]
@@ -85,7 +87,79 @@ def make_step(impl: str, beta: float, inputs):
             loss = fastpo.linear_distill_loss(hs, ws, ht, wt, mask=mask, beta=beta)
             loss.backward()
             return loss.detach()
+    step.leaves = (hs, ws)  # the student's hidden states and lm_head weight, for the gradients
     return step, setup
+
+
+class DistillOp(BenchOp):
+    """The suite's view of this benchmark: ``fastpo bench --ops distill`` (opt-in: heavy heads)."""
+
+    name = "distill"
+    description = "student/teacher hidden states → distillation loss (β = 0.5), fwd+bwd, vs the 4 lm_head GEMMs"
+    compile_skip = "the eager baseline is TRL's GKD loss on full logits; compiling TRL's loss is not a fastpo row"
+
+    def cases(self, quick: bool, device: str) -> List[Dict[str, Any]]:
+        heads = [(256, 512, 32768)] if quick else [(256, 512, 32768), (1024, 512, 32768)]
+        return [{"N": n, "D": d, "V": v, "beta": 0.5, "dtype": "bfloat16" if device == "cuda" else "float32"}
+                for n, d, v in heads]
+
+    def label(self, p: Dict[str, Any]) -> str:
+        return f"distill β={p['beta']} N={p['N']} D={p['D']} V={p['V']} {p['dtype']} fwd+bwd"
+
+    def impls(self, p: Dict[str, Any], device: str) -> List[str]:
+        return list(IMPLS)
+
+    def baseline(self) -> str:
+        return "trl"
+
+    def tiny(self, p: Dict[str, Any]) -> Dict[str, Any]:
+        return dict(p, N=8, D=8, V=64)
+
+    def make_inputs(self, p: Dict[str, Any], device: str) -> Dict[str, Any]:
+        return make_inputs(p["N"], p["D"], p["V"], device)
+
+    def make_step(self, impl: str, p: Dict[str, Any], inputs: Dict[str, Any]):
+        return make_step(impl, p["beta"], inputs)
+
+    def outputs(self, impl: str, p: Dict[str, Any], inputs: Dict[str, Any]) -> Dict[str, Any]:
+        if impl == "4-gemm":
+            return {}
+        step, setup = make_step(impl, p["beta"], inputs)
+        setup()
+        loss = step()
+        hs, ws = step.leaves
+        return {"loss": loss.float(), "grad_hidden": hs.grad.float(), "grad_weight": ws.grad.float()}
+
+    def reference(self, p: Dict[str, Any], inputs: Dict[str, Any]) -> Dict[str, Any]:
+        """TRL GKD's loss math on full logits, in float64 (the eager row's formula at full precision)."""
+        from fastpo import reference
+
+        d = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items() if k != "g"}
+        hs, ws = d["hs"].requires_grad_(True), d["ws"].requires_grad_(True)
+        loss = reference.linear_distill_loss(hs, ws, d["ht"], d["wt"], mask=d["mask"], beta=p["beta"])
+        loss.backward()
+        return {"loss": loss.detach(), "grad_hidden": hs.grad, "grad_weight": ws.grad}
+
+    def compare(self, ref, out, p, device) -> Tuple[bool, str]:
+        if not out:
+            return True, "the GEMMs alone (no loss)"
+        tol = 5e-2 if p["dtype"] != "float32" else (1e-2 if device == "cuda" else 1e-4)
+        msgs, ok = [], True
+        for key in ("loss", "grad_hidden", "grad_weight"):
+            a, b = out[key].double().cpu(), ref[key].double().cpu()
+            err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+            msgs.append(f"{key} rel err {err:.1e}")
+            ok &= err <= tol
+        return bool(ok), ", ".join(msgs)
+
+    def input_bytes(self, p: Dict[str, Any]) -> int:
+        es = 2 if p["dtype"] == "bfloat16" else 4
+        return 2 * (p["N"] + p["V"]) * p["D"] * es + p["N"] * (p["V"] * es + 1)
+
+    def estimate_bytes(self, impl: str, p: Dict[str, Any]) -> int:
+        nv4 = p["N"] * p["V"] * 4
+        extra = {"4-gemm": 2 * nv4, "eager": 8 * nv4, "trl": 8 * nv4}.get(impl, 2 * min(p["N"], 4096) * p["V"] * 4)
+        return int(1.1 * (self.input_bytes(p) + extra + (p["N"] + p["V"]) * p["D"] * 4) + 128 * 1024 * 1024)
 
 
 def _extra_peak_here(impl: str, beta: float, n: int, d: int, v: int, device: str) -> float:

@@ -85,3 +85,20 @@ def test_missing_peer_is_skipped_with_the_reason(monkeypatch):
     with pytest.raises(peers.Skip, match="not installed"):
         peers.require("nopeer", "cpu")
     assert "CUDA only" in peers.skip_reason("cce", "cpu")
+
+
+def test_distill_op_checks_every_impl_against_the_float64_reference():
+    """The opt-in ``distill`` op: each implementation's loss and student gradients agree with the reference on a
+    tiny case, and a wrong gradient is caught by the op's own compare."""
+    from benchmarks import get_op
+
+    op = get_op("distill")
+    p = op.tiny(op.cases(quick=True, device="cpu")[0])
+    inputs = op.make_inputs(p, "cpu")
+    ref = op.reference(p, inputs)
+    for impl in op.impls(p, "cpu"):
+        ok, msg = op.compare(ref, op.outputs(impl, p, inputs), p, "cpu")
+        assert ok, (impl, msg)
+    bad = op.outputs("fastpo", p, inputs)
+    bad["grad_weight"] = bad["grad_weight"] * 1.01
+    assert not op.compare(ref, bad, p, "cpu")[0]
