@@ -1,0 +1,369 @@
+"""Vocab-parallel log-probs: ``token_logprobs`` / ``linear_token_logprobs`` over a vocabulary-sharded
+lm_head (or logits) in the Megatron layout, rank r of ``process_group`` holding vocabulary rows
+[r·V_r, (r+1)·V_r) (equal shards: Megatron pads V to a multiple of the tensor-parallel size).
+
+Each rank runs the row kernels of its backend on its shard and all-gathers only per-row statistics
+([tp, K, N] floats, one collective a call): with z the transformed logits, s = z/τ, and per shard r
+the kernels' m_r = max z, ℓ_r = log Σ_{j∈r} e^{(z_j − m_r)/τ}, the local entropy H_r, log Σ p_r² and
+mean s, the global ones are, with M = max_r m_r, c_r = (m_r − M)/τ + ℓ_r and L = log Σ_r e^{c_r}
+(the global log-norm relative to M), δ_r = c_r − L = lse_r − lse (≤ 0), w_r = e^{δ_r}:
+    logp    = logp_r(owner) + δ_owner                  (the owner holds the label)
+    entropy = Σ_r w_r·(H_r − δ_r)                       (= lse − Σ p·s)
+    log Σ p² = logsumexp_r(2·δ_r + log Σ p_r²)
+    mean s  = Σ_r V_r·mean_r / V
+    is_top1 = the owner's local first-argmax flag, and the owner is the first rank whose m_r = M
+              (the transformed logits are bitwise those of one process, so ties resolve exactly as
+              torch.argmax over the whole row).
+Every rank computes these from the same gathered numbers, so the outputs are equal on every rank.
+Labels are global ids; a rank that does not hold a row's label scores it at local id 0 and fixes
+that column in the backward (an [N] correction), so no vocabulary is ever gathered.
+
+Backward, local to each rank: the row kernels' backward with the global (M, L, entropy), which makes
+their p_j = e^{(z_j − M)/τ − L} the global softmax. The upstream gradient must be the same on every
+rank (the loss computed identically from the replicated outputs, as with Megatron's vocab-parallel
+cross-entropy). ``vocab_parallel_linear_token_logprobs`` returns ∂hidden summed over the ranks
+(all-reduce; hidden is replicated, each shard contributes G_r·W_r); pass ``reduce_grad_hidden=False``
+when the caller's framework already does it (Megatron's copy_to_tensor_model_parallel_region).
+
+These run as plain ``torch.autograd.Function``s with c10d collectives: eager only (not traced by
+``torch.compile``; use them outside the compiled region or under ``torch.compiler.disable``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from fastpo import _validation as check
+from fastpo._backend import select_backend
+from fastpo.ops.lm_head import add_chunk_gradients, check_head_operands, chunk_logits, gradient_buffers
+from fastpo.ops.row_kernels import (
+    EXTRA_MEAN, EXTRA_SUM_SQ, EXTRA_TOP1, as_row_blocks, extras_mask, flat_labels, named_outputs, result_dtype,
+    row_kernels,
+)
+from fastpo.reference.logprobs import check_logit_transform, check_outputs, transform_logits
+
+__all__ = ["vocab_parallel_token_logprobs", "vocab_parallel_linear_token_logprobs"]
+
+_LOCAL_IGNORE = -1  # local ids lie in [0, V_r): -1 never collides with a real label
+
+
+def _kernels(backend: str):
+    return _TorchRows if backend == "reference" else row_kernels(backend)
+
+
+# ---------------------------------------------------------------------------------------------- labels
+def _group_info(process_group):
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def _local_labels(labels: torch.Tensor, offset: int, vocab_local: int, ignore_index: int):
+    """(forward labels, backward labels, owner, valid) for global ``labels [N]``: the local id where this
+    rank holds the label, 0 (forward and backward; see :func:`_fix_column0`) where it does not, -1 ignored."""
+    valid = labels != ignore_index
+    local = labels - offset
+    here = valid & (local >= 0) & (local < vocab_local)
+    ids = torch.where(here, local, torch.zeros_like(local))
+    ids = torch.where(valid, ids, torch.full_like(ids, _LOCAL_IGNORE))
+    owner = torch.where(valid, labels // vocab_local, torch.zeros_like(labels))
+    return ids.contiguous(), owner, valid, valid & ~here
+
+
+# ------------------------------------------------------------------------------------ statistics
+def _local_stats(results, extras: int, with_entropy: bool, vocab_local: int) -> torch.Tensor:
+    """The rows a rank contributes: [K, N] (m_eff, ℓ, logp_local[, H][, log Σp²][, mean·V_r][, top1])."""
+    logp, entropy, row_max, log_norm, sum_sq, top1, mean = results
+    # a shard whose logits are all −inf has no mass: the kernel reports m = 0 there, which must not win the max
+    m_eff = torch.where(log_norm == float("-inf"), torch.full_like(row_max, float("-inf")), row_max)
+    rows = [m_eff, log_norm, logp]
+    if with_entropy:
+        rows.append(entropy)
+    if extras & EXTRA_SUM_SQ:
+        rows.append(sum_sq)
+    if extras & EXTRA_MEAN:
+        rows.append(mean * vocab_local)
+    if extras & EXTRA_TOP1:
+        rows.append(top1)
+    return torch.stack(rows)
+
+
+def _gather(stats: torch.Tensor, vocab_local: int, group, world: int) -> torch.Tensor:
+    """All-gather the [K, N] statistics (and each rank's shard size) into [tp, K, N]; unequal shards raise
+    on every rank alike."""
+    flat = torch.cat([stats.reshape(-1), stats.new_tensor([float(vocab_local)])])
+    parts = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(parts, flat, group=group)
+    gathered = torch.stack(parts)
+    sizes = [int(v) for v in gathered[:, -1].tolist()]
+    if len(set(sizes)) != 1:
+        raise ValueError(
+            f"vocab-parallel log-probs need equal vocabulary shards on every rank of process_group (the Megatron "
+            f"layout, V padded to a multiple of the tensor-parallel size); got shard sizes {sizes}")
+    return gathered[:, :-1].reshape(world, *stats.shape)
+
+
+def _combine(gathered, labels_owner, valid, tau: float, extras: int, with_entropy: bool, vocab_local: int):
+    """The global 7 row results (logp, entropy, M, L, log Σp², is_top1, mean) from ``gathered [tp, K, N]``."""
+    m, log_norm, logp_local = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+    k = 3
+    big_m = m.max(dim=0).values
+    m_ref = torch.where(big_m == float("-inf"), torch.zeros_like(big_m), big_m)
+    c = (m - m_ref) / tau + log_norm                       # lse_r − M/τ
+    norm = torch.log(torch.exp(c).sum(dim=0))              # >= 0: the max shard has c = ℓ >= 0
+    delta = c - norm                                       # lse_r − lse
+    w = torch.exp(delta)
+    owner = labels_owner.unsqueeze(0)
+    zero = torch.zeros_like(norm)
+    logp = torch.where(valid, (logp_local + delta).gather(0, owner).squeeze(0), zero)
+    entropy = torch.zeros_like(norm)
+    if with_entropy:
+        h = gathered[:, k]
+        k += 1
+        entropy = torch.where(valid, torch.where(w > 0, w * (h - delta), torch.zeros_like(w)).sum(0), zero)
+    sum_sq, top1, mean = (torch.zeros_like(norm) for _ in range(3))  # distinct tensors: autograd outputs
+    if extras & EXTRA_SUM_SQ:
+        terms = torch.where(w > 0, 2 * delta + gathered[:, k], torch.full_like(w, float("-inf")))
+        sum_sq = torch.where(valid, torch.logsumexp(terms, dim=0), zero)
+        k += 1
+    if extras & EXTRA_MEAN:
+        mean = torch.where(valid, gathered[:, k].sum(0) / (vocab_local * gathered.shape[0]), zero)
+        k += 1
+    if extras & EXTRA_TOP1:
+        first = (m == big_m.unsqueeze(0)).to(torch.int8).argmax(dim=0)   # the first rank holding the max
+        local = gathered[:, k].gather(0, owner).squeeze(0) != 0
+        top1 = (valid & local & (labels_owner == first)).to(norm.dtype)
+    return (logp, entropy, torch.where(valid, m_ref, zero), torch.where(valid, norm, zero), sum_sq, top1, mean)
+
+
+def _fix_column0(grad2d, x0, off, row_max, log_norm, entropy, grad_logp, grad_entropy, tau, softcap, scale):
+    """Rows whose label another rank holds were run with local label 0: rewrite their column 0 with the
+    off-label gradient −(1/τ)·p_0·(g_l + g_H·(log p_0 + H))·f'(x_0), computed from the [N] values x_0."""
+    if not bool(off.any()):
+        return
+    z = transform_logits(x0, softcap or None, scale)
+    log_p = (z - row_max) / tau - log_norm
+    p = torch.exp(log_p)
+    coef = grad_logp.to(z.dtype) if grad_logp is not None else torch.zeros_like(z)
+    if grad_entropy is not None:
+        coef = coef + grad_entropy.to(z.dtype) * torch.where(p > 0, log_p + entropy, torch.zeros_like(p))
+    g = -p * coef / tau * scale
+    if softcap:
+        g = g * (1 - (z / softcap) ** 2)
+    grad2d[:, 0].copy_(torch.where(off, g.to(grad2d.dtype), grad2d[:, 0]))
+
+
+def _forward_stats(results, owner, valid, tau, extras, with_entropy, vocab_local, group, world):
+    gathered = _gather(_local_stats(results, extras, with_entropy, vocab_local), vocab_local, group, world)
+    return _combine(gathered, owner, valid, tau, extras, with_entropy, vocab_local)
+
+
+# ----------------------------------------------------------------------------------- token op
+class _VocabParallelTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, tau, ignore_index, with_entropy, extras, softcap, scale, group, backend):
+        _, rank, world = _group_info(group)
+        vocab_local = logits.shape[-1]
+        ids, owner, valid, off = _local_labels(labels, rank * vocab_local, vocab_local, ignore_index)
+        rows = as_row_blocks(logits) if backend != "reference" else logits.reshape(-1, vocab_local)
+        local = _kernels(backend).logprob_forward(rows, ids, tau, _LOCAL_IGNORE, with_entropy, extras, softcap, scale)
+        out = _forward_stats(local, owner, valid, tau, extras, with_entropy, vocab_local, group, world)
+        ctx.save_for_backward(logits, ids, off, out[2], out[3], out[1])
+        ctx.args = (tau, with_entropy, softcap, scale, backend)
+        ctx.mark_non_differentiable(*out[4:])
+        ctx.set_materialize_grads(False)
+        return (out[0], out[1], *out[4:])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, grad_entropy, *_):
+        logits, ids, off, row_max, log_norm, entropy = ctx.saved_tensors
+        tau, with_entropy, softcap, scale, backend = ctx.args
+        grad_entropy = grad_entropy.contiguous() if (with_entropy and grad_entropy is not None) else None
+        grad_logp = grad_logp.contiguous() if grad_logp is not None else None
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 10
+        vocab_local = logits.shape[-1]
+        rows = as_row_blocks(logits) if backend != "reference" else logits.reshape(-1, vocab_local)
+        grad = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
+        _kernels(backend).logprob_backward(rows, ids, row_max, log_norm, entropy, grad_logp, grad_entropy, tau,
+                                           _LOCAL_IGNORE, grad, softcap, scale)
+        _fix_column0(grad.view(-1, vocab_local), logits[..., 0].reshape(-1), off, row_max, log_norm, entropy,
+                     grad_logp, grad_entropy, tau, softcap, scale)
+        return (grad.view(logits.shape),) + (None,) * 9
+
+
+def _check_common(labels, temperature, ignore_index, return_entropy, outputs, logit_softcap, logit_scale):
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError("vocab-parallel log-probs take a float temperature (a per-token tensor is not supported)")
+    tau = check.check_temperature(temperature)
+    ignore_index = check.check_int(ignore_index, "ignore_index")
+    check.check_bool(return_entropy, "return_entropy")
+    wanted = check_outputs(outputs, return_entropy)
+    softcap, scale = check_logit_transform(logit_softcap, logit_scale)
+    with_entropy = return_entropy if wanted is None else "entropy" in wanted
+    return float(tau), ignore_index, wanted, softcap, scale, with_entropy
+
+
+def _results(out, labels, wanted, return_entropy):
+    logp, entropy, sum_sq, top1, mean = out
+    if wanted is not None:
+        return named_outputs((logp, entropy, None, None, sum_sq, top1, mean), labels.shape, wanted)
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+
+
+def vocab_parallel_token_logprobs(
+    logits_shard: torch.Tensor, labels: torch.Tensor, process_group=None, *, temperature: float = 1.0,
+    ignore_index: int = -100, return_entropy: bool = False, outputs=None, logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
+):
+    """:func:`fastpo.token_logprobs` of the full-vocabulary logits, given this rank's shard
+    ``logits_shard [..., V/tp]`` (vocabulary ids [rank·V/tp, (rank+1)·V/tp)) and global ``labels [...]``;
+    every rank gets the same results. Only the shard's gradient is computed, locally."""
+    check.check_logits_labels(logits_shard, labels)
+    tau, ignore_index, wanted, softcap, scale, with_entropy = _check_common(
+        labels, temperature, ignore_index, return_entropy, outputs, logit_softcap, logit_scale)
+    group, _, world = _group_info(process_group)
+    check.check_label_range(labels, logits_shard.shape[-1] * world, ignore_index)
+    out = _VocabParallelTokenLogprobs.apply(logits_shard, flat_labels(labels), tau, ignore_index, with_entropy,
+                                            extras_mask(wanted), softcap, scale, group, select_backend(logits_shard))
+    return _results(out, labels, wanted, return_entropy)
+
+
+# ---------------------------------------------------------------------------------- linear op
+def _chunks(n_tokens: int, chunk_size: Optional[int], vocab_local: int):
+    from fastpo.ops.linear_token_logprobs import default_chunk_size
+    rows = chunk_size or default_chunk_size(n_tokens, vocab_local)
+    rows = max(1, min(rows, max(n_tokens, 1)))
+    return [slice(s, min(s + rows, n_tokens)) for s in range(0, n_tokens, rows)]
+
+
+class _VocabParallelLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, tau, ignore_index, with_entropy, extras, softcap, scale,
+                chunk_size, reduce_grad_hidden, group, backend):
+        _, rank, world = _group_info(group)
+        vocab_local = weight.shape[0]
+        ids, owner, valid, off = _local_labels(labels, rank * vocab_local, vocab_local, ignore_index)
+        kernels = _kernels(backend)
+        n = hidden.shape[0]
+        local = [hidden.new_empty(n, dtype=result_dtype(hidden.dtype)) for _ in range(7)]
+        for rows in _chunks(n, chunk_size, vocab_local):
+            logits = chunk_logits(hidden[rows], weight, bias)
+            for buf, part in zip(local, kernels.logprob_forward(logits, ids[rows], tau, _LOCAL_IGNORE, with_entropy,
+                                                                extras, softcap, scale)):
+                buf[rows] = part
+            del logits
+        out = _forward_stats(local, owner, valid, tau, extras, with_entropy, vocab_local, group, world)
+        ctx.save_for_backward(hidden, weight, bias, ids, off, out[2], out[3], out[1])
+        ctx.args = (tau, with_entropy, softcap, scale, chunk_size, reduce_grad_hidden, group, backend)
+        ctx.mark_non_differentiable(*out[4:])
+        ctx.set_materialize_grads(False)
+        return (out[0], out[1], *out[4:])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, grad_entropy, *_):
+        hidden, weight, bias, ids, off, row_max, log_norm, entropy = ctx.saved_tensors
+        tau, with_entropy, softcap, scale, chunk_size, reduce_grad_hidden, group, backend = ctx.args
+        grad_entropy = grad_entropy.contiguous() if (with_entropy and grad_entropy is not None) else None
+        grad_logp = grad_logp.contiguous() if grad_logp is not None else None
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grads = gradient_buffers(hidden, weight, bias, needs_hidden, needs_weight, needs_bias)
+        if grad_logp is not None or grad_entropy is not None:
+            kernels = _kernels(backend)
+            for rows in _chunks(hidden.shape[0], chunk_size, weight.shape[0]):
+                grad_logits = chunk_logits(hidden[rows], weight, bias)
+                x0 = grad_logits[:, 0].clone()  # read before the in-place backward overwrites it
+                gl = None if grad_logp is None else grad_logp[rows]
+                ge = None if grad_entropy is None else grad_entropy[rows]
+                kernels.logprob_backward(grad_logits, ids[rows], row_max[rows], log_norm[rows], entropy[rows], gl, ge,
+                                         tau, _LOCAL_IGNORE, grad_logits, softcap, scale)
+                _fix_column0(grad_logits, x0, off[rows], row_max[rows], log_norm[rows], entropy[rows], gl, ge, tau,
+                             softcap, scale)
+                add_chunk_gradients(grad_logits, hidden[rows], weight, rows, *grads)
+                del grad_logits
+        elif needs_hidden:
+            grads[0].zero_()
+        grad_hidden, grad_weight, grad_bias = grads
+        if needs_hidden and reduce_grad_hidden:
+            dist.all_reduce(grad_hidden, group=group)  # hidden is replicated: its gradient sums the shards'
+        return (grad_hidden if needs_hidden else None, grad_weight.to(weight.dtype) if needs_weight else None,
+                grad_bias.to(weight.dtype) if (needs_bias and bias is not None) else None) + (None,) * 11
+
+
+def vocab_parallel_linear_token_logprobs(
+    hidden: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tensor, process_group=None, *,
+    bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
+    return_entropy: bool = False, outputs=None, logit_softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None, chunk_size: Optional[int] = None, reduce_grad_hidden: bool = True,
+):
+    """:func:`fastpo.linear_token_logprobs` for a vocabulary-parallel lm_head: ``hidden [..., D]`` replicated,
+    this rank's ``weight_shard [V/tp, D]`` (and ``bias`` shard), global ``labels``; one chunk of
+    [chunk, V/tp] logits at a time. ∂hidden is all-reduced over ``process_group`` unless
+    ``reduce_grad_hidden=False``; ∂weight_shard and ∂bias are this shard's."""
+    check_head_operands(hidden, weight_shard, bias)
+    check.check_aligned_labels(labels, hidden, "hidden")
+    check.check_same_device(hidden=hidden, weight=weight_shard, labels=labels, bias=bias)
+    tau, ignore_index, wanted, softcap, scale, with_entropy = _check_common(
+        labels, temperature, ignore_index, return_entropy, outputs, logit_softcap, logit_scale)
+    check.check_bool(reduce_grad_hidden, "reduce_grad_hidden")
+    if chunk_size is not None and (check.check_int(chunk_size, "chunk_size") < 1):
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    group, _, world = _group_info(process_group)
+    check.check_label_range(labels, weight_shard.shape[0] * world, ignore_index)
+    rows = hidden if hidden.dim() == 2 else hidden.reshape(labels.numel(), hidden.shape[-1])
+    out = _VocabParallelLinearLogprobs.apply(
+        rows, weight_shard, bias, flat_labels(labels), tau, ignore_index, with_entropy, extras_mask(wanted), softcap,
+        scale, chunk_size, reduce_grad_hidden, group, select_backend(hidden))
+    return _results(out, labels, wanted, return_entropy)
+
+
+# ------------------------------------------------------------------------- reference row kernels
+class _TorchRows:
+    """The row-kernel contract (``fastpo.kernels.logprobs``) in eager torch, for ``FASTPO_BACKEND=reference``:
+    [N, V] rows, the same statistics (m = max z, ℓ = log Σ e^{(z − m)/τ}) and backward formula."""
+
+    @staticmethod
+    def logprob_forward(x, labels, tau, ignore_index, with_entropy, extras=0, softcap=0.0, scale=1.0):
+        z = transform_logits(x.detach(), softcap or None, scale)
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+        m = z.max(-1).values if z.shape[0] else z.new_zeros(0)
+        m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+        u = (z - m.unsqueeze(-1)) / tau
+        log_norm = torch.logsumexp(u, -1)
+        zy = z.gather(-1, safe).squeeze(-1)
+        p = torch.exp(u - log_norm.unsqueeze(-1))
+        zero = torch.zeros_like(m)
+        entropy = (log_norm - (p * torch.where(p > 0, u, torch.zeros_like(u))).sum(-1)).clamp_min(0)
+        out = [(zy - m) / tau - log_norm, entropy if with_entropy else zero, m, log_norm,
+               torch.logsumexp(2 * u, -1) - 2 * log_norm, (z.argmax(-1) == safe.squeeze(-1)).to(m.dtype),
+               z.sum(-1) / tau / max(z.shape[-1], 1)]
+        for i, bit in ((4, EXTRA_SUM_SQ), (5, EXTRA_TOP1), (6, EXTRA_MEAN)):
+            if not extras & bit:
+                out[i] = zero
+        return tuple(torch.where(valid, t, zero) for t in out)
+
+    @staticmethod
+    def logprob_backward(x, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, tau, ignore_index, out,
+                         softcap=0.0, scale=1.0):
+        z = transform_logits(x.detach(), softcap or None, scale)
+        valid = labels != ignore_index
+        log_p = (z - row_max.unsqueeze(-1)) / tau - log_norm.unsqueeze(-1)
+        p = torch.exp(log_p)
+        grad = torch.zeros_like(z)
+        if grad_logp is not None:
+            onehot = torch.nn.functional.one_hot(torch.where(valid, labels, 0), z.shape[-1]).to(z.dtype)
+            grad = grad + grad_logp.unsqueeze(-1).to(z.dtype) * (onehot - p)
+        if grad_entropy is not None:
+            grad = grad - grad_entropy.unsqueeze(-1).to(z.dtype) * p * torch.where(
+                p > 0, log_p + entropy.unsqueeze(-1), torch.zeros_like(p))
+        grad = grad / tau * scale
+        if softcap:
+            grad = grad * (1 - (z / softcap) ** 2)
+        out.copy_(torch.where(valid.unsqueeze(-1), grad, torch.zeros_like(grad)))

@@ -1,0 +1,195 @@
+"""One gloo rank of tests/test_vocab_parallel.py: every case compares the vocab-parallel ops on this rank's
+shard against the single-process op on the whole vocabulary (computed here from the same seeded tensors),
+forward and backward. Returns a list of failure messages (empty: all passed) through the queue."""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the Triton kernels on CPU tensors
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import fastpo  # noqa: E402
+from fastpo.ops import vocab_parallel as vp  # noqa: E402
+
+ALL = ("logp", "entropy", "log_sum_sq_probs", "is_top1", "mean_logits")
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def _close(name, got, want, tol, failures):
+    if got.dtype == torch.bool or want.dtype == torch.bool:
+        if not torch.equal(got, want):
+            failures.append(f"{name}: {got.tolist()} != {want.tolist()}")
+        return
+    if not torch.allclose(got.double(), want.double(), atol=tol, rtol=tol):
+        err = (got.double() - want.double()).abs().max().item()
+        failures.append(f"{name}: max error {err:.3g} > {tol}")
+
+
+def _logits(n, vocab, dtype, seed, special=True, ignore_index=-100, masked=True):
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(n, vocab, generator=g, dtype=torch.float64)).round(decimals=1)  # rounding makes ties
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    if special and n >= 6 and vocab >= 4:
+        half = vocab // 2
+        x[0, 1] = x[0, half + 1] = x[0].max() + 1   # tie across shards, label in the first: top1
+        labels[0] = 1
+        x[1, 0] = x[1, half] = x[1].max() + 1       # tie across shards, label in the second: not top1
+        labels[1] = half
+        if masked:
+            x[2, :half] = float("-inf")             # a shard without mass (whose kernel max reads 0)
+        x[2, half:] -= 60                           # ... above every logit of the row
+        labels[2] = half + int(x[2, half:].argmax())
+        labels[3] = ignore_index
+        labels[4] = half - 1
+        labels[5] = half
+    return x.to(dtype), labels
+
+
+def _grad_weights(n, seed):
+    g = torch.Generator().manual_seed(seed + 100)
+    return torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def _loss(res, wl, we):
+    loss = (res.logp.double() * wl).sum()
+    if res.entropy is not None:
+        loss = loss + (res.entropy.double() * we).sum()
+    return loss
+
+
+def _token_case(rank, tag, failures, n, vocab, dtype, seed, **kw):
+    x, labels = _logits(n, vocab, dtype, seed, ignore_index=kw.get("ignore_index", -100),
+                        masked=kw.get("logit_scale", 1.0) > 0)  # a negative scale turns −inf into +inf
+    shard_size = vocab // 2
+    cols = slice(rank * shard_size, (rank + 1) * shard_size)
+    full = x.clone().requires_grad_()
+    shard = x[:, cols].clone().requires_grad_()
+    outputs = kw.pop("outputs", ALL)
+    want = fastpo.token_logprobs(full, labels, outputs=outputs, **kw)
+    got = vp.vocab_parallel_token_logprobs(shard, labels, dist.group.WORLD, outputs=outputs, **kw)
+    tol = TOL[dtype]
+    for name in outputs:
+        _close(f"{tag} {name}", getattr(got, name), getattr(want, name), tol, failures)
+    wl, we = _grad_weights(n, seed)
+    _loss(want, wl, we).backward()
+    _loss(got, wl, we).backward()
+    _close(f"{tag} grad", shard.grad, full.grad[:, cols], tol, failures)
+
+
+def _linear_case(rank, tag, failures, n, vocab, dim, dtype, seed, with_bias=False, chunk_size=None, **kw):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    w = torch.randn(vocab, dim, generator=g, dtype=torch.float64)
+    b = torch.randn(vocab, generator=g, dtype=torch.float64) if with_bias else None
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[::5] = -100
+    shard_size = vocab // 2
+    rows = slice(rank * shard_size, (rank + 1) * shard_size)
+    hf, wf = h.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
+    bf = b.to(dtype).clone().requires_grad_() if with_bias else None
+    hs, ws = h.to(dtype).clone().requires_grad_(), w[rows].to(dtype).clone().requires_grad_()
+    bs = b[rows].to(dtype).clone().requires_grad_() if with_bias else None
+    want = fastpo.linear_token_logprobs(hf, wf, labels, bias=bf, outputs=ALL, chunk_size=chunk_size, **kw)
+    seen = []
+    real = vp.chunk_logits
+
+    def counting(hidden, weight, bias):
+        seen.append(hidden.shape[0])
+        return real(hidden, weight, bias)
+
+    vp.chunk_logits = counting
+    try:
+        got = vp.vocab_parallel_linear_token_logprobs(hs, ws, labels, dist.group.WORLD, bias=bs, outputs=ALL,
+                                                      chunk_size=chunk_size, **kw)
+        wl, we = _grad_weights(n, seed)
+        _loss(want, wl, we).backward()
+        _loss(got, wl, we).backward()
+    finally:
+        vp.chunk_logits = real
+    tol = TOL[dtype]
+    for name in ALL:
+        _close(f"{tag} {name}", getattr(got, name), getattr(want, name), tol, failures)
+    _close(f"{tag} grad hidden", hs.grad, hf.grad, tol, failures)
+    _close(f"{tag} grad weight", ws.grad, wf.grad[rows], tol, failures)
+    if with_bias:
+        _close(f"{tag} grad bias", bs.grad, bf.grad[rows], tol, failures)
+    if chunk_size is not None and max(seen) > chunk_size:
+        failures.append(f"{tag}: a chunk of {max(seen)} rows > chunk_size {chunk_size}")
+
+
+def _error_cases(rank, failures):
+    x, labels = _logits(4, 6 if rank == 0 else 4, torch.float32, 1, special=False)
+    try:  # unequal shards: both ranks raise after the one gather
+        vp.vocab_parallel_token_logprobs(x, labels.clamp(max=3), dist.group.WORLD)
+        failures.append("unequal shards did not raise")
+    except ValueError as e:
+        if "equal vocabulary shards" not in str(e):
+            failures.append(f"unequal shards: wrong message {e}")
+    x, labels = _logits(4, 4, torch.float32, 1, special=False)
+    labels[0] = 8  # global V is 8
+    try:
+        vp.vocab_parallel_token_logprobs(x, labels, dist.group.WORLD)
+        failures.append("label >= V did not raise")
+    except ValueError as e:
+        if "[0, 8)" not in str(e):
+            failures.append(f"label range: wrong message {e}")
+
+
+def _cases(rank, failures):
+    for backend in ("cpu", "triton", "reference"):
+        os.environ["FASTPO_BACKEND"] = backend
+        dtypes = (torch.float32, torch.float64) if backend != "triton" else (torch.float32,)
+        for dtype in dtypes:
+            tag = f"[{backend} {dtype}]"
+            _token_case(rank, f"{tag} token plain", failures, 9, 14, dtype, 1)
+            _token_case(rank, f"{tag} token transforms", failures, 9, 14, dtype, 2, temperature=0.7,
+                        logit_softcap=4.0, logit_scale=1.3)
+            _token_case(rank, f"{tag} token negative scale", failures, 7, 10, dtype, 3, logit_scale=-0.5)
+            _token_case(rank, f"{tag} token ignore_index=5", failures, 8, 12, dtype, 4, ignore_index=5,
+                        outputs=("logp", "entropy", "is_top1"))
+            _token_case(rank, f"{tag} token V_r=1", failures, 5, 2, dtype, 5, outputs=("logp", "entropy"))
+            _token_case(rank, f"{tag} token logp only", failures, 6, 8, dtype, 6, outputs=("logp",))
+            _linear_case(rank, f"{tag} linear", failures, 11, 14, 5, dtype, 7, with_bias=True, chunk_size=4,
+                         temperature=1.5, logit_softcap=3.0)
+            _linear_case(rank, f"{tag} linear default chunk", failures, 6, 6, 3, dtype, 8, logit_scale=0.8)
+        if backend == "cpu":
+            _token_case(rank, f"[{backend}] token bf16", failures, 9, 14, torch.bfloat16, 9)
+            x = torch.randn(2, 3, 8, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
+            labels = torch.tensor([[1, 6, -100], [7, 0, 3]])
+            cols = slice(rank * 4, (rank + 1) * 4)
+            got = vp.vocab_parallel_token_logprobs(x[..., cols], labels, dist.group.WORLD, return_entropy=True)
+            want = fastpo.token_logprobs(x, labels, return_entropy=True)
+            _close("[cpu] 3-D layout logp", got[0], want[0], 2e-5, failures)
+            _close("[cpu] 3-D layout entropy", got[1], want[1], 2e-5, failures)
+            empty = vp.vocab_parallel_token_logprobs(x[:0, :, cols], labels[:0], dist.group.WORLD)
+            if empty.shape != (0, 3):
+                failures.append(f"empty batch: shape {tuple(empty.shape)}")
+    os.environ.pop("FASTPO_BACKEND", None)
+    import sys
+    if "fastpo.kernels.logprobs" not in sys.modules:
+        failures.append("the Triton kernels never ran")
+    # equal on every rank: the forward results, gathered
+    x, labels = _logits(9, 14, torch.float32, 11)
+    got = vp.vocab_parallel_token_logprobs(x[:, rank * 7:(rank + 1) * 7], labels, dist.group.WORLD, outputs=ALL)
+    mine = torch.stack([got.logp, got.entropy, got.log_sum_sq_probs, got.is_top1.float(), got.mean_logits])
+    parts = [torch.empty_like(mine) for _ in range(2)]
+    dist.all_gather(parts, mine)
+    if not torch.equal(parts[0], parts[1]):
+        failures.append("forward results differ between ranks")
+    _error_cases(rank, failures)
+
+
+def run(rank, port, queue):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    failures = []
+    try:
+        _cases(rank, failures)
+    except Exception:  # a crash is a failure to report, not a hang of the other rank
+        failures.append(traceback.format_exc())
+    finally:
+        queue.put((rank, failures))
+        dist.destroy_process_group()
