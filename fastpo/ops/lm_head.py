@@ -1,5 +1,6 @@
-"""The lm_head steps shared by the fused linear ops (``linear_token_logprobs``, ``linear_policy_loss``):
-operand checks, one chunk's logits, and one chunk's gradient GEMMs.
+"""The lm_head steps shared by the fused linear ops (``linear_token_logprobs``, ``linear_policy_loss``,
+``linear_distill_loss``): operand checks, one chunk's logits, one chunk's gradient GEMMs, and the sharded
+heads (an FSDP2 DTensor weight, a ZeRO-3 partitioned one).
 
 For a chunk of rows ``h_c [C, D]`` with logit gradient ``G_c = ∂L/∂(h_c·Wᵀ + b) [C, V]``:
     ∂L/∂h_c = G_c·W,   ∂L/∂W += G_cᵀ·h_c,   ∂L/∂b += Σ_rows G_c
@@ -8,14 +9,16 @@ with ∂L/∂W and ∂L/∂b accumulated in float32 (float64 for float64 inputs)
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Optional
 
 import torch
 
 from fastpo import _validation as check
 from fastpo.ops.row_kernels import result_dtype
 
-__all__ = ["check_head_operands", "chunk_logits", "gradient_buffers", "add_chunk_gradients"]
+__all__ = ["check_head_operands", "chunk_logits", "gradient_buffers", "add_chunk_gradients", "resolve_head_weight",
+           "head_gather", "gather_in_backward"]
 
 
 def check_head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -64,3 +67,99 @@ def add_chunk_gradients(grad_logits: torch.Tensor, hidden_rows: torch.Tensor, we
             grad_weight.addmm_(grad_logits_acc.t(), hidden_rows.to(grad_logits_acc.dtype))
         if grad_bias.numel():
             grad_bias += grad_logits_acc.sum(dim=0)
+
+
+# ------------------------------------------------------------------------------------ sharded heads
+WeightGather = Callable[[torch.Tensor, Optional[torch.Tensor]], ContextManager]
+
+_GRAD_REDUCE = ("avg", "sum", "none")
+_VIEW_NODES = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0")
+
+
+def resolve_head_weight(weight: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None, *,
+                        grad_reduce: str = "avg") -> Optional[torch.Tensor]:
+    """An FSDP2 (DTensor) lm_head weight or bias as the plain full tensor, gathered once per call (every
+    chunk then reads it); anything else (a plain tensor, None) is returned as it is.
+
+    The DTensor is cast to ``dtype`` first when given (FSDP2 keeps float32 shards under a bfloat16
+    ``MixedPrecisionPolicy``; the cast is local, so the all-gather moves 16-bit values). The gather is
+    differentiable: in the backward each rank's gradient of the full weight is reduce-scattered onto
+    the shards, averaged over the mesh (``grad_reduce="avg"``: FSDP2's own gradient averaging, and exact
+    on mesh dimensions whose ranks hold the same data), summed (``"sum"``: a loss summed over ranks), or
+    left as DTensor's default (``"none"``: each rank keeps its own gradient's chunk, unreduced; what
+    ``DTensor.full_tensor()`` alone, and TRL 1.16, do)."""
+    if weight is None:
+        return None
+    if grad_reduce not in _GRAD_REDUCE:
+        raise ValueError(f"grad_reduce must be one of {_GRAD_REDUCE}, got {grad_reduce!r}")
+    try:
+        from torch.distributed.tensor import DTensor, Partial
+    except ImportError:  # a torch built without distributed
+        return weight
+    if not isinstance(weight, DTensor):
+        return weight
+    if dtype is not None and weight.dtype != dtype:
+        weight = weight.to(dtype)
+    if grad_reduce == "none":
+        return weight.full_tensor()
+    return weight.full_tensor(grad_placements=[Partial(grad_reduce)] * weight.device_mesh.ndim)
+
+
+def head_gather(weight_gather: Optional[WeightGather], weight: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> ContextManager:
+    """``weight_gather(weight, bias)`` (a ZeRO-3 gather such as ``deepspeed.zero.GatheredParameters``,
+    wrapped like TRL's ``maybe_gather_lm_head_ctx``), or a null context when there is none."""
+    if weight_gather is None:
+        return nullcontext()
+    if not callable(weight_gather):
+        raise TypeError(f"weight_gather must be a callable (weight, bias) -> context manager or None, got "
+                        f"{type(weight_gather).__name__}")
+    return weight_gather(weight, bias)
+
+
+def gather_in_backward(output: torch.Tensor, weight_gather: Optional[WeightGather], weight: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> None:
+    """Re-enter ``weight_gather(weight, bias)`` around the backward of the op that produced ``output`` (its
+    ``grad_fn``, through the public op's views: the fused op's autograd node, whose backward recomputes the
+    chunk logits from the saved weight). A ZeRO-3 parameter is saved as itself, so while the context holds
+    the full data the saved weight reads it. The context is entered just before that node runs and left
+    once the head's gradients are accumulated into ``weight.grad`` / ``bias.grad`` (their AccumulateGrad
+    nodes, which run right after it; hooks such as ZeRO-3's gradient partitioning still see the gathered
+    parameter), or right after the node when the head is frozen. No-op without a gather or a graph;
+    eager only (autograd node hooks)."""
+    node = output.grad_fn if output is not None else None
+    if weight_gather is None or node is None:
+        return
+    while type(node).__name__ in _VIEW_NODES:  # the public ops return views of the fused op's [N] results
+        node = node.next_functions[0][0]
+    head = [t for t in (weight, bias) if t is not None]
+    accumulators = [fn for fn, _ in node.next_functions
+                    if type(fn).__name__ == "AccumulateGrad" and any(fn.variable is t for t in head)]
+    active, pending = [], []
+
+    def enter(_grad_outputs):
+        ctx = head_gather(weight_gather, weight, bias)
+        ctx.__enter__()
+        active.append(ctx)
+        pending[:] = accumulators
+
+    def leave():
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    def after_node(_grad_inputs, _grad_outputs):
+        if not pending:
+            leave()
+
+    def after_accumulate(acc):
+        def hook(_grad_inputs, _grad_outputs):
+            if acc in pending:
+                pending.remove(acc)
+                if not pending:
+                    leave()
+        return hook
+
+    node.register_prehook(enter)
+    node.register_hook(after_node)
+    for acc in accumulators:
+        acc.register_hook(after_accumulate(acc))
