@@ -63,3 +63,26 @@ def test_single_rank_group_is_the_plain_op(tmp_path):
             vp.vocab_parallel_token_logprobs(x, torch.full((6,), 9))
     finally:
         dist.destroy_process_group()
+
+
+def test_compiled_caller_gets_a_graph_break(tmp_path):
+    """Under torch.compile (not fullgraph) the op runs eagerly inside the compiled function, gradients included."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        x = torch.randn(4, 6, requires_grad=True)
+        labels = torch.tensor([0, 5, -100, 2])
+
+        def loss(x):
+            return (vp.vocab_parallel_token_logprobs(x * 2, labels, return_entropy=True)[0] ** 2).sum()
+
+        got = torch.compile(loss, backend="eager")(x)
+        (grad,) = torch.autograd.grad(got, x)
+        xw = x.detach().requires_grad_()
+        want = (fastpo.token_logprobs(xw * 2, labels) ** 2).sum()
+        want.backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(grad, xw.grad)
+    finally:
+        dist.destroy_process_group()

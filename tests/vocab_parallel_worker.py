@@ -16,7 +16,7 @@ import fastpo  # noqa: E402
 from fastpo.ops import vocab_parallel as vp  # noqa: E402
 
 ALL = ("logp", "entropy", "log_sum_sq_probs", "is_top1", "mean_logits")
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 def _close(name, got, want, tol, failures):
@@ -158,6 +158,9 @@ def _cases(rank, failures):
             _linear_case(rank, f"{tag} linear default chunk", failures, 6, 6, 3, dtype, 8, logit_scale=0.8)
         if backend == "cpu":
             _token_case(rank, f"[{backend}] token bf16", failures, 9, 14, torch.bfloat16, 9)
+            _token_case(rank, f"[{backend}] token fp16", failures, 9, 14, torch.float16, 9, logit_softcap=5.0)
+            _linear_case(rank, f"[{backend}] linear bf16", failures, 10, 12, 4, torch.bfloat16, 10, with_bias=True,
+                         chunk_size=3)
             x = torch.randn(2, 3, 8, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
             labels = torch.tensor([[1, 6, -100], [7, 0, 3]])
             cols = slice(rank * 4, (rank + 1) * 4)

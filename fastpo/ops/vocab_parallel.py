@@ -25,8 +25,9 @@ cross-entropy). ``vocab_parallel_linear_token_logprobs`` returns ∂hidden summe
 (all-reduce; hidden is replicated, each shard contributes G_r·W_r); pass ``reduce_grad_hidden=False``
 when the caller's framework already does it (Megatron's copy_to_tensor_model_parallel_region).
 
-These run as plain ``torch.autograd.Function``s with c10d collectives: eager only (not traced by
-``torch.compile``; use them outside the compiled region or under ``torch.compiler.disable``).
+These run as plain ``torch.autograd.Function``s with c10d collectives and a data-dependent shard-size
+check, so they are eager only: both entry points are ``torch.compiler.disable``d (a compiled caller gets a
+graph break around them; ``fullgraph=True`` raises).
 """
 
 from __future__ import annotations
@@ -216,6 +217,7 @@ def _results(out, labels, wanted, return_entropy):
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
 
+@torch.compiler.disable
 def vocab_parallel_token_logprobs(
     logits_shard: torch.Tensor, labels: torch.Tensor, process_group=None, *, temperature: float = 1.0,
     ignore_index: int = -100, return_entropy: bool = False, outputs=None, logit_softcap: Optional[float] = None,
@@ -296,6 +298,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
                 grad_bias.to(weight.dtype) if (needs_bias and bias is not None) else None) + (None,) * 11
 
 
+@torch.compiler.disable
 def vocab_parallel_linear_token_logprobs(
     hidden: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tensor, process_group=None, *,
     bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
