@@ -26,7 +26,7 @@ def gathered_linear_token_logprobs(hidden, weight, labels, *, bias=None, weight_
     weight, bias = resolve_head_weight(weight, hidden.dtype), resolve_head_weight(bias, hidden.dtype)
     with head_gather(weight_gather, weight, bias):
         out = fastpo.linear_token_logprobs(hidden, weight, labels, bias=bias, **kwargs)
-    gather_in_backward(out[0] if isinstance(out, tuple) else out, weight_gather, weight, bias)
+    gather_in_backward(out, weight_gather, weight, bias)
     return out
 
 
@@ -100,6 +100,28 @@ def test_zero3_without_the_backward_gather_fails():
         logp = fastpo.linear_token_logprobs(h, zero.params[0], labels)
     with pytest.raises(RuntimeError):
         logp.sum().backward()
+
+
+def test_nested_gathers_enter_once():
+    zero = FakeZero3(torch.randn(5, 3))
+    p = zero.params[0]
+    with head_gather(zero.gather, p, None):
+        with head_gather(zero.gather, p, None):
+            assert p.numel() == 15
+        assert p.numel() == 15  # the inner exit did not partition the head under the outer gather
+    assert p.numel() == 0 and len(zero.entries) == 1
+
+
+def test_outputs_tuple_with_logp_not_asked():
+    """gather_in_backward finds the fused node from a LogProbOutputs whose first field is None."""
+    g = torch.Generator().manual_seed(2)
+    zero = FakeZero3(torch.randn(6, 3, generator=g, dtype=torch.float64))
+    h = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 5, 2, -100])
+    out = gathered_linear_token_logprobs(h, zero.params[0], labels, weight_gather=zero.gather,
+                                         outputs=("entropy", "is_top1"))
+    out.entropy.sum().backward()
+    assert len(zero.entries) == 2 and zero.params[0].grad.shape == (6, 3)
 
 
 def test_weight_gather_must_be_callable_and_plain_weights_pass_through():

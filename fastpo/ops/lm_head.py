@@ -9,7 +9,7 @@ with ∂L/∂W and ∂L/∂b accumulated in float32 (float64 for float64 inputs)
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager, Optional
 
 import torch
@@ -105,28 +105,44 @@ def resolve_head_weight(weight: Optional[torch.Tensor], dtype: Optional[torch.dt
     return weight.full_tensor(grad_placements=[Partial(grad_reduce)] * weight.device_mesh.ndim)
 
 
+_GATHERED: set = set()  # ids of the weights inside a head_gather now (nested calls gather once)
+
+
 def head_gather(weight_gather: Optional[WeightGather], weight: torch.Tensor,
                 bias: Optional[torch.Tensor]) -> ContextManager:
     """``weight_gather(weight, bias)`` (a ZeRO-3 gather such as ``deepspeed.zero.GatheredParameters``,
-    wrapped like TRL's ``maybe_gather_lm_head_ctx``), or a null context when there is none."""
-    if weight_gather is None:
+    wrapped like TRL's ``maybe_gather_lm_head_ctx``), or a null context when there is none, or when this
+    head is already inside one (a fused op calling another, e.g. linear_policy_loss's composed path)."""
+    if weight_gather is None or id(weight) in _GATHERED:
         return nullcontext()
     if not callable(weight_gather):
         raise TypeError(f"weight_gather must be a callable (weight, bias) -> context manager or None, got "
                         f"{type(weight_gather).__name__}")
-    return weight_gather(weight, bias)
+    return _tracked(weight_gather(weight, bias), id(weight))
 
 
-def gather_in_backward(output: torch.Tensor, weight_gather: Optional[WeightGather], weight: torch.Tensor,
+@contextmanager
+def _tracked(ctx: ContextManager, key: int):
+    _GATHERED.add(key)
+    try:
+        with ctx:
+            yield
+    finally:
+        _GATHERED.discard(key)
+
+
+def gather_in_backward(output, weight_gather: Optional[WeightGather], weight: torch.Tensor,
                        bias: Optional[torch.Tensor]) -> None:
-    """Re-enter ``weight_gather(weight, bias)`` around the backward of the op that produced ``output`` (its
-    ``grad_fn``, through the public op's views: the fused op's autograd node, whose backward recomputes the
+    """Re-enter ``weight_gather(weight, bias)`` around the backward of the op that produced ``output`` (a
+    tensor, or a tuple of them whose first one with a graph is used; its ``grad_fn``, through the public op's views: the fused op's autograd node, whose backward recomputes the
     chunk logits from the saved weight). A ZeRO-3 parameter is saved as itself, so while the context holds
     the full data the saved weight reads it. The context is entered just before that node runs and left
     once the head's gradients are accumulated into ``weight.grad`` / ``bias.grad`` (their AccumulateGrad
     nodes, which run right after it; hooks such as ZeRO-3's gradient partitioning still see the gathered
     parameter), or right after the node when the head is frozen. No-op without a gather or a graph;
     eager only (autograd node hooks)."""
+    if isinstance(output, (tuple, list)):  # (logp, entropy) or a LogProbOutputs: the first one with a graph
+        output = next((t for t in output if isinstance(t, torch.Tensor) and t.grad_fn is not None), None)
     node = output.grad_fn if output is not None else None
     if weight_gather is None or node is None:
         return
