@@ -133,24 +133,23 @@ def _tracked(ctx: ContextManager, key: int):
 
 def gather_in_backward(output, weight_gather: Optional[WeightGather], weight: torch.Tensor,
                        bias: Optional[torch.Tensor]) -> None:
-    """Re-enter ``weight_gather(weight, bias)`` around the backward of the op that produced ``output`` (a
-    tensor, or a tuple of them whose first one with a graph is used; its ``grad_fn``, through the public op's views: the fused op's autograd node, whose backward recomputes the
-    chunk logits from the saved weight). A ZeRO-3 parameter is saved as itself, so while the context holds
-    the full data the saved weight reads it. The context is entered just before that node runs and left
-    once the head's gradients are accumulated into ``weight.grad`` / ``bias.grad`` (their AccumulateGrad
-    nodes, which run right after it; hooks such as ZeRO-3's gradient partitioning still see the gathered
-    parameter), or right after the node when the head is frozen. No-op without a gather or a graph;
-    eager only (autograd node hooks)."""
+    """Re-enter ``weight_gather(weight, bias)`` in the backward of ``output`` (a tensor, or a tuple of them
+    whose first one with a graph is used), around the fused op's autograd node: the node whose gradient
+    edges reach the head's ``AccumulateGrad`` (or, for a frozen head, the first node past the public ops'
+    views). A ZeRO-3 parameter is saved as itself, so while the context holds the full data the saved
+    weight reads it (the backward's recompute). The context is entered just before that node runs and left
+    once the head's gradients are accumulated into ``weight.grad`` / ``bias.grad`` (those nodes run right
+    after it; accumulating a full gradient needs the full parameter, and hooks such as ZeRO-3's gradient
+    partitioning see it gathered), or right after the node for a frozen head. An op that forms its
+    gradients in the forward (linear_policy_loss, a reduced linear_distill_loss) thus still gathers once
+    in the backward, for the accumulation. No-op without a gather or a graph; eager only (node hooks)."""
+    if weight_gather is None:  # first: the common case touches nothing (torch.compile traces through it)
+        return
     if isinstance(output, (tuple, list)):  # (logp, entropy) or a LogProbOutputs: the first one with a graph
         output = next((t for t in output if isinstance(t, torch.Tensor) and t.grad_fn is not None), None)
-    node = output.grad_fn if output is not None else None
-    if weight_gather is None or node is None:
+    if output is None or output.grad_fn is None:
         return
-    while type(node).__name__ in _VIEW_NODES:  # the public ops return views of the fused op's [N] results
-        node = node.next_functions[0][0]
-    head = [t for t in (weight, bias) if t is not None]
-    accumulators = [fn for fn, _ in node.next_functions
-                    if type(fn).__name__ == "AccumulateGrad" and any(fn.variable is t for t in head)]
+    node, accumulators = _head_node(output.grad_fn, [t for t in (weight, bias) if t is not None])
     active, pending = [], []
 
     def enter(_grad_outputs):
@@ -179,3 +178,23 @@ def gather_in_backward(output, weight_gather: Optional[WeightGather], weight: to
     node.register_hook(after_node)
     for acc in accumulators:
         acc.register_hook(after_accumulate(acc))
+
+
+def _head_node(root, head, limit: int = 256):
+    """(node, its AccumulateGrad edges of ``head``): the first node, breadth-first from ``root``, with such
+    edges; else (the first node past views, [])."""
+    first = root
+    while type(first).__name__ in _VIEW_NODES:  # the public ops return views of the fused op's [N] results
+        first = first.next_functions[0][0]
+    queue, seen = [root], set()
+    while queue and len(seen) < limit:
+        node = queue.pop(0)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        accumulators = [fn for fn, _ in node.next_functions
+                        if type(fn).__name__ == "AccumulateGrad" and any(fn.variable is t for t in head)]
+        if accumulators:
+            return node, accumulators
+        queue.extend(fn for fn, _ in node.next_functions)
+    return first, []
