@@ -27,11 +27,14 @@ when the caller's framework already does it (Megatron's copy_to_tensor_model_par
 
 These run as plain ``torch.autograd.Function``s with c10d collectives and a data-dependent shard-size
 check, so they are eager only: both entry points are ``torch.compiler.disable``d (a compiled caller gets a
-graph break around them; ``fullgraph=True`` raises).
+graph break around them; ``fullgraph=True`` raises), lazily: importing torch._dynamo costs ~2.5 s, and
+before it is imported nothing can be compiling.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Optional
 
 import torch
@@ -54,6 +57,21 @@ _LOCAL_IGNORE = -1  # local ids lie in [0, V_r): -1 never collides with a real l
 
 def _kernels(backend: str):
     return _TorchRows if backend == "reference" else row_kernels(backend)
+
+
+def _eager_only(fn):
+    """``fn`` behind ``torch.compiler.disable``, applied once torch._dynamo is imported (see the module docstring)."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -217,7 +235,7 @@ def _results(out, labels, wanted, return_entropy):
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
 
-@torch.compiler.disable
+@_eager_only
 def vocab_parallel_token_logprobs(
     logits_shard: torch.Tensor, labels: torch.Tensor, process_group=None, *, temperature: float = 1.0,
     ignore_index: int = -100, return_entropy: bool = False, outputs=None, logit_softcap: Optional[float] = None,
@@ -298,7 +316,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
                 grad_bias.to(weight.dtype) if (needs_bias and bias is not None) else None) + (None,) * 11
 
 
-@torch.compiler.disable
+@_eager_only
 def vocab_parallel_linear_token_logprobs(
     hidden: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tensor, process_group=None, *,
     bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
