@@ -86,3 +86,11 @@ def test_compiled_caller_gets_a_graph_break(tmp_path):
         torch.testing.assert_close(grad, xw.grad)
     finally:
         dist.destroy_process_group()
+
+
+def test_needs_an_initialised_process_group():
+    x, labels = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="torch.distributed initialised"):
+        vp.vocab_parallel_token_logprobs(x, labels)
+    with pytest.raises(ValueError, match="torch.distributed initialised"):
+        vp.vocab_parallel_linear_token_logprobs(torch.randn(3, 2), torch.randn(4, 2), labels)

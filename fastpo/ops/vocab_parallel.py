@@ -76,6 +76,9 @@ def _eager_only(fn):
 
 # ---------------------------------------------------------------------------------------------- labels
 def _group_info(process_group):
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("vocab-parallel log-probs need torch.distributed initialised (init_process_group) and the "
+                         "tensor-parallel process_group")
     group = process_group if process_group is not None else dist.group.WORLD
     return group, dist.get_rank(group), dist.get_world_size(group)
 
