@@ -84,8 +84,9 @@ def _group_info(process_group):
 
 
 def _local_labels(labels: torch.Tensor, offset: int, vocab_local: int, ignore_index: int):
-    """(forward labels, backward labels, owner, valid) for global ``labels [N]``: the local id where this
-    rank holds the label, 0 (forward and backward; see :func:`_fix_column0`) where it does not, -1 ignored."""
+    """(ids, owner, valid, off) for global ``labels [N]``: ``ids`` the kernels' local labels (the local id
+    where this rank holds the label, 0 where another rank does, see :func:`_fix_column0`, -1 ignored), the
+    owning rank, the non-ignored rows, and the rows whose label another rank holds."""
     valid = labels != ignore_index
     local = labels - offset
     here = valid & (local >= 0) & (local < vocab_local)
@@ -218,7 +219,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         return (grad.view(logits.shape),) + (None,) * 9
 
 
-def _check_common(labels, temperature, ignore_index, return_entropy, outputs, logit_softcap, logit_scale):
+def _check_common(temperature, ignore_index, return_entropy, outputs, logit_softcap, logit_scale):
     if isinstance(temperature, torch.Tensor):
         raise TypeError("vocab-parallel log-probs take a float temperature (a per-token tensor is not supported)")
     tau = check.check_temperature(temperature)
@@ -249,7 +250,7 @@ def vocab_parallel_token_logprobs(
     every rank gets the same results. Only the shard's gradient is computed, locally."""
     check.check_logits_labels(logits_shard, labels)
     tau, ignore_index, wanted, softcap, scale, with_entropy = _check_common(
-        labels, temperature, ignore_index, return_entropy, outputs, logit_softcap, logit_scale)
+        temperature, ignore_index, return_entropy, outputs, logit_softcap, logit_scale)
     group, _, world = _group_info(process_group)
     check.check_label_range(labels, logits_shard.shape[-1] * world, ignore_index)
     out = _VocabParallelTokenLogprobs.apply(logits_shard, flat_labels(labels), tau, ignore_index, with_entropy,
@@ -334,7 +335,7 @@ def vocab_parallel_linear_token_logprobs(
     check.check_aligned_labels(labels, hidden, "hidden")
     check.check_same_device(hidden=hidden, weight=weight_shard, labels=labels, bias=bias)
     tau, ignore_index, wanted, softcap, scale, with_entropy = _check_common(
-        labels, temperature, ignore_index, return_entropy, outputs, logit_softcap, logit_scale)
+        temperature, ignore_index, return_entropy, outputs, logit_softcap, logit_scale)
     check.check_bool(reduce_grad_hidden, "reduce_grad_hidden")
     if chunk_size is not None and (check.check_int(chunk_size, "chunk_size") < 1):
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
