@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import traceback
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the Triton kernels on CPU tensors
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the Triton kernels on CPU tensors
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import fastpo  # noqa: E402
 from fastpo.ops import vocab_parallel as vp  # noqa: E402
+from fastpo.reference.logprobs import transform_logits  # noqa: E402
 
 ALL = ("logp", "entropy", "log_sum_sq_probs", "is_top1", "mean_logits")
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -62,8 +63,15 @@ def _loss(res, wl, we):
 
 
 def _token_case(rank, tag, failures, n, vocab, dtype, seed, **kw):
+    ties = kw.pop("label_ties", False)
     x, labels = _logits(n, vocab, dtype, seed, ignore_index=kw.get("ignore_index", -100),
                         masked=kw.get("logit_scale", 1.0) > 0)  # a negative scale turns −inf into +inf
+    if ties:  # labels on the first maximum (is_top1) of even rows, on the last one (not, when tied) of odd rows
+        z = transform_logits(x, kw.get("logit_softcap"), kw.get("logit_scale", 1.0))
+        at_max = (z == z.max(-1, keepdim=True).values).to(torch.int64)
+        first = at_max.argmax(-1)
+        last = vocab - 1 - at_max.flip(-1).argmax(-1)
+        labels = torch.where(torch.arange(n) % 2 == 0, first, last)
     shard_size = vocab // 2
     cols = slice(rank * shard_size, (rank + 1) * shard_size)
     full = x.clone().requires_grad_()
@@ -149,6 +157,9 @@ def _cases(rank, failures):
             _token_case(rank, f"{tag} token transforms", failures, 9, 14, dtype, 2, temperature=0.7,
                         logit_softcap=4.0, logit_scale=1.3)
             _token_case(rank, f"{tag} token negative scale", failures, 7, 10, dtype, 3, logit_scale=-0.5)
+            # a tiny cap saturates most logits to exactly ±c: ties everywhere, across the shard boundary too
+            _token_case(rank, f"{tag} token saturated softcap", failures, 9, 14, dtype, 12, logit_softcap=0.02,
+                        outputs=("logp", "is_top1"), label_ties=True)
             _token_case(rank, f"{tag} token ignore_index=5", failures, 8, 12, dtype, 4, ignore_index=5,
                         outputs=("logp", "entropy", "is_top1"))
             _token_case(rank, f"{tag} token V_r=1", failures, 5, 2, dtype, 5, outputs=("logp", "entropy"))
