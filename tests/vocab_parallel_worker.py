@@ -129,6 +129,32 @@ def _linear_case(rank, tag, failures, n, vocab, dim, dtype, seed, with_bias=Fals
         failures.append(f"{tag}: a chunk of {max(seen)} rows > chunk_size {chunk_size}")
 
 
+def _linear_unreduced_and_frozen(rank, failures):
+    """reduce_grad_hidden=False leaves this shard's part of ∂hidden (the parts sum to the whole); a frozen
+    shard gets no gradient and hidden still gets the full one."""
+    g = torch.Generator().manual_seed(21)
+    h, w = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(10, 3, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 10, (7,), generator=g)
+    rows = slice(rank * 5, (rank + 1) * 5)
+    hf = h.clone().requires_grad_()
+    fastpo.linear_token_logprobs(hf, w, labels, return_entropy=True)[1].sum().backward()
+    hs = h.clone().requires_grad_()
+    _, ent = vp.vocab_parallel_linear_token_logprobs(hs, w[rows].clone(), labels, dist.group.WORLD,
+                                                     return_entropy=True, reduce_grad_hidden=False)
+    ent.sum().backward()
+    part = hs.grad.clone()
+    dist.all_reduce(part)
+    _close("unreduced grad hidden (summed by the test)", part, hf.grad, 1e-10, failures)
+    if torch.allclose(hs.grad, hf.grad):
+        failures.append("unreduced grad hidden is already the whole")
+    hs2 = h.clone().requires_grad_()
+    ws = w[rows].clone()
+    vp.vocab_parallel_linear_token_logprobs(hs2, ws, labels, dist.group.WORLD, return_entropy=True)[1].sum().backward()
+    _close("frozen shard: grad hidden", hs2.grad, hf.grad, 1e-10, failures)
+    if ws.grad is not None:
+        failures.append("a frozen shard got a gradient")
+
+
 def _error_cases(rank, failures):
     x, labels = _logits(4, 6 if rank == 0 else 4, torch.float32, 1, special=False)
     try:  # unequal shards: both ranks raise after the one gather
@@ -194,6 +220,7 @@ def _cases(rank, failures):
     dist.all_gather(parts, mine)
     if not torch.equal(parts[0], parts[1]):
         failures.append("forward results differ between ranks")
+    _linear_unreduced_and_frozen(rank, failures)
     _error_cases(rank, failures)
 
 
