@@ -404,9 +404,10 @@ struct ForwardOut {
 template <class In, int kStats>
 void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels,
                        const ForwardOut& out, double inv_temperature, int64_t ignore_index, double logit_scale,
-                       double logit_softcap) {
+                       double logit_softcap, RowVec inv_t_rows) {
   using Acc = typename Traits<In>::Acc;
   const Acc inv_t = static_cast<Acc>(inv_temperature);
+  const bool per_row = inv_t_rows.present();
   const LogitTransform<Acc> tr(logit_scale, logit_softcap);
 #ifdef _OPENMP
 #pragma omp parallel if (N * V >= kParallelMinWork && N > 1)
@@ -422,7 +423,8 @@ void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_strid
         out.set(i, RowForward{0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0});
         continue;
       }
-      out.set(i, forward_row<In, kStats>(logits + i * row_stride, V, y, inv_t, buf, tr));
+      const Acc inv_ti = per_row ? static_cast<Acc>(inv_t_rows.get(i)) : inv_t;
+      out.set(i, forward_row<In, kStats>(logits + i * row_stride, V, y, inv_ti, buf, tr));
     }
   }
 }
@@ -431,23 +433,24 @@ void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_strid
 template <class In, int kStats = 0>
 void forward_rows_dispatch(int stats, const In* logits, int64_t N, int64_t V, int64_t row_stride,
                            const int64_t* labels, const ForwardOut& out, double inv_temperature, int64_t ignore_index,
-                           double logit_scale, double logit_softcap) {
+                           double logit_scale, double logit_softcap, RowVec inv_t_rows) {
   if constexpr (kStats < kStatAll) {
     if (stats == kStats)
       forward_rows_impl<In, kStats>(logits, N, V, row_stride, labels, out, inv_temperature, ignore_index, logit_scale,
-                                    logit_softcap);
+                                    logit_softcap, inv_t_rows);
     else
       forward_rows_dispatch<In, kStats + 1>(stats, logits, N, V, row_stride, labels, out, inv_temperature,
-                                            ignore_index, logit_scale, logit_softcap);
+                                            ignore_index, logit_scale, logit_softcap, inv_t_rows);
   }
 }
 
 template <class In>
 void forward_rows(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels,
                   const ForwardOut& out, double inv_temperature, int64_t ignore_index, double logit_scale = 1.0,
-                  double logit_softcap = 0.0) {
+                  double logit_softcap = 0.0, RowVec inv_t_rows = RowVec()) {
+  // inv_t_rows (optional): a per-row 1 / temperature that replaces inv_temperature row by row.
   forward_rows_dispatch<In>(out.stats(), logits, N, V, row_stride, labels, out, inv_temperature, ignore_index,
-                            logit_scale, logit_softcap);
+                            logit_scale, logit_softcap, inv_t_rows);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -516,9 +519,10 @@ template <class In, bool kEntropyGrad, int kTransform>
 void backward_rows_impl(const In* logits, In* grad_logits, int64_t N, int64_t V, int64_t row_stride,
                         int64_t grad_row_stride, const int64_t* labels, RowVec row_max, RowVec log_norm,
                         RowVec entropy, RowVec grad_logp, RowVec grad_entropy, double inv_temperature,
-                        int64_t ignore_index, double logit_scale, double logit_softcap) {
+                        int64_t ignore_index, double logit_scale, double logit_softcap, RowVec inv_t_rows) {
   using Acc = typename Traits<In>::Acc;
   const Acc inv_t = static_cast<Acc>(inv_temperature);
+  const bool per_row = inv_t_rows.present();
   const LogitTransform<Acc> tr(logit_scale, logit_softcap);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N * V >= kParallelMinWork && N > 1)
@@ -534,7 +538,8 @@ void backward_rows_impl(const In* logits, In* grad_logits, int64_t N, int64_t V,
     const Acc gH = kEntropyGrad ? static_cast<Acc>(grad_entropy.get(i)) : Acc(0);
     backward_row<In, kEntropyGrad, kTransform>(logits + i * row_stride, gx, V, y, static_cast<Acc>(row_max.get(i)),
                                                static_cast<Acc>(log_norm.get(i)), H,
-                                               static_cast<Acc>(grad_logp.get(i)), gH, inv_t, tr);
+                                               static_cast<Acc>(grad_logp.get(i)), gH,
+                                               per_row ? static_cast<Acc>(inv_t_rows.get(i)) : inv_t, tr);
   }
 }
 
@@ -542,12 +547,12 @@ template <class In>
 void backward_rows(const In* logits, In* grad_logits, int64_t N, int64_t V, int64_t row_stride,
                    int64_t grad_row_stride, const int64_t* labels, RowVec row_max, RowVec log_norm, RowVec entropy,
                    RowVec grad_logp, RowVec grad_entropy, double inv_temperature, int64_t ignore_index,
-                   double logit_scale = 1.0, double logit_softcap = 0.0) {
+                   double logit_scale = 1.0, double logit_softcap = 0.0, RowVec inv_t_rows = RowVec()) {
   const int kind = LogitTransform<typename Traits<In>::Acc>(logit_scale, logit_softcap).kind();
 #define FASTPO_BACKWARD_ROWS(E, T)                                                                              \
   backward_rows_impl<In, E, T>(logits, grad_logits, N, V, row_stride, grad_row_stride, labels, row_max, log_norm, \
                                entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, logit_scale,     \
-                               logit_softcap)
+                               logit_softcap, inv_t_rows)
 #define FASTPO_BACKWARD_KIND(E)                           \
   (kind == kTransformCap     ? FASTPO_BACKWARD_ROWS(E, kTransformCap)   \
    : kind == kTransformScale ? FASTPO_BACKWARD_ROWS(E, kTransformScale) \

@@ -97,6 +97,34 @@ def check_temperature_value(temperature: float) -> float:
     return temperature
 
 
+def check_temperature_rows(temperature: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A per-token ``temperature`` tensor: floating, shaped like ``labels`` or broadcastable to it (e.g.
+    ``[B, 1]``, one per sequence), on the labels' device; returned detached (not differentiable),
+    expanded to ``labels.shape`` in ``dtype``. Its values (finite, > 0) are checked by the op at run
+    time (:func:`check_temperature_rows_value`), also under ``torch.compile``."""
+    if not temperature.is_floating_point():
+        raise TypeError(f"temperature: a per-token temperature tensor must be floating point, got {temperature.dtype}")
+    if temperature.device != labels.device:
+        raise ValueError(f"temperature: expected a tensor on {labels.device} (the labels' device), got "
+                         f"{temperature.device}")
+    try:
+        shape = torch.broadcast_shapes(temperature.shape, labels.shape)
+    except RuntimeError:
+        shape = None
+    if shape != labels.shape:
+        raise ValueError(f"temperature: a per-token temperature must have the labels' shape {tuple(labels.shape)} "
+                         f"or broadcast to it, got shape {tuple(temperature.shape)}")
+    return temperature.detach().to(dtype).expand(labels.shape)
+
+
+def check_temperature_rows_value(temperature: torch.Tensor) -> None:
+    """Every entry of a per-token temperature is finite and > 0 (one host sync on CUDA)."""
+    if temperature.numel() and not bool(((temperature > 0) & torch.isfinite(temperature)).all()):
+        bad = temperature[~((temperature > 0) & torch.isfinite(temperature))]
+        raise ValueError(f"temperature must be finite and > 0 at every token, got {bad.numel()} entries that are "
+                         f"not (first: {float(bad.reshape(-1)[0])})")
+
+
 def check_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -60,7 +60,7 @@ def _transform(x, logit_scale, softcap, SOFTCAP: tl.constexpr):
 def _logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, entropy_ptr, row_max_ptr, log_norm_ptr, sum_sq_ptr, top1_ptr, mean_ptr,
     n_cols, rows_per_block, stride_block, stride_row, inv_temperature, ignore_index, logit_scale, softcap,
-    WITH_ENTROPY: tl.constexpr, WITH_SUM_SQ: tl.constexpr, WITH_TOP1: tl.constexpr, WITH_MEAN: tl.constexpr,
+    inv_t_rows_ptr, PER_ROW_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_SUM_SQ: tl.constexpr, WITH_TOP1: tl.constexpr, WITH_MEAN: tl.constexpr,
     SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # One program per row; one pass over the vocabulary with an online logsumexp relative to the
@@ -74,6 +74,8 @@ def _logprobs_fwd_kernel(
     #   mb = max_{j < y} z_j, is_top1 = (z_y >= m) & (z_y > mb): the label is the first argmax, as
     #   torch.argmax (and TRL) break ties, judged on the transformed logits z (as TRL does).
     row = tl.program_id(0).to(tl.int64)
+    if PER_ROW_TEMP:  # a per-token temperature: this row's 1/τ replaces the scalar
+        inv_temperature = tl.load(inv_t_rows_ptr + row).to(tl.float32)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
     row_ptr = logits_ptr + (row // rows_per_block) * stride_block + (row % rows_per_block) * stride_row
@@ -147,13 +149,15 @@ def _logprobs_fwd_kernel(
 def _logprobs_bwd_kernel(
     logits_ptr, grad_ptr, labels_ptr, row_max_ptr, log_norm_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
     n_cols, rows_per_block, stride_block, stride_row, stride_grad_block, stride_grad_row, inv_temperature,
-    ignore_index, logit_scale, softcap,
+    ignore_index, logit_scale, softcap, inv_t_rows_ptr, PER_ROW_TEMP: tl.constexpr,
     HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     block, row_in_block = row // rows_per_block, row % rows_per_block
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_row = cols < n_cols
+    if PER_ROW_TEMP:
+        inv_temperature = tl.load(inv_t_rows_ptr + row).to(tl.float32)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
 
@@ -195,8 +199,10 @@ def _output_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-                    with_entropy: bool, extras: int = 0, logit_softcap: float = 0.0, logit_scale: float = 1.0):
-    """Launch the forward over the rows of ``logits`` (see the module docstring)."""
+                    with_entropy: bool, extras: int = 0, logit_softcap: float = 0.0, logit_scale: float = 1.0,
+                    inv_temperature_rows: Optional[torch.Tensor] = None):
+    """Launch the forward over the rows of ``logits`` (see the module docstring); ``inv_temperature_rows``
+    (contiguous ``[N]`` float32, optional) replaces ``1/temperature`` row by row."""
     n_rows, rows_per_block, stride_block, stride_row = _row_layout(logits)
     n_cols = logits.shape[-1]
     out_dtype = _output_dtype(logits)
@@ -211,7 +217,8 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     _logprobs_fwd_kernel[(n_rows,)](
         logits, labels, logp, entropy, row_max, log_norm, sum_sq, top1, mean,
         n_cols, rows_per_block, stride_block, stride_row, 1.0 / temperature, ignore_index, logit_scale,
-        logit_softcap or 1.0, WITH_ENTROPY=with_entropy, SOFTCAP=logit_softcap > 0.0, WITH_SUM_SQ=bool(extras & EXTRA_SUM_SQ), WITH_TOP1=bool(extras & EXTRA_TOP1),
+        logit_softcap or 1.0, inv_temperature_rows if inv_temperature_rows is not None else logp,
+        PER_ROW_TEMP=inv_temperature_rows is not None, WITH_ENTROPY=with_entropy, SOFTCAP=logit_softcap > 0.0, WITH_SUM_SQ=bool(extras & EXTRA_SUM_SQ), WITH_TOP1=bool(extras & EXTRA_TOP1),
         WITH_MEAN=bool(extras & EXTRA_MEAN), BLOCK_V=block, num_warps=_num_warps(block),
     )
     return logp, entropy, row_max, log_norm, sum_sq, top1, mean
@@ -220,8 +227,9 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
 def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
                      entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                      temperature: float, ignore_index: int, out: torch.Tensor, logit_softcap: float = 0.0,
-                     logit_scale: float = 1.0) -> None:
-    """Write ∂L/∂logits into ``out`` (``logits``' shape); ``out`` may be ``logits`` itself (in-place backward)."""
+                     logit_scale: float = 1.0, inv_temperature_rows: Optional[torch.Tensor] = None) -> None:
+    """Write ∂L/∂logits into ``out`` (``logits``' shape); ``out`` may be ``logits`` itself (in-place backward);
+    ``inv_temperature_rows``: the forward's per-row 1/τ, if any."""
     n_rows, rows_per_block, stride_block, stride_row = _row_layout(logits)
     _, _, stride_grad_block, stride_grad_row = _row_layout(out)
     n_cols = logits.shape[-1]
@@ -235,6 +243,7 @@ def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.
         grad_entropy if grad_entropy is not None else log_norm,
         n_cols, rows_per_block, stride_block, stride_row, stride_grad_block, stride_grad_row, 1.0 / temperature,
         ignore_index, logit_scale, logit_softcap or 1.0,
+        inv_temperature_rows if inv_temperature_rows is not None else log_norm, inv_temperature_rows is not None,
         HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
         SOFTCAP=logit_softcap > 0.0,
         BLOCK_V=block, num_warps=_num_warps(block),

@@ -21,7 +21,8 @@ from fastpo import reference
 from fastpo._backend import select_backend
 from fastpo.ops.lm_head import add_chunk_gradients, check_head_operands, chunk_logits, gradient_buffers
 from fastpo.ops.row_kernels import (
-    empty_row_outputs, extras_mask, flat_labels, named_outputs, no_double_backward, row_kernels,
+    empty_row_outputs, extras_mask, flat_labels, named_outputs, no_double_backward, row_kernels, temperature_args,
+    temperature_input,
 )
 from fastpo.reference.logprobs import check_logit_transform, check_outputs
 
@@ -59,7 +60,7 @@ def _linear_fwd(
     """(logp, entropy, row_max, log_norm, log_sum_sq_probs, is_top1, mean_logits) for ``hidden [N, D]``,
     ``weight [V, D]``, one chunk of rows at a time (``chunk_size`` 0: the default; ``extras``: the
     ``EXTRA_*`` bits of the last three)."""
-    tau = check.check_temperature_value(float(temperature))
+    temperature_args(temperature)  # the run-time value checks (scalar or per-token)
     check.check_label_range(labels, weight.shape[0], ignore_index)
     kernels = row_kernels(backend)
     n_tokens = hidden.shape[0]
@@ -68,8 +69,10 @@ def _linear_fwd(
     for start in range(0, n_tokens, chunk):
         rows = slice(start, min(start + chunk, n_tokens))
         logits = chunk_logits(hidden[rows], weight, bias)
+        tau, inv_rows = temperature_args(temperature, rows, checked=False)
+        extra = {} if inv_rows is None else {"inv_temperature_rows": inv_rows}
         for out, part in zip(outputs, kernels.logprob_forward(logits, labels[rows], tau, ignore_index, with_entropy,
-                                                                  extras, logit_softcap, logit_scale)):
+                                                              extras, logit_softcap, logit_scale, **extra)):
             out[rows] = part
         del logits
     return outputs
@@ -91,7 +94,6 @@ def _linear_bwd(
     """(∂L/∂hidden, ∂L/∂weight, ∂L/∂bias), contiguous; a gradient nobody needs (a frozen lm_head, no
     bias) is not computed and comes back empty."""
     kernels = row_kernels(backend)
-    tau = float(temperature)
     n_tokens = hidden.shape[0]
     chunk = _chunk_rows(chunk_size, n_tokens, weight.shape[0])
     grads = gradient_buffers(hidden, weight, bias, needs_grad_hidden, needs_grad_weight, needs_grad_bias)
@@ -99,11 +101,13 @@ def _linear_bwd(
         rows = slice(start, min(start + chunk, n_tokens))
         # The forward's logits, recomputed, turned into their gradient in place.
         grad_logits = chunk_logits(hidden[rows], weight, bias)
+        tau, inv_rows = temperature_args(temperature, rows, checked=False)
+        extra = {} if inv_rows is None else {"inv_temperature_rows": inv_rows}
         kernels.logprob_backward(
             grad_logits, labels[rows], row_max[rows], log_norm[rows], entropy[rows],
             None if grad_logp is None else grad_logp[rows],
             None if grad_entropy is None else grad_entropy[rows],
-            tau, ignore_index, grad_logits, logit_softcap, logit_scale)
+            tau, ignore_index, grad_logits, logit_softcap, logit_scale, **extra)
         add_chunk_gradients(grad_logits, hidden[rows], weight, rows, *grads)
         del grad_logits
     grad_hidden, grad_weight, grad_bias = grads
@@ -154,7 +158,7 @@ def linear_token_logprobs(
     labels: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature=1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     outputs=None,
@@ -174,7 +178,9 @@ def linear_token_logprobs(
     O(chunk_size x V); the backward recomputes chunk logits. ``outputs`` returns a
     :class:`fastpo.LogProbOutputs` with the per-token statistics of :func:`fastpo.token_logprobs`
     (``log_sum_sq_probs``, ``is_top1``, ``mean_logits``: detached), from the same pass.
-    ``logit_scale`` and ``logit_softcap`` transform the logits as in :func:`fastpo.token_logprobs`.
+    ``logit_scale`` and ``logit_softcap`` transform the logits as in :func:`fastpo.token_logprobs`;
+    ``temperature`` is a float or a per-token tensor (labels' shape or broadcastable; not differentiated),
+    as there.
 
     Under ``torch.compile`` (fullgraph, dynamic shapes) a changing ``temperature`` or number of
     tokens does not recompile; ``ignore_index``, ``return_entropy``, ``outputs`` and an explicit
@@ -183,7 +189,7 @@ def linear_token_logprobs(
     check_head_operands(hidden, weight, bias)
     check.check_aligned_labels(labels, hidden, "hidden")
     check.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    temperature = check.check_temperature(temperature)
+    temperature = temperature_input(temperature, labels, hidden.dtype)
     ignore_index = check.check_int(ignore_index, "ignore_index")
     check.check_bool(return_entropy, "return_entropy")
     wanted = check_outputs(outputs, return_entropy)
@@ -196,6 +202,9 @@ def linear_token_logprobs(
     backend = select_backend(hidden)
     if backend == "reference":
         check.check_label_range(labels, weight.shape[0], ignore_index)
+        if isinstance(temperature, torch.Tensor):
+            check.check_temperature_rows_value(temperature)
+            temperature = temperature.view(labels.shape)
         return reference.linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index,
                                                return_entropy, outputs, logit_softcap, logit_scale)
 
@@ -203,7 +212,8 @@ def linear_token_logprobs(
     rows = hidden if hidden.dim() == 2 else hidden.reshape(labels.numel(), hidden.shape[-1])
     with_entropy = return_entropy if wanted is None else "entropy" in wanted
     results = _linear_fwd(
-        rows, weight, bias, flat_labels(labels), check.scalar_tensor(temperature), ignore_index,
+        rows, weight, bias, flat_labels(labels),
+        temperature if isinstance(temperature, torch.Tensor) else check.scalar_tensor(temperature), ignore_index,
         with_entropy, extras_mask(wanted), softcap, scale, 0 if chunk_size is None else chunk_size, backend)
     if wanted is not None:
         return named_outputs(results, labels.shape, wanted)

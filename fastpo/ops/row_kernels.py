@@ -17,7 +17,9 @@ import torch
 
 from fastpo._backend import kernel_module
 from fastpo._layout import accumulation_dtype
-from fastpo._validation import plain_eager
+from fastpo._validation import (
+    check_temperature, check_temperature_rows, check_temperature_rows_value, check_temperature_value, plain_eager,
+)
 from fastpo.reference.logprobs import OUTPUT_NAMES, LogProbOutputs
 
 
@@ -101,6 +103,30 @@ def as_row_blocks(logits: torch.Tensor) -> torch.Tensor:
 def num_rows(blocks: torch.Tensor):
     """Rows of an :func:`as_row_blocks` tensor."""
     return blocks.shape[0] * blocks.shape[1] if blocks.dim() == 3 else blocks.shape[0]
+
+
+def temperature_args(temperature, rows=None, checked=True):
+    """(temperature, inv_temperature_rows) as the row kernels take them, from a float, a 0-d tensor (the
+    scalar temperature: ``inv_temperature_rows`` None, today's path) or a per-token ``[N]`` temperature
+    tensor (then ``1.0`` and its reciprocal, sliced to ``rows``). ``checked``: check the values
+    (finite, > 0) first."""
+    if not isinstance(temperature, torch.Tensor):
+        return (check_temperature_value(temperature) if checked else temperature), None
+    if temperature.dim() == 0:
+        value = float(temperature)
+        return (check_temperature_value(value) if checked else value), None
+    if checked:
+        check_temperature_rows_value(temperature)
+    part = temperature if rows is None else temperature[rows]
+    return 1.0, part.reciprocal().contiguous()
+
+
+def temperature_input(temperature, labels: torch.Tensor, dtype: torch.dtype):
+    """The public ``temperature`` argument checked: a float (returned as is, for the scalar path) or a
+    per-token tensor (returned ``[N]`` in the ops' result dtype for ``dtype`` logits, detached)."""
+    if isinstance(temperature, torch.Tensor):
+        return check_temperature_rows(temperature, labels, result_dtype(dtype)).reshape(-1)
+    return check_temperature(temperature)
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)

@@ -21,7 +21,7 @@ from fastpo._backend import select_backend
 from fastpo.reference.logprobs import check_logit_transform, check_outputs
 from fastpo.ops.row_kernels import (
     as_row_blocks, direct_call_ok, empty_row_outputs, extras_mask, flat_labels, named_outputs, no_double_backward,
-    num_rows, row_kernels,
+    num_rows, row_kernels, temperature_args, temperature_input,
 )
 
 __all__ = ["token_logprobs"]
@@ -36,16 +36,20 @@ def _token_logprobs_fwd(
     or ``[B, T, V]`` (see ``as_row_blocks``); ``extras`` selects the last three (``EXTRA_*`` bits);
     ``logit_softcap`` (0: none) and ``logit_scale`` transform the logits first; ``inplace_backward`` is
     read by the backward only."""
-    return _forward(logits, labels, float(temperature), ignore_index, with_entropy, extras, logit_softcap,
+    return _forward(logits, labels, temperature, ignore_index, with_entropy, extras, logit_softcap,
                     logit_scale, backend)
 
 
-def _forward(logits, labels, tau: float, ignore_index, with_entropy, extras, logit_softcap, logit_scale, backend):
-    """The forward op's body (also the eager path's): the run-time checks, then the row kernels."""
-    check.check_temperature_value(tau)
+def _forward(logits, labels, tau, ignore_index, with_entropy, extras, logit_softcap, logit_scale, backend):
+    """The forward op's body (also the eager path's): the run-time checks, then the row kernels. ``tau``: a
+    float, the 0-d temperature tensor, or the ``[N]`` per-token temperatures."""
+    tau, inv_rows = temperature_args(tau)
     check.check_label_range(labels, logits.shape[-1], ignore_index)
+    if inv_rows is None:  # the scalar path, as before
+        return row_kernels(backend).logprob_forward(logits, labels, tau, ignore_index, with_entropy, extras,
+                                                    logit_softcap, logit_scale)
     return row_kernels(backend).logprob_forward(logits, labels, tau, ignore_index, with_entropy, extras,
-                                                logit_softcap, logit_scale)
+                                                logit_softcap, logit_scale, inv_temperature_rows=inv_rows)
 
 
 @_token_logprobs_fwd.register_fake
@@ -62,10 +66,18 @@ def _token_logprobs_bwd(
 ) -> torch.Tensor:
     """∂L/∂logits as a new (contiguous) tensor of the logits' dtype."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    row_kernels(backend).logprob_backward(
-        logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, float(temperature), ignore_index, grad,
-        logit_softcap, logit_scale)
+    _kernel_backward(backend, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
+                     ignore_index, grad, logit_softcap, logit_scale)
     return grad
+
+
+def _kernel_backward(backend, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, tau, ignore_index,
+                     out, logit_softcap, logit_scale):
+    """The row kernels' backward for a float / 0-d / per-token ``[N]`` temperature ``tau``."""
+    tau, inv_rows = temperature_args(tau, checked=False)
+    extra = {} if inv_rows is None else {"inv_temperature_rows": inv_rows}
+    row_kernels(backend).logprob_backward(logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, tau,
+                                          ignore_index, out, logit_softcap, logit_scale, **extra)
 
 
 @_token_logprobs_bwd.register_fake
@@ -84,9 +96,8 @@ def _token_logprobs_bwd_inplace(
     temperature: torch.Tensor, ignore_index: int, logit_softcap: float, logit_scale: float, backend: str,
 ) -> None:
     """∂L/∂logits written over ``logits`` itself (saves one ``[N, V]`` buffer)."""
-    row_kernels(backend).logprob_backward(
-        logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, float(temperature), ignore_index, logits,
-        logit_softcap, logit_scale)
+    _kernel_backward(backend, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
+                     ignore_index, logits, logit_softcap, logit_scale)
 
 
 @_token_logprobs_bwd_inplace.register_fake
@@ -127,12 +138,11 @@ def _grad_logits(ctx, logits, labels, row_max, log_norm, entropy, grad_logp, gra
     graph = torch.is_grad_enabled()
     if direct and not graph:
         out = logits if ctx.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        row_kernels(ctx.backend).logprob_backward(
-            logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, tau, ctx.ignore_index, out,
-            *ctx.transform)
+        _kernel_backward(ctx.backend, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, tau,
+                         ctx.ignore_index, out, *ctx.transform)
         return out
     if temperature is None:
-        temperature = check.scalar_tensor(tau)
+        temperature = tau if isinstance(tau, torch.Tensor) else check.scalar_tensor(tau)
     args = (labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ctx.ignore_index,
             *ctx.transform, ctx.backend)
     if ctx.inplace_backward and not graph:
@@ -175,7 +185,7 @@ def token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature=1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     outputs=None,
@@ -218,12 +228,17 @@ def token_logprobs(
     Granite: x ← k·x), then ``logit_softcap`` c (Gemma: x ← c·tanh(x/c)); the backward includes their
     derivative k·(1 − tanh²). is_top1 compares the transformed logits.
 
+    ``temperature`` is a float, or a per-token tensor shaped like ``labels`` (or broadcastable to it,
+    e.g. ``[B, 1]`` per sequence; floating, every entry finite and > 0, checked): row i is then scored
+    under softmax(z_i/τ_i). The temperature is not differentiated (no gradient flows to it); a float
+    keeps the scalar kernels.
+
     Under ``torch.compile`` (fullgraph, dynamic shapes) a changing ``temperature`` does not
     recompile; ``ignore_index``, ``return_entropy``, ``outputs``, ``logit_softcap``, ``logit_scale`` and
     ``inplace_backward`` are specialised.
     """
     check.check_logits_labels(logits, labels)
-    temperature = check.check_temperature(temperature)
+    temperature = temperature_input(temperature, labels, logits.dtype)
     ignore_index = check.check_int(ignore_index, "ignore_index")
     check.check_bool(return_entropy, "return_entropy")
     check.check_bool(inplace_backward, "inplace_backward")
@@ -233,6 +248,9 @@ def token_logprobs(
     backend = select_backend(logits)
     if backend == "reference":
         check.check_label_range(labels, logits.shape[-1], ignore_index)
+        if isinstance(temperature, torch.Tensor):
+            check.check_temperature_rows_value(temperature)
+            temperature = temperature.view(labels.shape)
         return reference.token_logprobs(logits, labels, temperature, ignore_index, return_entropy, outputs,
                                         logit_softcap, logit_scale)
 
@@ -240,7 +258,8 @@ def token_logprobs(
     extras = extras_mask(wanted)
     rows, flat = as_row_blocks(logits), flat_labels(labels)
     if not direct_call_ok(logits, labels):
-        results = _token_logprobs_fwd(rows, flat, check.scalar_tensor(temperature), ignore_index, with_entropy,
+        temp = temperature if isinstance(temperature, torch.Tensor) else check.scalar_tensor(temperature)
+        results = _token_logprobs_fwd(rows, flat, temp, ignore_index, with_entropy,
                                       extras, softcap, scale, inplace_backward, backend)
     elif torch.is_grad_enabled() and logits.requires_grad:
         logp, entropy, *extra = _EagerTokenLogprobs.apply(rows, flat, temperature, ignore_index, with_entropy,

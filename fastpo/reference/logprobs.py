@@ -82,7 +82,9 @@ def token_logprobs(
     (torch.argmax, TRL);  mean_logits = mean_j s_j. ``outputs`` (a tuple of those names) returns a
     :class:`LogProbOutputs`; otherwise logp, or (logp, entropy) with ``return_entropy``.
     Rows whose label is ``ignore_index`` give 0 (False) everywhere, with zero gradient.
+    ``temperature`` may be a per-token tensor broadcastable to ``labels`` (τ_i for row i; not differentiated).
     """
+    temperature = _per_row(temperature, labels)
     wanted = check_outputs(outputs, return_entropy)
     if wanted is not None:
         return _named_outputs(logits, labels, temperature, ignore_index, wanted, logit_softcap, logit_scale)
@@ -99,6 +101,15 @@ def token_logprobs(
     # −inf logits (a masked-out vocabulary) have p = 0 and contribute 0, not 0·(−inf)
     entropy = lse - (p * s.masked_fill(p == 0, 0)).sum(dim=-1)
     return logp, torch.where(valid, entropy, zero)
+
+
+def _per_row(temperature, labels):
+    """A per-token temperature tensor as a ``[..., 1]`` column against the logits (detached); a float as is."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() and temperature.shape[-1:] == (1,) and temperature.dim() == labels.dim() + 1:
+            return temperature.detach()  # already a column
+        return temperature.detach().expand(labels.shape).unsqueeze(-1)
+    return temperature
 
 
 def transform_logits(logits, logit_softcap=None, logit_scale=1.0):
