@@ -57,8 +57,10 @@ def test_single_rank_group_is_the_plain_op(tmp_path):
         torch.testing.assert_close(got.logp, want.logp)
         torch.testing.assert_close(got.entropy, want.entropy)
         assert torch.equal(got.is_top1, want.is_top1)
-        with pytest.raises(TypeError, match="float temperature"):
-            vp.vocab_parallel_token_logprobs(x, labels, temperature=torch.ones(6))
+        with pytest.raises(ValueError, match="per-token temperature must have the labels' shape"):
+            vp.vocab_parallel_token_logprobs(x, labels, temperature=torch.ones(5))
+        with pytest.raises(ValueError, match="finite and > 0 at every token"):
+            vp.vocab_parallel_token_logprobs(x, labels, temperature=torch.tensor([1.0, 0, 1, 1, 1, 1]))
         with pytest.raises(ValueError, match="labels must lie in"):
             vp.vocab_parallel_token_logprobs(x, torch.full((6,), 9))
     finally:

@@ -183,6 +183,9 @@ def _cases(rank, failures):
             _token_case(rank, f"{tag} token transforms", failures, 9, 14, dtype, 2, temperature=0.7,
                         logit_softcap=4.0, logit_scale=1.3)
             _token_case(rank, f"{tag} token negative scale", failures, 7, 10, dtype, 3, logit_scale=-0.5)
+            temps = 0.5 + 1.5 * torch.rand(9, generator=torch.Generator().manual_seed(13), dtype=dtype)
+            _token_case(rank, f"{tag} token per-token temperature", failures, 9, 14, dtype, 13, temperature=temps,
+                        logit_softcap=6.0)
             # a tiny cap saturates most logits to exactly ±c: ties everywhere, across the shard boundary too
             _token_case(rank, f"{tag} token saturated softcap", failures, 9, 14, dtype, 12, logit_softcap=0.02,
                         outputs=("logp", "is_top1"), label_ties=True)
@@ -193,6 +196,8 @@ def _cases(rank, failures):
             _linear_case(rank, f"{tag} linear", failures, 11, 14, 5, dtype, 7, with_bias=True, chunk_size=4,
                          temperature=1.5, logit_softcap=3.0)
             _linear_case(rank, f"{tag} linear default chunk", failures, 6, 6, 3, dtype, 8, logit_scale=0.8)
+            _linear_case(rank, f"{tag} linear per-token temperature", failures, 11, 8, 3, dtype, 14, chunk_size=4,
+                         temperature=0.3 + torch.rand(11, generator=torch.Generator().manual_seed(14), dtype=dtype))
         if backend == "cpu":
             _token_case(rank, f"[{backend}] token bf16", failures, 9, 14, torch.bfloat16, 9)
             _token_case(rank, f"[{backend}] token fp16", failures, 9, 14, torch.float16, 9, logit_softcap=5.0)
@@ -201,8 +206,10 @@ def _cases(rank, failures):
             x = torch.randn(2, 3, 8, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
             labels = torch.tensor([[1, 6, -100], [7, 0, 3]])
             cols = slice(rank * 4, (rank + 1) * 4)
-            got = vp.vocab_parallel_token_logprobs(x[..., cols], labels, dist.group.WORLD, return_entropy=True)
-            want = fastpo.token_logprobs(x, labels, return_entropy=True)
+            per_seq = torch.tensor([[0.7], [1.6]])  # one temperature per sequence, broadcast over its tokens
+            got = vp.vocab_parallel_token_logprobs(x[..., cols], labels, dist.group.WORLD, return_entropy=True,
+                                                   temperature=per_seq)
+            want = fastpo.token_logprobs(x, labels, return_entropy=True, temperature=per_seq)
             _close("[cpu] 3-D layout logp", got[0], want[0], 2e-5, failures)
             _close("[cpu] 3-D layout entropy", got[1], want[1], 2e-5, failures)
             empty = vp.vocab_parallel_token_logprobs(x[:0, :, cols], labels[:0], dist.group.WORLD)

@@ -46,7 +46,7 @@ from fastpo._backend import select_backend
 from fastpo.ops.lm_head import add_chunk_gradients, check_head_operands, chunk_logits, gradient_buffers
 from fastpo.ops.row_kernels import (
     EXTRA_MEAN, EXTRA_SUM_SQ, EXTRA_TOP1, as_row_blocks, extras_mask, flat_labels, named_outputs, result_dtype,
-    row_kernels,
+    row_kernels, temperature_args, temperature_input,
 )
 from fastpo.reference.logprobs import check_logit_transform, check_outputs, transform_logits
 
@@ -57,6 +57,15 @@ _LOCAL_IGNORE = -1  # local ids lie in [0, V_r): -1 never collides with a real l
 
 def _kernels(backend: str):
     return _TorchRows if backend == "reference" else row_kernels(backend)
+
+
+def _temperature(temperature, rows=None):
+    """(τ, the per-row keyword, 1/τ) of a float or per-token ``[N]`` temperature for the kernels' ``rows``: the
+    kernels take (τ, inv_temperature_rows=1/τ_i), the statistics 1/τ as a float or ``[N]``."""
+    tau, inv_rows = temperature_args(temperature, rows, checked=False)
+    if inv_rows is None:
+        return tau, {}, 1.0 / tau
+    return tau, {"inv_temperature_rows": inv_rows}, inv_rows
 
 
 def _eager_only(fn):
@@ -129,13 +138,14 @@ def _gather(stats: torch.Tensor, vocab_local: int, group, world: int) -> torch.T
     return gathered[:, :-1].reshape(world, *stats.shape)
 
 
-def _combine(gathered, labels_owner, valid, tau: float, extras: int, with_entropy: bool, vocab_local: int):
-    """The global 7 row results (logp, entropy, M, L, log Σp², is_top1, mean) from ``gathered [tp, K, N]``."""
+def _combine(gathered, labels_owner, valid, inv, extras: int, with_entropy: bool, vocab_local: int):
+    """The global 7 row results (logp, entropy, M, L, log Σp², is_top1, mean) from ``gathered [tp, K, N]``
+    (``inv``: 1/τ, a float or per row)."""
     m, log_norm, logp_local = gathered[:, 0], gathered[:, 1], gathered[:, 2]
     k = 3
     big_m = m.max(dim=0).values
     m_ref = torch.where(big_m == float("-inf"), torch.zeros_like(big_m), big_m)
-    c = (m - m_ref) / tau + log_norm                       # lse_r − M/τ
+    c = (m - m_ref) * inv + log_norm                       # lse_r − M/τ
     norm = torch.log(torch.exp(c).sum(dim=0))              # >= 0: the max shard has c = ℓ >= 0
     delta = c - norm                                       # lse_r − lse
     w = torch.exp(delta)
@@ -162,40 +172,42 @@ def _combine(gathered, labels_owner, valid, tau: float, extras: int, with_entrop
     return (logp, entropy, torch.where(valid, m_ref, zero), torch.where(valid, norm, zero), sum_sq, top1, mean)
 
 
-def _fix_column0(grad2d, x0, off, row_max, log_norm, entropy, grad_logp, grad_entropy, tau, softcap, scale):
+def _fix_column0(grad2d, x0, off, row_max, log_norm, entropy, grad_logp, grad_entropy, inv, softcap, scale):
     """Rows whose label another rank holds were run with local label 0: rewrite their column 0 with the
     off-label gradient −(1/τ)·p_0·(g_l + g_H·(log p_0 + H))·f'(x_0), computed from the [N] values x_0."""
     if not bool(off.any()):
         return
     z = transform_logits(x0, softcap or None, scale)
-    log_p = (z - row_max) / tau - log_norm
+    log_p = (z - row_max) * inv - log_norm
     p = torch.exp(log_p)
     coef = grad_logp.to(z.dtype) if grad_logp is not None else torch.zeros_like(z)
     if grad_entropy is not None:
         coef = coef + grad_entropy.to(z.dtype) * torch.where(p > 0, log_p + entropy, torch.zeros_like(p))
-    g = -p * coef / tau * scale
+    g = -p * coef * inv * scale
     if softcap:
         g = g * (1 - (z / softcap) ** 2)
     grad2d[:, 0].copy_(torch.where(off, g.to(grad2d.dtype), grad2d[:, 0]))
 
 
-def _forward_stats(results, owner, valid, tau, extras, with_entropy, vocab_local, group, world):
+def _forward_stats(results, owner, valid, inv, extras, with_entropy, vocab_local, group, world):
     gathered = _gather(_local_stats(results, extras, with_entropy, vocab_local), vocab_local, group, world)
-    return _combine(gathered, owner, valid, tau, extras, with_entropy, vocab_local)
+    return _combine(gathered, owner, valid, inv, extras, with_entropy, vocab_local)
 
 
 # ----------------------------------------------------------------------------------- token op
 class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, tau, ignore_index, with_entropy, extras, softcap, scale, group, backend):
+    def forward(ctx, logits, labels, temperature, ignore_index, with_entropy, extras, softcap, scale, group, backend):
         _, rank, world = _group_info(group)
         vocab_local = logits.shape[-1]
         ids, owner, valid, off = _local_labels(labels, rank * vocab_local, vocab_local, ignore_index)
         rows = as_row_blocks(logits) if backend != "reference" else logits.reshape(-1, vocab_local)
-        local = _kernels(backend).logprob_forward(rows, ids, tau, _LOCAL_IGNORE, with_entropy, extras, softcap, scale)
-        out = _forward_stats(local, owner, valid, tau, extras, with_entropy, vocab_local, group, world)
+        tau, per_row, inv = _temperature(temperature)
+        local = _kernels(backend).logprob_forward(rows, ids, tau, _LOCAL_IGNORE, with_entropy, extras, softcap, scale,
+                                                  **per_row)
+        out = _forward_stats(local, owner, valid, inv, extras, with_entropy, vocab_local, group, world)
         ctx.save_for_backward(logits, ids, off, out[2], out[3], out[1])
-        ctx.args = (tau, with_entropy, softcap, scale, backend)
+        ctx.args = (temperature, with_entropy, softcap, scale, backend)
         ctx.mark_non_differentiable(*out[4:])
         ctx.set_materialize_grads(False)
         return (out[0], out[1], *out[4:])
@@ -204,7 +216,8 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy, *_):
         logits, ids, off, row_max, log_norm, entropy = ctx.saved_tensors
-        tau, with_entropy, softcap, scale, backend = ctx.args
+        temperature, with_entropy, softcap, scale, backend = ctx.args
+        tau, per_row, inv = _temperature(temperature)
         grad_entropy = grad_entropy.contiguous() if (with_entropy and grad_entropy is not None) else None
         grad_logp = grad_logp.contiguous() if grad_logp is not None else None
         if grad_logp is None and grad_entropy is None:
@@ -213,22 +226,21 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         rows = as_row_blocks(logits) if backend != "reference" else logits.reshape(-1, vocab_local)
         grad = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
         _kernels(backend).logprob_backward(rows, ids, row_max, log_norm, entropy, grad_logp, grad_entropy, tau,
-                                           _LOCAL_IGNORE, grad, softcap, scale)
+                                           _LOCAL_IGNORE, grad, softcap, scale, **per_row)
         _fix_column0(grad.view(-1, vocab_local), logits[..., 0].reshape(-1), off, row_max, log_norm, entropy,
-                     grad_logp, grad_entropy, tau, softcap, scale)
+                     grad_logp, grad_entropy, inv, softcap, scale)
         return (grad.view(logits.shape),) + (None,) * 9
 
 
-def _check_common(temperature, ignore_index, return_entropy, outputs, logit_softcap, logit_scale):
-    if isinstance(temperature, torch.Tensor):
-        raise TypeError("vocab-parallel log-probs take a float temperature (a per-token tensor is not supported)")
-    tau = check.check_temperature(temperature)
+def _check_common(temperature, labels, dtype, ignore_index, return_entropy, outputs, logit_softcap, logit_scale):
+    temperature = temperature_input(temperature, labels, dtype)  # a float, or a per-token [N] tensor
+    temperature_args(temperature)  # the values: finite, > 0
     ignore_index = check.check_int(ignore_index, "ignore_index")
     check.check_bool(return_entropy, "return_entropy")
     wanted = check_outputs(outputs, return_entropy)
     softcap, scale = check_logit_transform(logit_softcap, logit_scale)
     with_entropy = return_entropy if wanted is None else "entropy" in wanted
-    return float(tau), ignore_index, wanted, softcap, scale, with_entropy
+    return temperature, ignore_index, wanted, softcap, scale, with_entropy
 
 
 def _results(out, labels, wanted, return_entropy):
@@ -245,12 +257,13 @@ def vocab_parallel_token_logprobs(
     ignore_index: int = -100, return_entropy: bool = False, outputs=None, logit_softcap: Optional[float] = None,
     logit_scale: Optional[float] = None,
 ):
-    """:func:`fastpo.token_logprobs` of the full-vocabulary logits, given this rank's shard
+    """:func:`fastpo.token_logprobs` of the full-vocabulary logits (``temperature`` a float or per-token tensor, as
+    there), given this rank's shard
     ``logits_shard [..., V/tp]`` (vocabulary ids [rank·V/tp, (rank+1)·V/tp)) and global ``labels [...]``;
     every rank gets the same results. Only the shard's gradient is computed, locally."""
     check.check_logits_labels(logits_shard, labels)
     tau, ignore_index, wanted, softcap, scale, with_entropy = _check_common(
-        temperature, ignore_index, return_entropy, outputs, logit_softcap, logit_scale)
+        temperature, labels, logits_shard.dtype, ignore_index, return_entropy, outputs, logit_softcap, logit_scale)
     group, _, world = _group_info(process_group)
     check.check_label_range(labels, logits_shard.shape[-1] * world, ignore_index)
     out = _VocabParallelTokenLogprobs.apply(logits_shard, flat_labels(labels), tau, ignore_index, with_entropy,
@@ -268,7 +281,7 @@ def _chunks(n_tokens: int, chunk_size: Optional[int], vocab_local: int):
 
 class _VocabParallelLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, tau, ignore_index, with_entropy, extras, softcap, scale,
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, with_entropy, extras, softcap, scale,
                 chunk_size, reduce_grad_hidden, group, backend):
         _, rank, world = _group_info(group)
         vocab_local = weight.shape[0]
@@ -278,13 +291,15 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         local = [hidden.new_empty(n, dtype=result_dtype(hidden.dtype)) for _ in range(7)]
         for rows in _chunks(n, chunk_size, vocab_local):
             logits = chunk_logits(hidden[rows], weight, bias)
+            tau, per_row, _ = _temperature(temperature, rows)
             for buf, part in zip(local, kernels.logprob_forward(logits, ids[rows], tau, _LOCAL_IGNORE, with_entropy,
-                                                                extras, softcap, scale)):
+                                                                extras, softcap, scale, **per_row)):
                 buf[rows] = part
             del logits
-        out = _forward_stats(local, owner, valid, tau, extras, with_entropy, vocab_local, group, world)
+        out = _forward_stats(local, owner, valid, _temperature(temperature)[2], extras, with_entropy, vocab_local,
+                             group, world)
         ctx.save_for_backward(hidden, weight, bias, ids, off, out[2], out[3], out[1])
-        ctx.args = (tau, with_entropy, softcap, scale, chunk_size, reduce_grad_hidden, group, backend)
+        ctx.args = (temperature, with_entropy, softcap, scale, chunk_size, reduce_grad_hidden, group, backend)
         ctx.mark_non_differentiable(*out[4:])
         ctx.set_materialize_grads(False)
         return (out[0], out[1], *out[4:])
@@ -293,7 +308,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy, *_):
         hidden, weight, bias, ids, off, row_max, log_norm, entropy = ctx.saved_tensors
-        tau, with_entropy, softcap, scale, chunk_size, reduce_grad_hidden, group, backend = ctx.args
+        temperature, with_entropy, softcap, scale, chunk_size, reduce_grad_hidden, group, backend = ctx.args
         grad_entropy = grad_entropy.contiguous() if (with_entropy and grad_entropy is not None) else None
         grad_logp = grad_logp.contiguous() if grad_logp is not None else None
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
@@ -305,9 +320,10 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
                 x0 = grad_logits[:, 0].clone()  # read before the in-place backward overwrites it
                 gl = None if grad_logp is None else grad_logp[rows]
                 ge = None if grad_entropy is None else grad_entropy[rows]
+                tau, per_row, inv = _temperature(temperature, rows)
                 kernels.logprob_backward(grad_logits, ids[rows], row_max[rows], log_norm[rows], entropy[rows], gl, ge,
-                                         tau, _LOCAL_IGNORE, grad_logits, softcap, scale)
-                _fix_column0(grad_logits, x0, off[rows], row_max[rows], log_norm[rows], entropy[rows], gl, ge, tau,
+                                         tau, _LOCAL_IGNORE, grad_logits, softcap, scale, **per_row)
+                _fix_column0(grad_logits, x0, off[rows], row_max[rows], log_norm[rows], entropy[rows], gl, ge, inv,
                              softcap, scale)
                 add_chunk_gradients(grad_logits, hidden[rows], weight, rows, *grads)
                 del grad_logits
@@ -335,7 +351,7 @@ def vocab_parallel_linear_token_logprobs(
     check.check_aligned_labels(labels, hidden, "hidden")
     check.check_same_device(hidden=hidden, weight=weight_shard, labels=labels, bias=bias)
     tau, ignore_index, wanted, softcap, scale, with_entropy = _check_common(
-        temperature, ignore_index, return_entropy, outputs, logit_softcap, logit_scale)
+        temperature, labels, hidden.dtype, ignore_index, return_entropy, outputs, logit_softcap, logit_scale)
     check.check_bool(reduce_grad_hidden, "reduce_grad_hidden")
     if chunk_size is not None and (check.check_int(chunk_size, "chunk_size") < 1):
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
@@ -354,21 +370,23 @@ class _TorchRows:
     [N, V] rows, the same statistics (m = max z, ℓ = log Σ e^{(z − m)/τ}) and backward formula."""
 
     @staticmethod
-    def logprob_forward(x, labels, tau, ignore_index, with_entropy, extras=0, softcap=0.0, scale=1.0):
+    def logprob_forward(x, labels, tau, ignore_index, with_entropy, extras=0, softcap=0.0, scale=1.0,
+                        inv_temperature_rows=None):
         z = transform_logits(x.detach(), softcap or None, scale)
+        inv = 1.0 / tau if inv_temperature_rows is None else inv_temperature_rows.to(z.dtype)
         valid = labels != ignore_index
         safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
         m = z.max(-1).values if z.shape[0] else z.new_zeros(0)
         m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-        u = (z - m.unsqueeze(-1)) / tau
+        u = (z - m.unsqueeze(-1)) * (inv if isinstance(inv, float) else inv.unsqueeze(-1))
         log_norm = torch.logsumexp(u, -1)
         zy = z.gather(-1, safe).squeeze(-1)
         p = torch.exp(u - log_norm.unsqueeze(-1))
         zero = torch.zeros_like(m)
         entropy = (log_norm - (p * torch.where(p > 0, u, torch.zeros_like(u))).sum(-1)).clamp_min(0)
-        out = [(zy - m) / tau - log_norm, entropy if with_entropy else zero, m, log_norm,
+        out = [(zy - m) * inv - log_norm, entropy if with_entropy else zero, m, log_norm,
                torch.logsumexp(2 * u, -1) - 2 * log_norm, (z.argmax(-1) == safe.squeeze(-1)).to(m.dtype),
-               z.sum(-1) / tau / max(z.shape[-1], 1)]
+               z.sum(-1) * inv / max(z.shape[-1], 1)]
         for i, bit in ((4, EXTRA_SUM_SQ), (5, EXTRA_TOP1), (6, EXTRA_MEAN)):
             if not extras & bit:
                 out[i] = zero
@@ -376,10 +394,11 @@ class _TorchRows:
 
     @staticmethod
     def logprob_backward(x, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, tau, ignore_index, out,
-                         softcap=0.0, scale=1.0):
+                         softcap=0.0, scale=1.0, inv_temperature_rows=None):
         z = transform_logits(x.detach(), softcap or None, scale)
+        inv = 1.0 / tau if inv_temperature_rows is None else inv_temperature_rows.to(z.dtype).unsqueeze(-1)
         valid = labels != ignore_index
-        log_p = (z - row_max.unsqueeze(-1)) / tau - log_norm.unsqueeze(-1)
+        log_p = (z - row_max.unsqueeze(-1)) * inv - log_norm.unsqueeze(-1)
         p = torch.exp(log_p)
         grad = torch.zeros_like(z)
         if grad_logp is not None:
@@ -388,7 +407,7 @@ class _TorchRows:
         if grad_entropy is not None:
             grad = grad - grad_entropy.unsqueeze(-1).to(z.dtype) * p * torch.where(
                 p > 0, log_p + entropy.unsqueeze(-1), torch.zeros_like(p))
-        grad = grad / tau * scale
+        grad = grad * inv * scale
         if softcap:
             grad = grad * (1 - (z / softcap) ** 2)
         out.copy_(torch.where(valid.unsqueeze(-1), grad, torch.zeros_like(grad)))
