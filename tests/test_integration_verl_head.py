@@ -221,3 +221,83 @@ def test_external_lib_import_opts_in(value):
     name = out.stdout.strip().splitlines()[-1]
     assert name == ("FastpoFusedLinearForPPO" if value else "FusedLinearForPPO")
 
+
+
+def _block_verl_triton(monkeypatch):
+    """verl's Triton kernel entry points raise while fastpo serves impl_backend=triton."""
+    from verl.utils.kernel import kernels, linear_cross_entropy as verl_lce
+
+    monkeypatch.setattr(verl_lce.LinearCrossEntropy, "apply", _Blocked.apply)
+    for name in ("efficient_entropy_forward", "efficient_entropy_backward"):
+        monkeypatch.setattr(kernels, name, _Blocked.apply)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_triton_backend_served(patched_model, monkeypatch, arch, layout, temperature, backend):
+    """impl_backend=triton: verl's forward_with_triton_backend calls linear_cross_entropy (verl's CUDA-only
+    kernel: on CPU it fails); installed, fastpo serves it with verl's outputs ([N] float32), equal to verl's
+    torch backend on the same weights, gradients included."""
+    from verl.utils.kernel import linear_cross_entropy as verl_lce
+
+    monkeypatch.setenv("FASTPO_BACKEND", backend)
+    inputs = _inputs(layout)
+    verl_head.uninstall()
+    lp_ref, ent_ref, grads_ref = _run(patched_model(arch, "torch"), inputs, temperature)
+
+    model = patched_model(arch, "triton")
+    assert model._verl_fused_kernels_backend == "triton"
+    with pytest.raises((AssertionError, RuntimeError)):  # verl's own kernel: CUDA only (nvtx, is_cuda asserts)
+        _run(model, inputs, temperature)
+
+    fastpo_verl.install_fused_head()
+    assert verl_head.installed() and verl_lce.linear_cross_entropy is verl_head.fastpo_linear_cross_entropy
+    _block_verl(monkeypatch)
+    _block_verl_triton(monkeypatch)
+    served = verl_head.STATS["served:linear_cross_entropy"]
+    lp, ent, grads = _run(model, inputs, temperature)
+    assert verl_head.STATS["served:linear_cross_entropy"] == served + 1
+
+    n = inputs["input_ids"].numel()
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == (n,)  # verl's kernel's layout
+    torch.testing.assert_close(lp, lp_ref.reshape(-1), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ent_ref.reshape(-1).float(), atol=2e-5, rtol=1e-5)
+    assert grads.keys() == grads_ref.keys() and len(grads) == len(list(model.parameters()))
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_linear_cross_entropy_reductions_and_delegation(monkeypatch):
+    """verl's reductions (sum / mean of the log-probs, entropies per token) and its call conventions; a
+    dist_process_group goes to verl's own function (counted)."""
+    from verl.utils.kernel import linear_cross_entropy as verl_lce
+
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(2, 5, 16, generator=g), torch.randn(V, 16, generator=g)
+    y = torch.randint(0, V, (2, 5), generator=g)
+    z = (h.reshape(-1, 16) @ w.T) / 0.8
+    want_lp = z.log_softmax(-1).gather(1, y.reshape(-1, 1)).squeeze(1)
+    want_ent = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    fastpo_verl.install_fused_head()
+    try:
+        _block_verl_triton(monkeypatch)
+        lp, ent = verl_lce.linear_cross_entropy(h, w, y, 0.8, "none")
+        torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=1e-5)
+        for reduction, reduce in (("sum", torch.sum), ("mean", torch.mean)):
+            lp, ent = verl_lce.linear_cross_entropy(h, w, y, 0.8, reduction)
+            assert lp.shape == () and ent.shape == (10,)
+            torch.testing.assert_close(lp, reduce(want_lp), atol=1e-4, rtol=1e-5)
+        with pytest.raises(ValueError, match=r"labels \(2, 4\) must hold one label per row of hidden \(2, 5, 16\)"):
+            verl_lce.linear_cross_entropy(h, w, y[:, :4], 0.8, "none")
+        before = dict(verl_head.STATS)
+        with pytest.raises((AssertionError, RuntimeError)):  # verl's own function got the call (CUDA only)
+            verl_lce.linear_cross_entropy(h, w, y, 0.8, "none", object())
+        key = "delegated:a dist_process_group (Megatron vocab-parallel head)"
+        assert verl_head.STATS[key] == before.get(key, 0) + 1
+        assert verl_head.STATS["served:linear_cross_entropy"] == before["served:linear_cross_entropy"]
+    finally:
+        verl_head.uninstall()
+    assert verl_lce.linear_cross_entropy is verl_head._ORIGINAL_LCE and not verl_head.installed()
