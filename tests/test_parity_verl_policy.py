@@ -13,7 +13,7 @@ import pytest
 import torch
 
 try:
-    from verl.trainer.ppo import core_algos
+    from verl.trainer.ppo import core_algos, rollout_corr_helper
     from verl.trainer.config.algorithm import RolloutCorrectionConfig
     from verl.workers.config.actor import ActorConfig
     from verl.workers.config.actor import PolicyLossConfig as VerlPolicyLossConfig
@@ -73,7 +73,8 @@ def _raiser(what):
 
 @contextlib.contextmanager
 def verl_blocked():
-    """Every verl policy loss (registry entries and module functions) and agg_loss raise inside."""
+    """Every verl policy loss (registry entries and module functions), agg_loss and the compute_* functions of
+    verl's rollout_corr_helper raise inside."""
     with pytest.MonkeyPatch.context() as mp:
         for key in list(core_algos.POLICY_LOSS_REGISTRY):
             if not key.startswith("fastpo_"):
@@ -81,6 +82,9 @@ def verl_blocked():
         for attr in dir(core_algos):
             if attr.startswith("compute_policy_loss") or attr == "agg_loss":
                 mp.setattr(core_algos, attr, _raiser(attr))
+        for attr in dir(rollout_corr_helper):  # verl's rollout-correction weights, masks and metrics
+            if attr.startswith("compute_"):
+                mp.setattr(rollout_corr_helper, attr, _raiser(f"rollout_corr_helper.{attr}"))
         yield
 
 
@@ -139,6 +143,9 @@ def test_blocking_catches_delegation():
             core_algos.compute_policy_loss_vanilla(old, log_prob, adv, mask, "token-mean", config)
         with pytest.raises(AssertionError, match="delegated"):
             core_algos.get_policy_loss_fn("gspo")(old, log_prob, adv, mask, "token-mean", config)
+        from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask as helper
+        with pytest.raises(AssertionError, match="delegated"):
+            helper(old, log_prob, mask, rollout_is="token")
 
 
 def test_every_builtin_is_registered():

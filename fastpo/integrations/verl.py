@@ -22,10 +22,9 @@ returns the same metric keys as Python floats. The loss and its gradient come fr
 ``clip_cov`` and ``kl_cov`` select their tokens inside ``fastpo.policy_loss`` (``clip_cov_ratio`` /
 ``kl_cov_ratio``: one pass over the micro-batch, as verl; ``clip_cov``'s random pick draws from torch's
 global generator, as verl). ``bypass_mode``'s weights and rejection sampling come from
-``fastpo.ops.rollout_correction``. Not covered (NotImplementedError): in ``bypass_mode`` batch-normalised
-weights under torch.distributed. ``bypass_mode``'s ``rollout_corr/*`` diagnostics are computed by
-verl's own ``compute_rollout_correction_and_rejection_mask`` (no_grad, metrics only), so that the keys
-and values match verl's; the weights and the loss are fastpo's.
+``fastpo.ops.rollout_correction`` and its ``rollout_corr/*`` diagnostics (the same keys and values as verl's
+``compute_rollout_correction_and_rejection_mask``) from ``fastpo.ops.rollout_metrics``; verl's helper is not
+called. Not covered (NotImplementedError): in ``bypass_mode`` batch-normalised weights under torch.distributed.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ import torch
 
 import fastpo
 from fastpo.ops.rollout_correction import rejection_mask, rollout_is_weights
+from fastpo.ops.rollout_metrics import parse_is_threshold, verl_rollout_corr_metrics
 from fastpo.policy_config import PolicyLossConfig
 
 from verl.trainer.ppo import core_algos  # noqa: E402  (this module exists to plug into verl)
@@ -204,23 +204,13 @@ def _make_loss(name: str):
     return loss_fn
 
 
-def _is_threshold(spec) -> Tuple[float, Optional[float]]:
-    """(upper, lower or None) of verl's rollout_is_threshold: a float (TIS) or "lo_hi" (IcePop)."""
-    if isinstance(spec, bool):
-        raise TypeError("rollout_is_threshold must be specified as a float or a string threshold specification")
-    if isinstance(spec, str) and "_" in spec.strip():
-        lo, hi = spec.strip().split("_", 1)
-        return float(hi), float(lo)
-    return float(spec), None
-
-
 def _bypass_weights(log_prob, rollout_log_prob, mask, level, threshold, batch_normalize):
     """verl's rollout IS weights π_current/π_rollout (fastpo.ops.rollout_correction, detached)."""
     if level not in ("token", "sequence"):
         raise ValueError(f"Invalid rollout_is: {level}. Must be one of {{'token', 'sequence'}}.")
     if batch_normalize and torch.distributed.is_available() and torch.distributed.is_initialized():
         raise NotImplementedError("fastpo_bypass_mode: rollout_is_batch_normalize under torch.distributed")
-    upper, lower = _is_threshold(threshold)
+    upper, lower = parse_is_threshold(threshold)
     return rollout_is_weights(log_prob, rollout_log_prob, mask, level=level, mode="truncate" if lower is None else "mask",
                               upper=upper, lower=lower, batch_normalize=batch_normalize)
 
@@ -232,8 +222,6 @@ def fastpo_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advan
     against the rollout log-probs with no IS weight; ``loss_type="reinforce"`` is −A·logp·w with verl's
     rollout IS weights w (token or sequence level, TIS or IcePop); ``rollout_is_weights`` is ignored, as
     in verl."""
-    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
-
     assert config is not None, "config is required for bypass_mode loss"
     rc = config.policy_loss.get("rollout_correction", None) if hasattr(config, "policy_loss") else None
     if rc is None:
@@ -244,11 +232,9 @@ def fastpo_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advan
     threshold = rc.get("rollout_is_threshold", 2.0)
     batch_normalize = rc.get("rollout_is_batch_normalize", False)
     rs, rs_threshold = rc.get("rollout_rs", None), rc.get("rollout_rs_threshold", None)
-    with torch.no_grad():  # verl's diagnostics, for the same rollout_corr/* keys and values
-        _, _, rollout_metrics = compute_rollout_correction_and_rejection_mask(
-            old_log_prob=log_prob, rollout_log_prob=old_log_prob, response_mask=response_mask, rollout_is=level,
-            rollout_is_threshold=threshold, rollout_is_batch_normalize=batch_normalize, rollout_rs=rs,
-            rollout_rs_threshold=rs_threshold)
+    rollout_metrics = verl_rollout_corr_metrics(  # verl's rollout_corr/* keys and values, computed by fastpo
+        log_prob, old_log_prob, response_mask, rollout_is=level, rollout_is_threshold=threshold,
+        rollout_is_batch_normalize=batch_normalize, rollout_rs=rs, rollout_rs_threshold=rs_threshold)
     response = response_mask if response_mask.dtype == torch.bool else response_mask != 0
     # verl's rejection sampling: the kept tokens are the loss mask (the weights use the whole response)
     mask = response if rs is None else rejection_mask(log_prob, old_log_prob, response, rs, rs_threshold)
