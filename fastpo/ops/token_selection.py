@@ -11,11 +11,37 @@ global selection). The selection is detached: it feeds ``fastpo.policy_loss`` as
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
+try:
+    from fastpo import _C
+except ImportError:  # no C++ build: the torch path below
+    _C = None
+
 __all__ = ["clip_cov_weights", "kl_cov_tokens", "high_entropy_mask", "off_policy_sequence_mask"]
+
+
+class _TopK(NamedTuple):
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def _fused(*ts: torch.Tensor) -> bool:
+    """The C++ selection pass applies: contiguous CPU tensors of one dtype, float32 or float64."""
+    return _C is not None and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == ts[0].dtype
+                                  for t in ts) and ts[0].dtype in (torch.float32, torch.float64)
+
+
+def _np(t: torch.Tensor):
+    """A flat NumPy view (the tensor is contiguous: see ``_fused``)."""
+    return t.detach().reshape(-1).numpy()
+
+
+def _as(v: float, like: torch.Tensor) -> float:
+    """``v`` rounded to ``like``'s dtype, as torch rounds a Python scalar operand."""
+    return float(torch.tensor(v, dtype=like.dtype))
 
 
 def _world(group):
@@ -68,14 +94,19 @@ def clip_cov_weights(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
     _check(logp, old_logp, advantages, mask, clip_cov_ratio, "clip_cov_ratio")
     m = mask != 0
     x, a = logp.detach(), advantages.detach()
-    ratio = torch.exp(x - old_logp)
-    clipped = (-a * torch.clamp(ratio, 1 - clip_low, 1 + clip_high) > -a * ratio) & m
     mean_a, mean_x, count = _means_and_count(a, x, m, group)
-    cov = (a - mean_a) * (x - mean_x)
-    cov = torch.where(m & ~clipped, cov, torch.full_like(cov, -float("inf")))
     num = max(int(clip_cov_ratio * count), 1)
-    idx = torch.nonzero((cov < clip_cov_ub) & (cov > clip_cov_lb) & m)
-    keep = torch.ones_like(a)
+    if _fused(x, old_logp, a):  # one C++ pass (selection.h); flat indices in torch.nonzero's order
+        idx = torch.from_numpy(_C.clip_cov_candidates(
+            _np(x), _np(old_logp), _np(a), _np(m), float(mean_a), float(mean_x),
+            _as(1 - clip_low, x), _as(1 + clip_high, x), _as(clip_cov_lb, x), _as(clip_cov_ub, x)))
+    else:
+        ratio = torch.exp(x - old_logp)
+        clipped = (-a * torch.clamp(ratio, 1 - clip_low, 1 + clip_high) > -a * ratio) & m
+        cov = (a - mean_a) * (x - mean_x)
+        cov = torch.where(m & ~clipped, cov, torch.full_like(cov, -float("inf")))
+        idx = torch.nonzero(((cov < clip_cov_ub) & (cov > clip_cov_lb) & m).reshape(-1), as_tuple=True)[0]
+    keep = torch.ones(a.shape, dtype=a.dtype, device=a.device)
     offset, total = 0, len(idx)
     if group is not None:
         counts = [int(c) for c in _all_gather(torch.tensor([len(idx)], device=a.device), group)]
@@ -84,7 +115,7 @@ def clip_cov_weights(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
         pick = torch.randperm(total, generator=generator)[:min(num, total)] - offset
         pick = pick[(pick >= 0) & (pick < len(idx))].to(idx.device)
         if pick.numel():
-            keep[tuple(idx[pick].unbind(-1))] = 0
+            keep.view(-1)[idx[pick]] = 0
     return keep
 
 
@@ -101,14 +132,23 @@ def kl_cov_tokens(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tens
     mean_a, mean_x, count = _means_and_count(a_all, x_all, m, group)
     if count == 0:
         return selected
-    flat = torch.nonzero(m.reshape(-1), as_tuple=True)[0]
-    cov = (a_all.reshape(-1)[flat] - mean_a) * (x_all.reshape(-1)[flat] - mean_x)
     k = max(1, int(count * kl_cov_ratio))
-    if group is None:
-        selected.view(-1)[flat[torch.topk(cov, k, largest=True).indices]] = True
-        return selected
-    local = torch.topk(cov, min(k, cov.numel()), largest=True)
-    vals = torch.full((k,), -float("inf"), dtype=cov.dtype, device=cov.device)
+    if _fused(x_all, a_all):  # one C++ pass with a size-k heap (selection.h): (values, flat indices), best first
+        vals, top = (torch.from_numpy(t) for t in _C.cov_topk(_np(x_all), _np(a_all), _np(m), float(mean_a),
+                                                               float(mean_x), min(k, count)))
+        if group is None:
+            selected.view(-1)[top] = True
+            return selected
+        local = _TopK(vals, top)
+        flat = torch.arange(m.numel())
+    else:
+        flat = torch.nonzero(m.reshape(-1), as_tuple=True)[0]
+        cov = (a_all.reshape(-1)[flat] - mean_a) * (x_all.reshape(-1)[flat] - mean_x)
+        if group is None:
+            selected.view(-1)[flat[torch.topk(cov, k, largest=True).indices]] = True
+            return selected
+        local = torch.topk(cov, min(k, cov.numel()), largest=True)
+    vals = torch.full((k,), -float("inf"), dtype=local.values.dtype, device=m.device)
     vals[:local.values.numel()] = local.values
     top = torch.topk(torch.cat(_all_gather(vals, group)), k, largest=True).indices
     mine = top[(top // k) == _world(group)[1]] % k
