@@ -157,7 +157,7 @@ def test_bf16_model(make_actor, monkeypatch):
 
 
 def test_hands_back(make_actor):
-    """The logits call, packing and a non-plain model type go to OpenRLHF's own forward (counted)."""
+    """The logits call, ring attention and a non-plain model type go to OpenRLHF's own forward (counted)."""
     actor = make_actor("llama")
     seq, attn, action_mask = _batch(3)
     fa.install_actor()
@@ -172,8 +172,8 @@ def test_hands_back(make_actor):
     _close(actor(seq, action_mask, attn), ref)
     assert fo.STATS["served:Actor.forward"] == 1
     actor.packing_samples = True
-    with pytest.raises(ImportError, match="flash-attn"):  # OpenRLHF's packing path, here without flash-attn
-        actor(seq, action_mask, attn)
+    with pytest.raises(ImportError, match="flash-attn"):  # OpenRLHF's ring-attention path, without flash-attn
+        actor(seq, action_mask, attn, ring_attn_group=object())
     assert fo.STATS == {"delegated:Actor.forward": 3, "served:Actor.forward": 1}
 
 

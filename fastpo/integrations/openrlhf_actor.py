@@ -8,13 +8,18 @@ with ``action_mask [B, A]`` the last A columns times the mask. :func:`fastpo_for
 logits are built. With an ``action_mask`` and no entropy only the action tokens are scored (compaction:
 the prompt and the padding cost nothing; the other entries are 0, as OpenRLHF's product with the mask).
 
+Sample packing (``packing_samples=True`` without ring attention) is served: fastpo unpads the ``[B, S]`` batch
+itself (no flash-attn import), runs the backbone on the ``(1, M)`` packed row with each sample's position ids
+and no attention mask, as OpenRLHF does, and scores the packed tokens; the results come back in the
+``[B, S - 1]`` layout with 0 at padding (OpenRLHF's ``pad_input``), entropy included.
+
 ``return_output=True`` gives a ``CausalLMOutputWithPast`` with ``logits=None`` (the backbone's
 ``past_key_values`` / ``hidden_states`` / ``attentions``) and ``.entropy`` set as OpenRLHF sets it; the PPO
 actor, SFT and DPO trainers read only ``entropy`` and ``aux_loss`` from it.
 
 Handed back to OpenRLHF's own forward (logged once, counted in ``fastpo.integrations.openrlhf.STATS``):
-a call that wants the logits (no ``action_mask`` and no ``return_logprobs``), sample packing / ring attention
-(flash-attn), VLMs and multimodal inputs, MoE router logits (``aux_loss``), model types outside
+a call that wants the logits (no ``action_mask`` and no ``return_logprobs``), ring attention
+(``ring_attn_group``: flash-attn's ring kernels and the sequence-parallel all-gather), VLMs and multimodal inputs, MoE router logits (``aux_loss``), model types outside
 :data:`PLAIN_HEAD_TYPES` (whose CausalLM head is exactly ``lm_head(hidden)``: no softcapping or logit scale),
 an lm_head that is not a plain ``nn.Linear`` (LoRA on the head), a DeepSpeed ZeRO-3 partitioned or DTensor
 head weight, PEFT adapters other than LoRA, a missing attention mask and a temperature that is not a
@@ -63,8 +68,8 @@ def _parts(actor):
 
 
 def _reason(actor, action_mask, attention_mask, return_logprobs, ring_attn_group, mm_inputs):
-    if getattr(actor, "packing_samples", False) or ring_attn_group is not None:
-        return "sample packing / ring attention"
+    if ring_attn_group is not None:
+        return "ring attention (ring_attn_group)"
     if getattr(actor, "is_vlm", False) or mm_inputs:
         return "VLM / multimodal inputs"
     if action_mask is None and not return_logprobs:
@@ -75,6 +80,26 @@ def _reason(actor, action_mask, attention_mask, return_logprobs, ring_attn_group
     if isinstance(t, bool) or not isinstance(t, Real) or not t > 0:
         return f"temperature {t!r}"
     return None
+
+
+def _backbone(backbone, sequences, attention_mask, packed: bool):
+    """The backbone's hidden states ``[M, D]``, the label of each (``roll(sequences, -1)``) and its flat index
+    in ``[B*S]``. Padded: all B*S tokens, OpenRLHF's position ids. Packed (``packing_samples``, OpenRLHF's
+    ``unpad_and_slice_tensor`` without ring attention): the M real tokens in one ``(1, M)`` row, each
+    sample's position ids restarting at 0, no attention mask (flash-attn's varlen path on GPU; transformers'
+    packed-sequence block-diagonal mask from the position ids with sdpa / eager)."""
+    rolled = torch.roll(sequences, shifts=-1, dims=1).reshape(-1)
+    if packed:
+        index = attention_mask.reshape(-1).nonzero().squeeze(1)
+        position_ids = torch.clip(attention_mask.long().cumsum(-1) - 1, min=0).reshape(-1)[index].unsqueeze(0)
+        out = backbone(input_ids=sequences.reshape(-1)[index].unsqueeze(0), attention_mask=None,
+                       position_ids=position_ids, use_cache=False)
+        return out, out.last_hidden_state[0], rolled[index], index
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids.masked_fill_(attention_mask == 0, 1)
+    out = backbone(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state
+    return out, hidden.reshape(-1, hidden.size(-1)), rolled, torch.arange(rolled.numel(), device=rolled.device)
 
 
 def fastpo_forward(self, sequences: torch.LongTensor, action_mask: Optional[torch.Tensor] = None,
@@ -98,23 +123,28 @@ def fastpo_forward(self, sequences: torch.LongTensor, action_mask: Optional[torc
         raise ValueError(f"action_mask {tuple(action_mask.shape)} must have 1..{seqlen - 1} columns for "
                          f"sequences {tuple(sequences.shape)}")
     model, backbone, head = parts
-    position_ids = attention_mask.long().cumsum(-1) - 1
-    position_ids.masked_fill_(attention_mask == 0, 1)
-    out = backbone(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    hidden = out.last_hidden_state
-    labels = sequences[:, 1:]  # OpenRLHF's roll(sequences, -1)[:, :-1]
-    kw = dict(bias=head.bias, temperature=self.temperature)
-    entropy = None
-    if n_act is not None and not return_entropy:  # compaction: the action tokens only
-        keep = action_mask.bool()
-        h = hidden[:, seqlen - 1 - n_act:seqlen - 1][keep]
-        lp = head_logprobs(h, head.weight, labels[:, -n_act:][keep], **kw)
-        action_log_probs = lp.new_zeros(keep.shape).masked_scatter(keep, lp)
+    packed = bool(getattr(self, "packing_samples", False))
+    out, hidden, labels, index = _backbone(backbone, sequences, attention_mask, packed)
+    # the [B, S] positions scored: OpenRLHF keeps log_probs[:, :-1]; with an action mask and no entropy only
+    # the action tokens (compaction: prompt and padding cost nothing, the other entries are 0 as its product)
+    want = torch.zeros(batch, seqlen, dtype=torch.bool, device=sequences.device)
+    if n_act is not None and not return_entropy:
+        want[:, seqlen - 1 - n_act:seqlen - 1] = action_mask.bool()
     else:
-        res = head_logprobs(hidden[:, :-1], head.weight, labels, return_entropy=return_entropy, **kw)
-        log_probs, entropy = res if return_entropy else (res, None)
-        if n_act is not None:
-            action_log_probs = log_probs[:, -n_act:] * action_mask.float()
+        want[:, :-1] = True
+    keep = want.reshape(-1)[index]
+    rows = index[keep]
+    res = head_logprobs(hidden[keep], head.weight, labels[keep], bias=head.bias, temperature=self.temperature,
+                        return_entropy=return_entropy)
+    lp, ent = res if return_entropy else (res, None)
+
+    def place(x):  # [B, S-1]; positions not scored (and packed padding, as OpenRLHF's pad_input) are 0
+        return x.new_zeros(batch * seqlen).scatter(0, rows, x).view(batch, seqlen)[:, :-1]
+
+    log_probs = place(lp)
+    entropy = None if ent is None else place(ent)
+    if n_act is not None:
+        log_probs = log_probs[:, -n_act:] * action_mask.float()
     STATS["served:Actor.forward"] += 1
     output = None
     if return_output:
@@ -125,8 +155,7 @@ def fastpo_forward(self, sequences: torch.LongTensor, action_mask: Optional[torc
                                         attentions=getattr(out, "attentions", None))
         if entropy is not None:
             setattr(output, "entropy", entropy)
-    result = log_probs if n_act is None else action_log_probs
-    return (result, output) if return_output else result
+    return (log_probs, output) if return_output else log_probs
 
 
 def install_actor() -> None:
