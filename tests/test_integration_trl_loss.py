@@ -335,3 +335,29 @@ def test_contract_check_on_trainer_attributes(grpo_batch, monkeypatch):
     monkeypatch.setattr(type(t), "_fastpo_attributes", ("epsilon_low", "args.no_such_field"), raising=False)
     assert "no_such_field" in t._fastpo_contract()
     assert "no_such_field" in t._fastpo_loss_reason(inputs)
+
+
+@pytest.mark.parametrize("case,from_op", [("grpo", True), ("grpo-nobias-delta", True), ("cispo", True),
+                                          ("dapo-vllm-token", True), ("delta-below-clip", False),
+                                          ("seq-grpo", False), ("luspo", False)])
+def test_grpo_clip_metrics_from_op(case, from_op, grpo_batch, monkeypatch):
+    """TRL's token-mean clip metrics are fastpo.policy_loss's (reduced across processes as TRL does) where they
+    have TRL's definition, and still equal TRL's: a fake op metric would change them."""
+    from fastpo.integrations import trl_losses
+
+    calls = []
+    real = trl_losses._global_token_means
+
+    def spy(t, op_metrics, names, mask):
+        calls.append(names)
+        return real(t, op_metrics, names, mask)
+
+    monkeypatch.setattr(trl_losses, "_global_token_means", spy)
+    stock, ours = _grpo_case(*grpo_batch, **SERVED[case])
+    _compare(stock, ours)
+    assert bool(calls) == from_op, calls
+    if from_op:
+        monkeypatch.setattr(trl_losses, "_global_token_means", lambda t, m, names, mask: [0.5] * len(names))
+        _, faked = _grpo_case(*grpo_batch, **SERVED[case])
+        key = "cispo_clip_ratio" if case == "cispo" else "clip_ratio/high_mean"
+        assert faked[2][key] == 0.5 != stock[2][key]

@@ -136,7 +136,7 @@ def grpo_loss(t, model, inputs):
         loss = loss + t.router_aux_loss_coef * aux_loss / ga
         t._metrics[mode]["aux_loss"].append(t.accelerator.gather_for_metrics(aux_loss).mean().item())
     STATS["served:grpo_loss"] += 1
-    _grpo_metrics(t, mode, inputs, logps.detach(), old, adv, mask, entropies)
+    _grpo_metrics(t, mode, inputs, logps.detach(), old, adv, mask, entropies, out.metrics)
     return loss
 
 
@@ -170,12 +170,34 @@ def _entropy_bonus(t, mode, ga, policy_loss, entropies, mask, entropy_mask):
     return coef * entropy_loss
 
 
+def _op_token_fractions(t) -> bool:
+    """Whether TRL's token-mean clip metrics are fastpo.policy_loss's clip_frac_low / _high / clip_frac: a
+    token ratio (TRL's are per sequence under a sequence ratio) and, with ``delta``, a cap above 1 + ε_high
+    (TRL reads the capped ratio, min(r, δ) > 1 + ε_high ⇔ r > 1 + ε_high then)."""
+    if t.importance_sampling_level != "token" or t.loss_type == "luspo":
+        return False
+    return t.loss_type == "cispo" or t.args.delta is None or t.args.delta > 1 + t.epsilon_high
+
+
+def _global_token_means(t, op_metrics, names, mask):
+    """The op's local token means (over the counted tokens of ``mask``) made global as TRL's
+    ``_fastpo_global_masked_mean`` does: Σ_ranks mean·n / Σ_ranks n, in one reduce."""
+    n = (mask != 0).sum().to(torch.float64)
+    local = torch.stack([op_metrics[k].to(torch.float64) * n for k in names] + [n])
+    totals = t.accelerator.reduce(local, reduction="sum")
+    return (totals[:-1] / totals[-1].clamp(min=1.0)).tolist()
+
+
 @torch.no_grad()
-def _grpo_metrics(t, mode, inputs, logps, old, adv, mask, entropies):
-    """TRL's metric block of ``GRPOTrainer._compute_loss``, from detached tensors."""
+def _grpo_metrics(t, mode, inputs, logps, old, adv, mask, entropies, op_metrics=None):
+    """TRL's metric block of ``GRPOTrainer._compute_loss``, from detached tensors. The token-mean clip
+    fractions (clip_ratio/low_mean, high_mean, region_mean; cispo_clip_ratio) are the op's metrics
+    (``op_metrics``) where they have TRL's definition (:func:`_op_token_fractions`); the per-sequence
+    extremes (clip_ratio/low_min, high_max) need per-sequence fractions, which the op does not return."""
     from trl.trainer.utils import nanmax, nanmin
 
     metrics = t._metrics[mode]
+    from_op = op_metrics is not None and _op_token_fractions(t)
     log_ratio = logps - old
     if t.importance_sampling_level == "token":
         coef_1 = torch.exp(log_ratio)
@@ -198,13 +220,19 @@ def _grpo_metrics(t, mode, inputs, logps, old, adv, mask, entropies):
             coef_1 = torch.clamp(coef_1, max=t.args.delta)  # TRL's clip metrics read the delta-capped ratio
         low = ((coef_1 < 1 - t.epsilon_low) & (adv < 0)).float()
         high = ((coef_1 > 1 + t.epsilon_high) & (adv > 0)).float()
-        metrics["clip_ratio/low_mean"].append(gmm(low))
-        metrics["clip_ratio/high_mean"].append(gmm(high))
-        metrics["clip_ratio/region_mean"].append(gmm(torch.maximum(low, high)))
+        if from_op:  # low and high are disjoint (A < 0 vs A > 0): the region is clip_frac = low + high
+            means = _global_token_means(t, op_metrics, ("clip_frac_low", "clip_frac_high", "clip_frac"), mask)
+        else:
+            means = [gmm(low), gmm(high), gmm(torch.maximum(low, high))]
+        for key, value in zip(("low_mean", "high_mean", "region_mean"), means):
+            metrics[f"clip_ratio/{key}"].append(value)
         metrics["clip_ratio/low_min"].append(nanmin(t.accelerator.gather(masked_seq_mean(low))).item())
         metrics["clip_ratio/high_max"].append(nanmax(t.accelerator.gather(masked_seq_mean(high))).item())
     elif t.loss_type == "cispo":
-        metrics["cispo_clip_ratio"].append(gmm(((coef_1 > t.epsilon_high) & (adv > 0)).float()))
+        if from_op:  # fastpo's cispo_upper has clip_high = ε_high − 1: clip_frac_high is A > 0 and r > ε_high
+            metrics["cispo_clip_ratio"].append(_global_token_means(t, op_metrics, ("clip_frac_high",), mask)[0])
+        else:
+            metrics["cispo_clip_ratio"].append(gmm(((coef_1 > t.epsilon_high) & (adv > 0)).float()))
     elif t.loss_type == "vespo":
         args = t.args
         phi = t.get_gamma_weights(advantages=adv, log_ratio_per_token=log_ratio, mask=mask,
