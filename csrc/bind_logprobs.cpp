@@ -41,7 +41,8 @@ void logprob_forward(const py::object& logits_obj, const py::object& labels_obj,
                      const py::object& row_max_obj, const py::object& log_norm_obj, const py::object& entropy_obj,
                      double inv_temperature, int64_t ignore_index, const std::string& dtype,
                      const py::object& log_sum_sq_obj, const py::object& is_top1_obj, const py::object& mean_obj,
-                     double logit_scale, double logit_softcap, const py::object& inv_t_rows_obj) {
+                     double logit_scale, double logit_softcap, const py::object& inv_t_rows_obj,
+                     const py::object& thr_rows_obj) {
   const DType dt = parse_dtype(dtype);
   check_inv_temperature(inv_temperature);
   check_logit_transform(logit_scale, logit_softcap);
@@ -52,6 +53,7 @@ void logprob_forward(const py::object& logits_obj, const py::object& labels_obj,
   std::vector<py::buffer_info> keep;
   keep.reserve(8);
   const RowVec inv_t_rows = check_inv_temperature_rows(inv_t_rows_obj, N, keep);
+  const RowVec thr_rows = check_rowvec(thr_rows_obj, "threshold_rows", N, false, true, keep);
   fastpo::ForwardOut out;
   out.logp = check_rowvec(logp_obj, "logp", N, true, false, keep);
   out.row_max = check_rowvec(row_max_obj, "row_max", N, true, false, keep);
@@ -66,19 +68,19 @@ void logprob_forward(const py::object& logits_obj, const py::object& labels_obj,
   switch (dt) {
     case DType::F32:
       fastpo::forward_rows<float>(static_cast<const float*>(x.ptr), N, V, x.row_stride, y, out, inv_temperature,
-                                  ignore_index, logit_scale, logit_softcap, inv_t_rows);
+                                  ignore_index, logit_scale, logit_softcap, inv_t_rows, thr_rows);
       break;
     case DType::F64:
       fastpo::forward_rows<double>(static_cast<const double*>(x.ptr), N, V, x.row_stride, y, out, inv_temperature,
-                                   ignore_index, logit_scale, logit_softcap, inv_t_rows);
+                                   ignore_index, logit_scale, logit_softcap, inv_t_rows, thr_rows);
       break;
     case DType::BF16:
       fastpo::forward_rows<fastpo::bf16>(static_cast<const fastpo::bf16*>(x.ptr), N, V, x.row_stride, y, out,
-                                         inv_temperature, ignore_index, logit_scale, logit_softcap, inv_t_rows);
+                                         inv_temperature, ignore_index, logit_scale, logit_softcap, inv_t_rows, thr_rows);
       break;
     case DType::F16:
       fastpo::forward_rows<fastpo::f16>(static_cast<const fastpo::f16*>(x.ptr), N, V, x.row_stride, y, out,
-                                        inv_temperature, ignore_index, logit_scale, logit_softcap, inv_t_rows);
+                                        inv_temperature, ignore_index, logit_scale, logit_softcap, inv_t_rows, thr_rows);
       break;
   }
 }
@@ -87,7 +89,7 @@ void logprob_backward(const py::object& logits_obj, const py::object& labels_obj
                       const py::object& log_norm_obj, const py::object& entropy_obj, const py::object& grad_logp_obj,
                       const py::object& grad_entropy_obj, const py::object& grad_logits_obj, double inv_temperature,
                       int64_t ignore_index, const std::string& dtype, double logit_scale, double logit_softcap,
-                      const py::object& inv_t_rows_obj) {
+                      const py::object& inv_t_rows_obj, const py::object& thr_rows_obj) {
   const DType dt = parse_dtype(dtype);
   check_inv_temperature(inv_temperature);
   check_logit_transform(logit_scale, logit_softcap);
@@ -112,6 +114,7 @@ void logprob_backward(const py::object& logits_obj, const py::object& labels_obj
   std::vector<py::buffer_info> keep;
   keep.reserve(6);
   const RowVec inv_t_rows = check_inv_temperature_rows(inv_t_rows_obj, N, keep);
+  const RowVec thr_rows = check_rowvec(thr_rows_obj, "threshold_rows", N, false, true, keep);
   const RowVec row_max = check_rowvec(row_max_obj, "row_max", N, false, false, keep);
   const RowVec log_norm = check_rowvec(log_norm_obj, "log_norm", N, false, false, keep);
   const RowVec glp = check_rowvec(grad_logp_obj, "grad_logp", N, false, true, keep);
@@ -124,24 +127,24 @@ void logprob_backward(const py::object& logits_obj, const py::object& labels_obj
     case DType::F32:
       fastpo::backward_rows<float>(static_cast<const float*>(x.ptr), static_cast<float*>(gx.ptr), N, V,
                                    x.row_stride, gx.row_stride, y, row_max, log_norm, ent, glp, gent,
-                                   inv_temperature, ignore_index, logit_scale, logit_softcap, inv_t_rows);
+                                   inv_temperature, ignore_index, logit_scale, logit_softcap, inv_t_rows, thr_rows);
       break;
     case DType::F64:
       fastpo::backward_rows<double>(static_cast<const double*>(x.ptr), static_cast<double*>(gx.ptr), N, V,
                                     x.row_stride, gx.row_stride, y, row_max, log_norm, ent, glp, gent,
-                                    inv_temperature, ignore_index, logit_scale, logit_softcap, inv_t_rows);
+                                    inv_temperature, ignore_index, logit_scale, logit_softcap, inv_t_rows, thr_rows);
       break;
     case DType::BF16:
       fastpo::backward_rows<fastpo::bf16>(static_cast<const fastpo::bf16*>(x.ptr),
                                                  static_cast<fastpo::bf16*>(gx.ptr), N, V, x.row_stride, gx.row_stride,
                                                  y, row_max, log_norm, ent, glp, gent, inv_temperature,
-                                                ignore_index, logit_scale, logit_softcap, inv_t_rows);
+                                                ignore_index, logit_scale, logit_softcap, inv_t_rows, thr_rows);
       break;
     case DType::F16:
       fastpo::backward_rows<fastpo::f16>(static_cast<const fastpo::f16*>(x.ptr),
                                                 static_cast<fastpo::f16*>(gx.ptr), N, V, x.row_stride, gx.row_stride,
                                                 y, row_max, log_norm, ent, glp, gent, inv_temperature,
-                                                ignore_index, logit_scale, logit_softcap, inv_t_rows);
+                                                ignore_index, logit_scale, logit_softcap, inv_t_rows, thr_rows);
       break;
   }
 }
@@ -154,6 +157,7 @@ void bind_logprobs(py::module_& m) {
         py::arg("ignore_index"), py::arg("dtype"), py::arg("log_sum_sq_probs") = py::none(),
         py::arg("is_top1") = py::none(), py::arg("mean_logits") = py::none(), py::arg("logit_scale") = 1.0,
         py::arg("logit_softcap") = 0.0, py::arg("inv_temperature_rows") = py::none(),
+        py::arg("threshold_rows") = py::none(),
         R"doc(Per-row log-prob and entropy of logits / temperature, and the backward's row statistics.
 
 logits [N, V] (float32 | float64 | raw 16-bit patterns as int16/uint16 for bfloat16/float16; rows may be
@@ -166,7 +170,9 @@ is the first argmax of the row, else 0.0) and mean_logits [N] (mean_j logits * i
 computed in the same pass when given, skipped when None. Rows with label == ignore_index get 0
 everywhere. logit_scale k and logit_softcap c (0: none) transform each logit first, z = c tanh(k x / c)
 (z = k x without a softcap), as TRL and Gemma do. inv_temperature_rows [N] (float32/float64, each finite > 0),
-when given, replaces inv_temperature row by row (a per-token temperature). Raises ValueError on bad input before writing anything.)doc");
+when given, replaces inv_temperature row by row (a per-token temperature). threshold_rows [N] (optional):
+a per-row threshold on the raw logits (top-k / top-p truncation); entries below it count as -inf (a label
+below it gets logp = -inf). Raises ValueError on bad input before writing anything.)doc");
 
   m.def("count_bad_labels", &count_bad_labels, py::arg("labels"), py::arg("vocab_size"), py::arg("ignore_index"),
         R"doc((count, first): how many of the contiguous int64 labels [N] lie outside [0, vocab_size) and are not
@@ -176,13 +182,15 @@ ignore_index, and the first such value (0 when none).)doc");
         py::arg("log_norm"), py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad_logits"),
         py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("dtype"), py::arg("logit_scale") = 1.0,
         py::arg("logit_softcap") = 0.0, py::arg("inv_temperature_rows") = py::none(),
+        py::arg("threshold_rows") = py::none(),
         R"doc(Gradient of the forward's (logp, entropy) with respect to the logits.
 
 grad_logits[i, j] = (1/tau) * (g_l (1[j == y] - p_j) - g_H p_j (log p_j + H)), with
 log p_j = (logits[i, j] - row_max) * inv_temperature - log_norm from the forward. grad_logits has the dtype and
 layout rules of logits and may be the very same array (in-place backward). grad_logp / grad_entropy may
 be None (zeros); entropy may be None only when grad_entropy is None. ignore_index rows get zeros. logit_scale / logit_softcap: the forward's logit transform (its derivative is applied). inv_temperature_rows:
-the forward's per-row 1 / temperature (None: inv_temperature for every row).)doc");
+the forward's per-row 1 / temperature (None: inv_temperature for every row). threshold_rows: the forward's
+(entries below it get 0; a row whose label is below it drops grad_logp).)doc");
 
 }
 

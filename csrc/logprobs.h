@@ -296,9 +296,23 @@ inline const Acc* block_values(const In* x, int64_t n, Acc* buf, const LogitTran
   return buf;
 }
 
+// A truncated row (top-k / top-p, see fastpo/ops/truncation.py): the raw logits below the row's
+// threshold thr count as -inf (the transforms allowed with a threshold are increasing, so the kept set
+// is the same in x and in z). The block's values z, masked, in the buffer.
+template <class In, class Acc>
+inline const Acc* masked_block_values(const In* x, int64_t n, Acc* buf, const LogitTransform<Acc>& tr, Acc thr) {
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc w = widen(x[j]);
+    buf[j] = w >= thr ? tr(w) : neg_inf;
+  }
+  return buf;
+}
+
 template <class In, int kStats, class Acc = typename Traits<In>::Acc>
 inline RowForward forward_row(const In* x, int64_t V, int64_t label, Acc inv_t, Acc* buf,
-                              const LogitTransform<Acc>& tr) {
+                              const LogitTransform<Acc>& tr,
+                              Acc thr = -std::numeric_limits<Acc>::infinity()) {
   constexpr int64_t B = Tune<Acc>::kBlock;
   constexpr bool kEntropy = kStats & kStatEntropy, kTop1 = kStats & kStatTop1;
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
@@ -308,7 +322,7 @@ inline RowForward forward_row(const In* x, int64_t V, int64_t label, Acc inv_t, 
   double S = 0.0, T = 0.0, Q = 0.0, Z = 0.0;
   for (int64_t b0 = 0; b0 < V; b0 += B) {
     const int64_t n = std::min(B, V - b0);
-    const Acc* xb = block_values(x + b0, n, buf, tr);
+    const Acc* xb = thr > neg_inf ? masked_block_values(x + b0, n, buf, tr, thr) : block_values(x + b0, n, buf, tr);
     if (kTop1 && b0 < label) before = std::max(before, block_max(xb, std::min(n, label - b0)));
     const Acc mb = block_max(xb, n);
     if (mb == neg_inf) {  // every entry is -inf or NaN: -inf contributes nothing, NaN poisons the row
@@ -348,7 +362,7 @@ inline RowForward forward_row(const In* x, int64_t V, int64_t label, Acc inv_t, 
   r.row_max = static_cast<double>(M);
   r.log_norm = logS;
   // (x_y - M) in Acc, as the kernel's d values are, then scaled.
-  const Acc zy = tr(widen(x[label]));
+  const Acc zy = widen(x[label]) >= thr ? tr(widen(x[label])) : neg_inf;  // a truncated label: logp = -inf
   r.logp = static_cast<double>((zy - M) * inv_t) - logS;
   if (kEntropy) {
     const double H = logS - T / S;
@@ -404,10 +418,11 @@ struct ForwardOut {
 template <class In, int kStats>
 void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels,
                        const ForwardOut& out, double inv_temperature, int64_t ignore_index, double logit_scale,
-                       double logit_softcap, RowVec inv_t_rows) {
+                       double logit_softcap, RowVec inv_t_rows, RowVec thr_rows) {
   using Acc = typename Traits<In>::Acc;
   const Acc inv_t = static_cast<Acc>(inv_temperature);
-  const bool per_row = inv_t_rows.present();
+  const bool per_row = inv_t_rows.present(), truncated = thr_rows.present();
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   const LogitTransform<Acc> tr(logit_scale, logit_softcap);
 #ifdef _OPENMP
 #pragma omp parallel if (N * V >= kParallelMinWork && N > 1)
@@ -424,7 +439,8 @@ void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_strid
         continue;
       }
       const Acc inv_ti = per_row ? static_cast<Acc>(inv_t_rows.get(i)) : inv_t;
-      out.set(i, forward_row<In, kStats>(logits + i * row_stride, V, y, inv_ti, buf, tr));
+      const Acc thr = truncated ? static_cast<Acc>(thr_rows.get(i)) : neg_inf;
+      out.set(i, forward_row<In, kStats>(logits + i * row_stride, V, y, inv_ti, buf, tr, thr));
     }
   }
 }
@@ -433,24 +449,25 @@ void forward_rows_impl(const In* logits, int64_t N, int64_t V, int64_t row_strid
 template <class In, int kStats = 0>
 void forward_rows_dispatch(int stats, const In* logits, int64_t N, int64_t V, int64_t row_stride,
                            const int64_t* labels, const ForwardOut& out, double inv_temperature, int64_t ignore_index,
-                           double logit_scale, double logit_softcap, RowVec inv_t_rows) {
+                           double logit_scale, double logit_softcap, RowVec inv_t_rows, RowVec thr_rows) {
   if constexpr (kStats < kStatAll) {
     if (stats == kStats)
       forward_rows_impl<In, kStats>(logits, N, V, row_stride, labels, out, inv_temperature, ignore_index, logit_scale,
-                                    logit_softcap, inv_t_rows);
+                                    logit_softcap, inv_t_rows, thr_rows);
     else
       forward_rows_dispatch<In, kStats + 1>(stats, logits, N, V, row_stride, labels, out, inv_temperature,
-                                            ignore_index, logit_scale, logit_softcap, inv_t_rows);
+                                            ignore_index, logit_scale, logit_softcap, inv_t_rows, thr_rows);
   }
 }
 
 template <class In>
 void forward_rows(const In* logits, int64_t N, int64_t V, int64_t row_stride, const int64_t* labels,
                   const ForwardOut& out, double inv_temperature, int64_t ignore_index, double logit_scale = 1.0,
-                  double logit_softcap = 0.0, RowVec inv_t_rows = RowVec()) {
+                  double logit_softcap = 0.0, RowVec inv_t_rows = RowVec(), RowVec thr_rows = RowVec()) {
   // inv_t_rows (optional): a per-row 1 / temperature that replaces inv_temperature row by row.
+  // thr_rows (optional): a per-row threshold on the raw logits; entries below it count as -inf.
   forward_rows_dispatch<In>(out.stats(), logits, N, V, row_stride, labels, out, inv_temperature, ignore_index,
-                            logit_scale, logit_softcap, inv_t_rows);
+                            logit_scale, logit_softcap, inv_t_rows, thr_rows);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -479,11 +496,14 @@ void forward_rows(const In* logits, int64_t N, int64_t V, int64_t row_stride, co
 // the vectoriser never sees two pointers that might alias; otherwise a two-pointer loop.
 // With a logit transform (kTransform), z = f(x) is recomputed from x and the gradient is multiplied
 // by f'(x) (LogitTransform::derivative).
-template <class Acc, bool kEntropyGrad, int kTransform>
+// A truncated row (kMask): entries whose raw logit is below the threshold thr had p = 0 and get 0.
+template <class Acc, bool kEntropyGrad, int kTransform, bool kMask = false>
 struct GradOffLabel {
   Acc inv_t, neg_inv_t, m, log_norm, H, gl, gH;
   LogitTransform<Acc> tr;
+  Acc thr = -std::numeric_limits<Acc>::infinity();
   Acc operator()(Acc x) const {
+    if (kMask && !(x >= thr)) return Acc(0);
     const Acc z = apply_transform<kTransform>(tr, x);
     const Acc d = (z - m) * inv_t - log_norm;
     const Acc p = exp_fast(d);
@@ -494,16 +514,26 @@ struct GradOffLabel {
   }
 };
 
-template <class In, bool kEntropyGrad, int kTransform, class Acc = typename Traits<In>::Acc>
+// A truncated label (kMask, raw logit below thr) has logp = -inf, a constant: its g_l is dropped (the
+// row's gradient is the entropy's only), and the label entry is an off-label one with p = 0.
+template <class In, bool kEntropyGrad, int kTransform, bool kMask = false, class Acc = typename Traits<In>::Acc>
 inline void backward_row(const In* x, In* gx, int64_t V, int64_t label, Acc m, Acc log_norm, Acc H, Acc gl, Acc gH,
-                         Acc inv_t, const LogitTransform<Acc>& tr) {
-  const Acc zy = apply_transform<kTransform>(tr, widen(x[label]));  // before the row is (possibly) overwritten
-  const GradOffLabel<Acc, kEntropyGrad, kTransform> f{inv_t, -inv_t, m, log_norm, H, gl, gH, tr};
+                         Acc inv_t, const LogitTransform<Acc>& tr,
+                         Acc thr = -std::numeric_limits<Acc>::infinity()) {
+  const Acc xy = widen(x[label]);  // before the row is (possibly) overwritten
+  const bool label_dropped = kMask && !(xy >= thr);
+  if (label_dropped) gl = Acc(0);
+  const Acc zy = apply_transform<kTransform>(tr, xy);
+  const GradOffLabel<Acc, kEntropyGrad, kTransform, kMask> f{inv_t, -inv_t, m, log_norm, H, gl, gH, tr, thr};
   if (static_cast<const void*>(x) == static_cast<const void*>(gx)) {
     In* p = gx;
     for (int64_t j = 0; j < V; ++j) narrow(f(widen(p[j])), &p[j]);
   } else {
     for (int64_t j = 0; j < V; ++j) narrow(f(widen(x[j])), &gx[j]);
+  }
+  if (label_dropped) {
+    narrow(Acc(0), &gx[label]);
+    return;
   }
   // The label entry.
   const Acc d = (zy - m) * inv_t - log_norm;
@@ -515,11 +545,12 @@ inline void backward_row(const In* x, In* gx, int64_t V, int64_t label, Acc m, A
   narrow(g, &gx[label]);
 }
 
-template <class In, bool kEntropyGrad, int kTransform>
+template <class In, bool kEntropyGrad, int kTransform, bool kMask>
 void backward_rows_impl(const In* logits, In* grad_logits, int64_t N, int64_t V, int64_t row_stride,
                         int64_t grad_row_stride, const int64_t* labels, RowVec row_max, RowVec log_norm,
                         RowVec entropy, RowVec grad_logp, RowVec grad_entropy, double inv_temperature,
-                        int64_t ignore_index, double logit_scale, double logit_softcap, RowVec inv_t_rows) {
+                        int64_t ignore_index, double logit_scale, double logit_softcap, RowVec inv_t_rows,
+                        RowVec thr_rows) {
   using Acc = typename Traits<In>::Acc;
   const Acc inv_t = static_cast<Acc>(inv_temperature);
   const bool per_row = inv_t_rows.present();
@@ -536,10 +567,10 @@ void backward_rows_impl(const In* logits, In* grad_logits, int64_t N, int64_t V,
     }
     const Acc H = kEntropyGrad ? static_cast<Acc>(entropy.get(i)) : Acc(0);
     const Acc gH = kEntropyGrad ? static_cast<Acc>(grad_entropy.get(i)) : Acc(0);
-    backward_row<In, kEntropyGrad, kTransform>(logits + i * row_stride, gx, V, y, static_cast<Acc>(row_max.get(i)),
-                                               static_cast<Acc>(log_norm.get(i)), H,
-                                               static_cast<Acc>(grad_logp.get(i)), gH,
-                                               per_row ? static_cast<Acc>(inv_t_rows.get(i)) : inv_t, tr);
+    backward_row<In, kEntropyGrad, kTransform, kMask>(
+        logits + i * row_stride, gx, V, y, static_cast<Acc>(row_max.get(i)), static_cast<Acc>(log_norm.get(i)), H,
+        static_cast<Acc>(grad_logp.get(i)), gH, per_row ? static_cast<Acc>(inv_t_rows.get(i)) : inv_t, tr,
+        kMask ? static_cast<Acc>(thr_rows.get(i)) : -std::numeric_limits<Acc>::infinity());
   }
 }
 
@@ -547,12 +578,17 @@ template <class In>
 void backward_rows(const In* logits, In* grad_logits, int64_t N, int64_t V, int64_t row_stride,
                    int64_t grad_row_stride, const int64_t* labels, RowVec row_max, RowVec log_norm, RowVec entropy,
                    RowVec grad_logp, RowVec grad_entropy, double inv_temperature, int64_t ignore_index,
-                   double logit_scale = 1.0, double logit_softcap = 0.0, RowVec inv_t_rows = RowVec()) {
+                   double logit_scale = 1.0, double logit_softcap = 0.0, RowVec inv_t_rows = RowVec(),
+                   RowVec thr_rows = RowVec()) {
   const int kind = LogitTransform<typename Traits<In>::Acc>(logit_scale, logit_softcap).kind();
 #define FASTPO_BACKWARD_ROWS(E, T)                                                                              \
-  backward_rows_impl<In, E, T>(logits, grad_logits, N, V, row_stride, grad_row_stride, labels, row_max, log_norm, \
+  (thr_rows.present() ? backward_rows_impl<In, E, T, true>(logits, grad_logits, N, V, row_stride, grad_row_stride,  \
+                                                           labels, row_max, log_norm, entropy, grad_logp,            \
+                                                           grad_entropy, inv_temperature, ignore_index, logit_scale, \
+                                                           logit_softcap, inv_t_rows, thr_rows)                      \
+                      : backward_rows_impl<In, E, T, false>(logits, grad_logits, N, V, row_stride, grad_row_stride, labels, row_max, log_norm, \
                                entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, logit_scale,     \
-                               logit_softcap, inv_t_rows)
+                               logit_softcap, inv_t_rows, thr_rows))
 #define FASTPO_BACKWARD_KIND(E)                           \
   (kind == kTransformCap     ? FASTPO_BACKWARD_ROWS(E, kTransformCap)   \
    : kind == kTransformScale ? FASTPO_BACKWARD_ROWS(E, kTransformScale) \

@@ -60,7 +60,7 @@ def _transform(x, logit_scale, softcap, SOFTCAP: tl.constexpr):
 def _logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, entropy_ptr, row_max_ptr, log_norm_ptr, sum_sq_ptr, top1_ptr, mean_ptr,
     n_cols, rows_per_block, stride_block, stride_row, inv_temperature, ignore_index, logit_scale, softcap,
-    inv_t_rows_ptr, PER_ROW_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_SUM_SQ: tl.constexpr, WITH_TOP1: tl.constexpr, WITH_MEAN: tl.constexpr,
+    inv_t_rows_ptr, thr_ptr, PER_ROW_TEMP: tl.constexpr, HAS_THRESHOLD: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_SUM_SQ: tl.constexpr, WITH_TOP1: tl.constexpr, WITH_MEAN: tl.constexpr,
     SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # One program per row; one pass over the vocabulary with an online logsumexp relative to the
@@ -81,6 +81,10 @@ def _logprobs_fwd_kernel(
     row_ptr = logits_ptr + (row // rows_per_block) * stride_block + (row % rows_per_block) * stride_row
     # Ignored rows skip the stream entirely (zero trip count).
     n_stream = tl.where(valid, n_cols, 0)
+    # A truncated row (top-k / top-p): raw logits below its threshold count as −inf.
+    thr = float("-inf")
+    if HAS_THRESHOLD:
+        thr = tl.load(thr_ptr + row).to(tl.float32)
 
     m = float("-inf")
     d = 0.0
@@ -91,7 +95,10 @@ def _logprobs_fwd_kernel(
     for start in range(0, n_stream, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        z = tl.where(cols < n_cols, _transform(z, logit_scale, softcap, SOFTCAP), float("-inf"))
+        keep = cols < n_cols
+        if HAS_THRESHOLD:
+            keep = keep & (z >= thr)
+        z = tl.where(keep, _transform(z, logit_scale, softcap, SOFTCAP), float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # A reference that is finite even while every entry so far is −inf (then d = a = 0).
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -114,7 +121,10 @@ def _logprobs_fwd_kernel(
         m = m_ref
 
     safe_label = tl.where(valid, label, 0)
-    z_label = _transform(tl.load(row_ptr + safe_label).to(tl.float32), logit_scale, softcap, SOFTCAP)
+    x_label = tl.load(row_ptr + safe_label).to(tl.float32)
+    z_label = _transform(x_label, logit_scale, softcap, SOFTCAP)
+    if HAS_THRESHOLD:  # a truncated label: logp = −inf
+        z_label = tl.where(x_label >= thr, z_label, float("-inf"))
     # Ignored rows streamed nothing (d = 0): give them a harmless log_norm before masking. A row
     # that is entirely −inf gives log_norm = −inf and logp = NaN, as log_softmax does.
     log_norm = tl.log(tl.where(valid, d, 1.0))
@@ -149,8 +159,8 @@ def _logprobs_fwd_kernel(
 def _logprobs_bwd_kernel(
     logits_ptr, grad_ptr, labels_ptr, row_max_ptr, log_norm_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
     n_cols, rows_per_block, stride_block, stride_row, stride_grad_block, stride_grad_row, inv_temperature,
-    ignore_index, logit_scale, softcap, inv_t_rows_ptr, PER_ROW_TEMP: tl.constexpr,
-    HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+    ignore_index, logit_scale, softcap, inv_t_rows_ptr, thr_ptr, PER_ROW_TEMP: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     block, row_in_block = row // rows_per_block, row % rows_per_block
@@ -163,16 +173,23 @@ def _logprobs_bwd_kernel(
 
     # Ignored rows read nothing (an empty read range) and write zeros.
     to_read = cols < tl.where(valid, n_cols, 0)
-    z = tl.load(logits_ptr + block * stride_block + row_in_block * stride_row + cols, mask=to_read,
+    x = tl.load(logits_ptr + block * stride_block + row_in_block * stride_row + cols, mask=to_read,
                 other=0.0).to(tl.float32)
-    z = _transform(z, logit_scale, softcap, SOFTCAP)
+    z = _transform(x, logit_scale, softcap, SOFTCAP)
     row_max = tl.load(row_max_ptr + row).to(tl.float32)
     log_norm = tl.load(log_norm_ptr + row).to(tl.float32)
     log_p = (z - row_max) * inv_temperature - log_norm
     p = tl.exp(log_p)
     grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+    if HAS_THRESHOLD:  # a truncated row: entries below the threshold had p = 0
+        thr = tl.load(thr_ptr + row).to(tl.float32)
+        p = tl.where(x >= thr, p, 0.0)
     if HAS_GRAD_LOGP:
         g_logp = tl.load(grad_logp_ptr + row).to(tl.float32)
+        if HAS_THRESHOLD:  # a truncated label has the constant logp = −inf: no gradient from it
+            x_label = tl.load(logits_ptr + block * stride_block + row_in_block * stride_row
+                              + tl.where(valid, label, 0)).to(tl.float32)
+            g_logp = tl.where(x_label >= thr, g_logp, 0.0)
         grad += g_logp * (tl.where(cols == label, 1.0, 0.0) - p)
     if HAS_GRAD_ENTROPY:
         g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
@@ -200,9 +217,10 @@ def _output_dtype(logits: torch.Tensor) -> torch.dtype:
 
 def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                     with_entropy: bool, extras: int = 0, logit_softcap: float = 0.0, logit_scale: float = 1.0,
-                    inv_temperature_rows: Optional[torch.Tensor] = None):
+                    inv_temperature_rows: Optional[torch.Tensor] = None, threshold_rows: Optional[torch.Tensor] = None):
     """Launch the forward over the rows of ``logits`` (see the module docstring); ``inv_temperature_rows``
-    (contiguous ``[N]`` float32, optional) replaces ``1/temperature`` row by row."""
+    (contiguous ``[N]`` float32, optional) replaces ``1/temperature`` row by row; raw logits below
+    ``threshold_rows`` (contiguous ``[N]``, optional) count as −inf (top-k / top-p truncation)."""
     n_rows, rows_per_block, stride_block, stride_row = _row_layout(logits)
     n_cols = logits.shape[-1]
     out_dtype = _output_dtype(logits)
@@ -218,7 +236,9 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
         logits, labels, logp, entropy, row_max, log_norm, sum_sq, top1, mean,
         n_cols, rows_per_block, stride_block, stride_row, 1.0 / temperature, ignore_index, logit_scale,
         logit_softcap or 1.0, inv_temperature_rows if inv_temperature_rows is not None else logp,
-        PER_ROW_TEMP=inv_temperature_rows is not None, WITH_ENTROPY=with_entropy, SOFTCAP=logit_softcap > 0.0, WITH_SUM_SQ=bool(extras & EXTRA_SUM_SQ), WITH_TOP1=bool(extras & EXTRA_TOP1),
+        threshold_rows if threshold_rows is not None else logp,
+        PER_ROW_TEMP=inv_temperature_rows is not None, HAS_THRESHOLD=threshold_rows is not None,
+        WITH_ENTROPY=with_entropy, SOFTCAP=logit_softcap > 0.0, WITH_SUM_SQ=bool(extras & EXTRA_SUM_SQ), WITH_TOP1=bool(extras & EXTRA_TOP1),
         WITH_MEAN=bool(extras & EXTRA_MEAN), BLOCK_V=block, num_warps=_num_warps(block),
     )
     return logp, entropy, row_max, log_norm, sum_sq, top1, mean
@@ -227,7 +247,8 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
 def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
                      entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                      temperature: float, ignore_index: int, out: torch.Tensor, logit_softcap: float = 0.0,
-                     logit_scale: float = 1.0, inv_temperature_rows: Optional[torch.Tensor] = None) -> None:
+                     logit_scale: float = 1.0, inv_temperature_rows: Optional[torch.Tensor] = None,
+                     threshold_rows: Optional[torch.Tensor] = None) -> None:
     """Write ∂L/∂logits into ``out`` (``logits``' shape); ``out`` may be ``logits`` itself (in-place backward);
     ``inv_temperature_rows``: the forward's per-row 1/τ, if any."""
     n_rows, rows_per_block, stride_block, stride_row = _row_layout(logits)
@@ -243,7 +264,9 @@ def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.
         grad_entropy if grad_entropy is not None else log_norm,
         n_cols, rows_per_block, stride_block, stride_row, stride_grad_block, stride_grad_row, 1.0 / temperature,
         ignore_index, logit_scale, logit_softcap or 1.0,
-        inv_temperature_rows if inv_temperature_rows is not None else log_norm, inv_temperature_rows is not None,
+        inv_temperature_rows if inv_temperature_rows is not None else log_norm,
+        threshold_rows if threshold_rows is not None else log_norm, inv_temperature_rows is not None,
+        threshold_rows is not None,
         HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
         SOFTCAP=logit_softcap > 0.0,
         BLOCK_V=block, num_warps=_num_warps(block),

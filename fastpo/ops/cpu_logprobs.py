@@ -35,11 +35,12 @@ def _as_numpy(t: Optional[torch.Tensor]):
 
 def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                     with_entropy: bool, extras: int = 0, logit_softcap: float = 0.0, logit_scale: float = 1.0,
-                    inv_temperature_rows: Optional[torch.Tensor] = None):
-    """``inv_temperature_rows`` ([N] float32/64, optional): a per-row 1/τ replacing ``1/temperature``."""
+                    inv_temperature_rows: Optional[torch.Tensor] = None, threshold_rows: Optional[torch.Tensor] = None):
+    """``inv_temperature_rows`` ([N] float32/64, optional): a per-row 1/τ replacing ``1/temperature``;
+    ``threshold_rows`` ([N], optional): raw logits below the row's threshold count as −inf (truncation)."""
     if logits.dim() == 3:  # [B, T, V] blocks: one call per [T, V] block
         return _per_block_forward(logits, labels, temperature, ignore_index, with_entropy, extras, logit_softcap,
-                                  logit_scale, inv_temperature_rows)
+                                  logit_scale, inv_temperature_rows, threshold_rows)
     n_rows = logits.shape[0]
     logp = torch.empty(n_rows, dtype=result_dtype(logits.dtype))
     row_max = torch.empty_like(logp)
@@ -56,7 +57,7 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
             _as_numpy(entropy) if with_entropy else None,
             1.0 / temperature, ignore_index, _DTYPE_NAMES[logits.dtype],
             sum_sq, top1, mean, logit_scale, logit_softcap,  # log_sum_sq_probs, is_top1, mean_logits
-            _as_numpy(inv_temperature_rows),
+            _as_numpy(inv_temperature_rows), _as_numpy(threshold_rows),
         )
     return (logp, entropy, row_max, log_norm) + extra
 
@@ -64,7 +65,8 @@ def logprob_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
 def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
                      entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                      temperature: float, ignore_index: int, out: torch.Tensor, logit_softcap: float = 0.0,
-                     logit_scale: float = 1.0, inv_temperature_rows: Optional[torch.Tensor] = None) -> None:
+                     logit_scale: float = 1.0, inv_temperature_rows: Optional[torch.Tensor] = None,
+                     threshold_rows: Optional[torch.Tensor] = None) -> None:
     if logits.dim() == 3:
         n = logits.shape[1]
         for b in range(logits.shape[0]):
@@ -73,7 +75,8 @@ def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.
                              None if grad_logp is None else grad_logp[rows],
                              None if grad_entropy is None else grad_entropy[rows], temperature, ignore_index, out[b],
                              logit_softcap, logit_scale,
-                             None if inv_temperature_rows is None else inv_temperature_rows[rows])
+                             None if inv_temperature_rows is None else inv_temperature_rows[rows],
+                             None if threshold_rows is None else threshold_rows[rows])
         return
     if logits.shape[0] == 0:
         return
@@ -81,16 +84,21 @@ def logprob_backward(logits: torch.Tensor, labels: torch.Tensor, row_max: torch.
         _as_numpy(logits), _as_numpy(labels), _as_numpy(row_max), _as_numpy(log_norm), _as_numpy(entropy),
         _as_numpy(grad_logp), _as_numpy(grad_entropy), _as_numpy(out),
         1.0 / temperature, ignore_index, _DTYPE_NAMES[logits.dtype], logit_scale, logit_softcap,
-        _as_numpy(inv_temperature_rows),
+        _as_numpy(inv_temperature_rows), _as_numpy(threshold_rows),
     )
 
 
-def _per_block_forward(logits, labels, temperature, ignore_index, with_entropy, extras, softcap, scale, inv_t_rows):
+def _per_block_forward(logits, labels, temperature, ignore_index, with_entropy, extras, softcap, scale, inv_t_rows,
+                       thr_rows):
     n = logits.shape[1]
-    parts = [logprob_forward(logits[b], labels[b * n:(b + 1) * n], temperature, ignore_index, with_entropy, extras,
-                             softcap, scale, None if inv_t_rows is None else inv_t_rows[b * n:(b + 1) * n])
+
+    def part(t, b):
+        return None if t is None else t[b * n:(b + 1) * n]
+
+    parts = [logprob_forward(logits[b], part(labels, b), temperature, ignore_index, with_entropy, extras,
+                             softcap, scale, part(inv_t_rows, b), part(thr_rows, b))
              for b in range(logits.shape[0])]
     if not parts:
         return logprob_forward(logits.reshape(0, logits.shape[-1]), labels, temperature, ignore_index, with_entropy,
-                               extras, softcap, scale, inv_t_rows)
+                               extras, softcap, scale, inv_t_rows, thr_rows)
     return tuple(torch.cat(column) for column in zip(*parts))

@@ -25,6 +25,7 @@ from fastpo.ops.row_kernels import (
     temperature_input,
 )
 from fastpo.reference.logprobs import check_logit_transform, check_outputs
+from fastpo.ops.truncation import check_truncation, is_active, logits_thresholds
 
 __all__ = ["linear_token_logprobs", "default_chunk_size"]
 
@@ -55,7 +56,7 @@ def _chunk_rows(chunk_size: int, n_tokens: int, vocab_size: int) -> int:
 def _linear_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     temperature: torch.Tensor, ignore_index: int, with_entropy: bool, extras: int, logit_softcap: float,
-    logit_scale: float, chunk_size: int, backend: str,
+    logit_scale: float, chunk_size: int, backend: str, top_k: int = 0, top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, row_max, log_norm, log_sum_sq_probs, is_top1, mean_logits) for ``hidden [N, D]``,
     ``weight [V, D]``, one chunk of rows at a time (``chunk_size`` 0: the default; ``extras``: the
@@ -69,8 +70,8 @@ def _linear_fwd(
     for start in range(0, n_tokens, chunk):
         rows = slice(start, min(start + chunk, n_tokens))
         logits = chunk_logits(hidden[rows], weight, bias)
-        tau, inv_rows = temperature_args(temperature, rows, checked=False)
-        extra = {} if inv_rows is None else {"inv_temperature_rows": inv_rows}
+        extra = _chunk_args(logits, temperature, rows, top_k, top_p, logit_softcap, logit_scale)
+        tau = extra.pop("tau")
         for out, part in zip(outputs, kernels.logprob_forward(logits, labels[rows], tau, ignore_index, with_entropy,
                                                               extras, logit_softcap, logit_scale, **extra)):
             out[rows] = part
@@ -78,9 +79,20 @@ def _linear_fwd(
     return outputs
 
 
+def _chunk_args(logits, temperature, rows, top_k, top_p, logit_softcap, logit_scale):
+    """The row kernels' temperature (``tau``) and optional per-row arguments for one chunk of logits: its
+    per-token 1/τ, and its truncation thresholds (found again in the backward from the recomputed logits)."""
+    tau, inv_rows = temperature_args(temperature, rows, checked=False)
+    extra = {"tau": tau} if inv_rows is None else {"tau": tau, "inv_temperature_rows": inv_rows}
+    if is_active(top_k, top_p):
+        extra["threshold_rows"] = logits_thresholds(logits, 1.0 / tau if inv_rows is None else inv_rows,
+                                                    top_k, top_p, logit_softcap, logit_scale)
+    return extra
+
+
 @_linear_fwd.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, extras, logit_softcap, logit_scale,
-      chunk_size, backend):
+      chunk_size, backend, top_k=0, top_p=1.0):
     return empty_row_outputs(hidden, hidden.dtype)
 
 
@@ -90,6 +102,7 @@ def _linear_bwd(
     row_max: torch.Tensor, log_norm: torch.Tensor, entropy: torch.Tensor, grad_logp: Optional[torch.Tensor],
     grad_entropy: Optional[torch.Tensor], temperature: torch.Tensor, ignore_index: int, logit_softcap: float,
     logit_scale: float, chunk_size: int, backend: str, needs_grad_hidden: bool, needs_grad_weight: bool, needs_grad_bias: bool,
+    top_k: int = 0, top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(∂L/∂hidden, ∂L/∂weight, ∂L/∂bias), contiguous; a gradient nobody needs (a frozen lm_head, no
     bias) is not computed and comes back empty."""
@@ -101,8 +114,8 @@ def _linear_bwd(
         rows = slice(start, min(start + chunk, n_tokens))
         # The forward's logits, recomputed, turned into their gradient in place.
         grad_logits = chunk_logits(hidden[rows], weight, bias)
-        tau, inv_rows = temperature_args(temperature, rows, checked=False)
-        extra = {} if inv_rows is None else {"inv_temperature_rows": inv_rows}
+        extra = _chunk_args(grad_logits, temperature, rows, top_k, top_p, logit_softcap, logit_scale)
+        tau = extra.pop("tau")
         kernels.logprob_backward(
             grad_logits, labels[rows], row_max[rows], log_norm[rows], entropy[rows],
             None if grad_logp is None else grad_logp[rows],
@@ -116,7 +129,8 @@ def _linear_bwd(
 
 @_linear_bwd.register_fake
 def _(hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ignore_index,
-      logit_softcap, logit_scale, chunk_size, backend, needs_grad_hidden, needs_grad_weight, needs_grad_bias):
+      logit_softcap, logit_scale, chunk_size, backend, needs_grad_hidden, needs_grad_weight, needs_grad_bias, top_k=0,
+      top_p=1.0):
     grad_bias = weight.new_empty(weight.shape[0]) if (needs_grad_bias and bias is not None) else weight.new_empty(0)
     return (hidden.new_empty(hidden.shape) if needs_grad_hidden else hidden.new_empty(0),
             weight.new_empty(weight.shape) if needs_grad_weight else weight.new_empty(0), grad_bias)
@@ -127,12 +141,13 @@ torch.library.register_autograd("fastpo::linear_token_logprobs_bwd", no_double_b
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, labels, temperature, ignore_index, with_entropy, _extras, logit_softcap, logit_scale,
-     chunk_size, backend) = inputs
+     chunk_size, backend, *truncation) = inputs
     _, entropy, row_max, log_norm = output[:4]
     ctx.transform = (logit_softcap, logit_scale)
     ctx.save_for_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, temperature)
     ctx.ignore_index, ctx.with_entropy = ignore_index, with_entropy
     ctx.chunk_size, ctx.backend = chunk_size, backend
+    ctx.truncation = tuple(truncation)
 
 
 def _backward(ctx, grad_logp, grad_entropy, *_grad_statistics):
@@ -143,10 +158,10 @@ def _backward(ctx, grad_logp, grad_entropy, *_grad_statistics):
     grad_hidden, grad_weight, grad_bias = _linear_bwd(
         hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
         temperature, ctx.ignore_index, *ctx.transform, ctx.chunk_size, ctx.backend, needs_hidden, needs_weight,
-        needs_bias)
+        needs_bias, *ctx.truncation)
     return (grad_hidden if needs_hidden else None, grad_weight if needs_weight else None,
             grad_bias if (needs_bias and bias is not None) else None, None, None, None, None, None, None, None,
-            None, None)
+            None, None) + (None,) * len(ctx.truncation)
 
 
 torch.library.register_autograd("fastpo::linear_token_logprobs_fwd", _backward, setup_context=_setup_context)
@@ -165,6 +180,8 @@ def linear_token_logprobs(
     logit_softcap: Optional[float] = None,
     logit_scale: Optional[float] = None,
     chunk_size: Optional[int] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
 ):
     """``token_logprobs(hidden @ weight.T + bias, labels)`` without building ``[N, V]`` logits.
 
@@ -180,7 +197,8 @@ def linear_token_logprobs(
     (``log_sum_sq_probs``, ``is_top1``, ``mean_logits``: detached), from the same pass.
     ``logit_scale`` and ``logit_softcap`` transform the logits as in :func:`fastpo.token_logprobs`;
     ``temperature`` is a float or a per-token tensor (labels' shape or broadcastable; not differentiated),
-    as there.
+    as there; so are ``top_k`` / ``top_p`` (vLLM's truncated sampling distribution; the threshold pass
+    runs on each chunk's logits, again in the backward's recomputation).
 
     Under ``torch.compile`` (fullgraph, dynamic shapes) a changing ``temperature`` or number of
     tokens does not recompile; ``ignore_index``, ``return_entropy``, ``outputs`` and an explicit
@@ -194,6 +212,9 @@ def linear_token_logprobs(
     check.check_bool(return_entropy, "return_entropy")
     wanted = check_outputs(outputs, return_entropy)
     softcap, scale = check_logit_transform(logit_softcap, logit_scale)
+    top_k, top_p = check_truncation(top_k, top_p, scale)
+    if is_active(top_k, top_p) and wanted is not None and "mean_logits" in wanted:
+        raise ValueError("outputs: mean_logits is not defined under top_k / top_p truncation")
     if chunk_size is not None:
         check.check_int(chunk_size, "chunk_size")
         if chunk_size < 1:
@@ -206,7 +227,7 @@ def linear_token_logprobs(
             check.check_temperature_rows_value(temperature)
             temperature = temperature.view(labels.shape)
         return reference.linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index,
-                                               return_entropy, outputs, logit_softcap, logit_scale)
+                                               return_entropy, outputs, logit_softcap, scale, top_k, top_p)
 
     # labels.numel() rather than -1: with D = 0 the row count cannot be inferred from hidden.
     rows = hidden if hidden.dim() == 2 else hidden.reshape(labels.numel(), hidden.shape[-1])
@@ -214,7 +235,8 @@ def linear_token_logprobs(
     results = _linear_fwd(
         rows, weight, bias, flat_labels(labels),
         temperature if isinstance(temperature, torch.Tensor) else check.scalar_tensor(temperature), ignore_index,
-        with_entropy, extras_mask(wanted), softcap, scale, 0 if chunk_size is None else chunk_size, backend)
+        with_entropy, extras_mask(wanted), softcap, scale, 0 if chunk_size is None else chunk_size, backend,
+        *((top_k, top_p) if is_active(top_k, top_p) else ()))
     if wanted is not None:
         return named_outputs(results, labels.shape, wanted)
     if labels.dim() == 1:  # already [N]: no views to make

@@ -19,6 +19,7 @@ from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
 from fastpo.reference.logprobs import check_logit_transform, check_outputs
+from fastpo.ops.truncation import check_truncation, is_active, truncation_thresholds
 from fastpo.ops.row_kernels import (
     as_row_blocks, direct_call_ok, empty_row_outputs, extras_mask, flat_labels, named_outputs, no_double_backward,
     num_rows, row_kernels, temperature_args, temperature_input,
@@ -31,30 +32,33 @@ __all__ = ["token_logprobs"]
 def _token_logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, temperature: torch.Tensor, ignore_index: int,
     with_entropy: bool, extras: int, logit_softcap: float, logit_scale: float, inplace_backward: bool, backend: str,
+    threshold: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, row_max, log_norm, log_sum_sq_probs, is_top1, mean_logits) for ``logits [N, V]``
     or ``[B, T, V]`` (see ``as_row_blocks``); ``extras`` selects the last three (``EXTRA_*`` bits);
     ``logit_softcap`` (0: none) and ``logit_scale`` transform the logits first; ``inplace_backward`` is
-    read by the backward only."""
+    read by the backward only; ``threshold`` (``[N]``, optional): raw logits below it count as −inf."""
     return _forward(logits, labels, temperature, ignore_index, with_entropy, extras, logit_softcap,
-                    logit_scale, backend)
+                    logit_scale, backend, threshold)
 
 
-def _forward(logits, labels, tau, ignore_index, with_entropy, extras, logit_softcap, logit_scale, backend):
+def _forward(logits, labels, tau, ignore_index, with_entropy, extras, logit_softcap, logit_scale, backend,
+             threshold=None):
     """The forward op's body (also the eager path's): the run-time checks, then the row kernels. ``tau``: a
     float, the 0-d temperature tensor, or the ``[N]`` per-token temperatures."""
     tau, inv_rows = temperature_args(tau)
     check.check_label_range(labels, logits.shape[-1], ignore_index)
-    if inv_rows is None:  # the scalar path, as before
+    if inv_rows is None and threshold is None:  # the scalar path, as before
         return row_kernels(backend).logprob_forward(logits, labels, tau, ignore_index, with_entropy, extras,
                                                     logit_softcap, logit_scale)
     return row_kernels(backend).logprob_forward(logits, labels, tau, ignore_index, with_entropy, extras,
-                                                logit_softcap, logit_scale, inv_temperature_rows=inv_rows)
+                                                logit_softcap, logit_scale, inv_temperature_rows=inv_rows,
+                                                threshold_rows=threshold)
 
 
 @_token_logprobs_fwd.register_fake
 def _(logits, labels, temperature, ignore_index, with_entropy, extras, logit_softcap, logit_scale, inplace_backward,
-      backend):
+      backend, threshold=None):
     return empty_row_outputs(logits, logits.dtype, num_rows(logits))
 
 
@@ -63,26 +67,30 @@ def _token_logprobs_bwd(
     logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
     entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
     temperature: torch.Tensor, ignore_index: int, logit_softcap: float, logit_scale: float, backend: str,
+    threshold: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """∂L/∂logits as a new (contiguous) tensor of the logits' dtype."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     _kernel_backward(backend, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
-                     ignore_index, grad, logit_softcap, logit_scale)
+                     ignore_index, grad, logit_softcap, logit_scale, threshold)
     return grad
 
 
 def _kernel_backward(backend, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, tau, ignore_index,
-                     out, logit_softcap, logit_scale):
-    """The row kernels' backward for a float / 0-d / per-token ``[N]`` temperature ``tau``."""
+                     out, logit_softcap, logit_scale, threshold=None):
+    """The row kernels' backward for a float / 0-d / per-token ``[N]`` temperature ``tau`` (and the
+    forward's truncation ``threshold``, if any)."""
     tau, inv_rows = temperature_args(tau, checked=False)
     extra = {} if inv_rows is None else {"inv_temperature_rows": inv_rows}
+    if threshold is not None:
+        extra["threshold_rows"] = threshold
     row_kernels(backend).logprob_backward(logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, tau,
                                           ignore_index, out, logit_softcap, logit_scale, **extra)
 
 
 @_token_logprobs_bwd.register_fake
 def _(logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ignore_index, logit_softcap,
-      logit_scale, backend):
+      logit_scale, backend, threshold=None):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -94,37 +102,38 @@ def _token_logprobs_bwd_inplace(
     logits: torch.Tensor, labels: torch.Tensor, row_max: torch.Tensor, log_norm: torch.Tensor,
     entropy: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
     temperature: torch.Tensor, ignore_index: int, logit_softcap: float, logit_scale: float, backend: str,
+    threshold: Optional[torch.Tensor] = None,
 ) -> None:
     """∂L/∂logits written over ``logits`` itself (saves one ``[N, V]`` buffer)."""
     _kernel_backward(backend, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
-                     ignore_index, logits, logit_softcap, logit_scale)
+                     ignore_index, logits, logit_softcap, logit_scale, threshold)
 
 
 @_token_logprobs_bwd_inplace.register_fake
 def _(logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ignore_index, logit_softcap,
-      logit_scale, backend):
+      logit_scale, backend, threshold=None):
     return None
 
 
 def _setup_context(ctx, inputs, output):
     (logits, labels, temperature, ignore_index, with_entropy, _extras, logit_softcap, logit_scale, inplace_backward,
-     backend) = inputs
+     backend, *threshold) = inputs
     _, entropy, row_max, log_norm = output[:4]
-    ctx.save_for_backward(logits, labels, row_max, log_norm, entropy, temperature)
+    ctx.save_for_backward(logits, labels, row_max, log_norm, entropy, temperature, *threshold)
     ctx.ignore_index, ctx.with_entropy, ctx.inplace_backward, ctx.backend = (
         ignore_index, with_entropy, inplace_backward, backend)
     ctx.transform = (logit_softcap, logit_scale)
 
 
 def _backward(ctx, grad_logp, grad_entropy, *_grad_statistics):
-    logits, labels, row_max, log_norm, entropy, temperature = ctx.saved_tensors
+    logits, labels, row_max, log_norm, entropy, temperature, *threshold = ctx.saved_tensors
     # (no float(temperature) here: under torch.compile this backward is traced and the value is symbolic)
     return (_grad_logits(ctx, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature,
-                         None, False),) + (None,) * 9
+                         None, False, threshold[0] if threshold else None),) + (None,) * (9 + len(threshold))
 
 
 def _grad_logits(ctx, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, tau,
-                 direct):
+                 direct, threshold=None):
     """∂L/∂logits of both paths' autograd formulas: the custom ops' (``temperature`` the 0-d tensor, ``tau``
     None, ``direct`` False) and the eager Function's (``temperature`` None, built from the float ``tau``
     if a backward op is needed; ``direct``: call the row kernels without the backward custom ops where no
@@ -139,12 +148,12 @@ def _grad_logits(ctx, logits, labels, row_max, log_norm, entropy, grad_logp, gra
     if direct and not graph:
         out = logits if ctx.inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
         _kernel_backward(ctx.backend, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, tau,
-                         ctx.ignore_index, out, *ctx.transform)
+                         ctx.ignore_index, out, *ctx.transform, threshold)
         return out
     if temperature is None:
         temperature = tau if isinstance(tau, torch.Tensor) else check.scalar_tensor(tau)
     args = (labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature, ctx.ignore_index,
-            *ctx.transform, ctx.backend)
+            *ctx.transform, ctx.backend) + (() if threshold is None else (threshold,))
     if ctx.inplace_backward and not graph:
         _token_logprobs_bwd_inplace(logits, *args)
         return logits
@@ -161,10 +170,11 @@ class _EagerTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, tau, ignore_index, with_entropy, extras, logit_softcap, logit_scale,
-                inplace_backward, backend):
+                inplace_backward, backend, threshold):
         logp, entropy, row_max, log_norm, *extra = _forward(
-            logits, labels, tau, ignore_index, with_entropy, extras, logit_softcap, logit_scale, backend)
+            logits, labels, tau, ignore_index, with_entropy, extras, logit_softcap, logit_scale, backend, threshold)
         ctx.save_for_backward(logits, labels, row_max, log_norm, entropy)
+        ctx.threshold = threshold
         ctx.tau, ctx.ignore_index, ctx.with_entropy, ctx.inplace_backward, ctx.backend = (
             tau, ignore_index, with_entropy, inplace_backward, backend)
         ctx.transform = (logit_softcap, logit_scale)
@@ -176,9 +186,9 @@ class _EagerTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy, *_grad_statistics):
         logits, labels, row_max, log_norm, entropy = ctx.saved_tensors
         if grad_logp is None and (grad_entropy is None or not ctx.with_entropy):
-            return (None,) * 10
+            return (None,) * 11
         return (_grad_logits(ctx, logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, None,
-                             ctx.tau, True),) + (None,) * 9
+                             ctx.tau, True, ctx.threshold),) + (None,) * 10
 
 
 def token_logprobs(
@@ -192,6 +202,8 @@ def token_logprobs(
     logit_softcap: Optional[float] = None,
     logit_scale: Optional[float] = None,
     inplace_backward: bool = False,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
 ):
     """Log-probabilities of ``labels`` under ``softmax(logits / temperature)``, one per token.
 
@@ -233,6 +245,15 @@ def token_logprobs(
     under softmax(z_i/τ_i). The temperature is not differentiated (no gradient flows to it); a float
     keeps the scalar kernels.
 
+    ``top_k`` / ``top_p`` (None: off) score under the truncated, renormalised distribution vLLM's sampler
+    draws from (its ``processed_logprobs``): temperature, then top-k (the k largest logits, ties at the
+    k-th kept), then top-p (the smallest set of largest logits whose mass under the top-k softmax reaches
+    p; a tie at that threshold is kept whole). All outputs are the truncated distribution's (entropy,
+    log_sum_sq_probs; ``mean_logits`` is refused); a label outside the kept set gets logp = −inf and
+    no gradient from it (its row's entropy still has one); gradients flow through the kept set only.
+    A threshold pass per row (no sort) finds the kept set {x >= t}; the row kernels then read the
+    logits once more, as without truncation. Needs ``logit_scale`` > 0.
+
     Under ``torch.compile`` (fullgraph, dynamic shapes) a changing ``temperature`` does not
     recompile; ``ignore_index``, ``return_entropy``, ``outputs``, ``logit_softcap``, ``logit_scale`` and
     ``inplace_backward`` are specialised.
@@ -244,6 +265,10 @@ def token_logprobs(
     check.check_bool(inplace_backward, "inplace_backward")
     wanted = check_outputs(outputs, return_entropy)
     softcap, scale = check_logit_transform(logit_softcap, logit_scale)
+    top_k, top_p = check_truncation(top_k, top_p, scale)
+    truncated = is_active(top_k, top_p)
+    if truncated and wanted is not None and "mean_logits" in wanted:
+        raise ValueError("outputs: mean_logits is not defined under top_k / top_p truncation")
 
     backend = select_backend(logits)
     if backend == "reference":
@@ -252,21 +277,25 @@ def token_logprobs(
             check.check_temperature_rows_value(temperature)
             temperature = temperature.view(labels.shape)
         return reference.token_logprobs(logits, labels, temperature, ignore_index, return_entropy, outputs,
-                                        logit_softcap, logit_scale)
+                                        logit_softcap, scale, top_k, top_p)
 
     with_entropy = return_entropy if wanted is None else "entropy" in wanted
     extras = extras_mask(wanted)
     rows, flat = as_row_blocks(logits), flat_labels(labels)
+    temp = temperature if isinstance(temperature, torch.Tensor) else check.scalar_tensor(temperature)
+    threshold = truncation_thresholds(rows.detach(), temp, top_k, top_p, softcap, scale) if truncated else None
     if not direct_call_ok(logits, labels):
-        temp = temperature if isinstance(temperature, torch.Tensor) else check.scalar_tensor(temperature)
+        trunc = () if threshold is None else (threshold,)
         results = _token_logprobs_fwd(rows, flat, temp, ignore_index, with_entropy,
-                                      extras, softcap, scale, inplace_backward, backend)
+                                      extras, softcap, scale, inplace_backward, backend, *trunc)
     elif torch.is_grad_enabled() and logits.requires_grad:
         logp, entropy, *extra = _EagerTokenLogprobs.apply(rows, flat, temperature, ignore_index, with_entropy,
-                                                          extras, softcap, scale, inplace_backward, backend)
+                                                          extras, softcap, scale, inplace_backward, backend,
+                                                          threshold)
         results = (logp, entropy, None, None, *extra)
     else:
-        results = _forward(rows, flat, temperature, ignore_index, with_entropy, extras, softcap, scale, backend)
+        results = _forward(rows, flat, temperature, ignore_index, with_entropy, extras, softcap, scale, backend,
+                           threshold)
     if wanted is not None:
         return named_outputs(results, labels.shape, wanted)
     if labels.dim() == 1:  # already [N]: no views to make

@@ -9,6 +9,7 @@ import torch
 
 from fastpo._layout import accumulation_dtype as _accumulation_dtype
 from fastpo._validation import is_tracing
+from fastpo.reference.truncation import keep_mask
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "LogProbOutputs", "OUTPUT_NAMES", "check_outputs"]
 
@@ -71,6 +72,8 @@ def token_logprobs(
     outputs=None,
     logit_softcap: Optional[float] = None,
     logit_scale: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
     """Per-token log-probabilities (and entropies) of ``labels`` under ``softmax(logits / temperature)``.
 
@@ -83,17 +86,28 @@ def token_logprobs(
     :class:`LogProbOutputs`; otherwise logp, or (logp, entropy) with ``return_entropy``.
     Rows whose label is ``ignore_index`` give 0 (False) everywhere, with zero gradient.
     ``temperature`` may be a per-token tensor broadcastable to ``labels`` (τ_i for row i; not differentiated).
+    ``top_k`` (0: off) / ``top_p`` (1.0: off): score under vLLM's truncated, renormalised sampling distribution
+    (``fastpo.reference.truncation.keep_mask``: temperature, then top-k, then top-p); a label outside the
+    kept set gets logp = −inf with no gradient from it (the entropy is the truncated distribution's).
     """
     temperature = _per_row(temperature, labels)
     wanted = check_outputs(outputs, return_entropy)
     if wanted is not None:
-        return _named_outputs(logits, labels, temperature, ignore_index, wanted, logit_softcap, logit_scale)
+        return _named_outputs(logits, labels, temperature, ignore_index, wanted, logit_softcap, logit_scale,
+                              top_k, top_p)
     s = transform_logits(logits, logit_softcap, logit_scale) / temperature
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    kept = None
+    if top_k > 0 or top_p < 1.0:
+        keep = keep_mask(transform_logits(logits), s, top_k, top_p)
+        s = s.masked_fill(~keep, float("-inf"))
+        kept = keep.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     lse = torch.logsumexp(s, dim=-1)
     logp = s.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) - lse
     zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    if kept is not None:  # a dropped label: the constant −inf
+        logp = torch.where(kept, logp, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
     logp = torch.where(valid, logp, zero)
     if not return_entropy:
         return logp
@@ -122,13 +136,19 @@ def transform_logits(logits, logit_softcap=None, logit_scale=1.0):
     return z
 
 
-def _named_outputs(logits, labels, temperature, ignore_index, wanted, logit_softcap, logit_scale):
-    logp, entropy = token_logprobs(logits, labels, temperature, ignore_index, True, None, logit_softcap, logit_scale)
+def _named_outputs(logits, labels, temperature, ignore_index, wanted, logit_softcap, logit_scale, top_k=0,
+                   top_p=1.0):
+    logp, entropy = token_logprobs(logits, labels, temperature, ignore_index, True, None, logit_softcap, logit_scale,
+                                   top_k, top_p)
     valid = labels != ignore_index
     result = {"logp": logp, "entropy": entropy}
     with torch.no_grad():
         z = transform_logits(logits.detach(), logit_softcap, logit_scale)
         s = z / temperature
+        if top_k > 0 or top_p < 1.0:
+            if "mean_logits" in wanted:
+                raise ValueError("outputs: mean_logits is not defined under top_k / top_p truncation")
+            s = s.masked_fill(~keep_mask(transform_logits(logits.detach()), s, top_k, top_p), float("-inf"))
         zero = torch.zeros((), dtype=s.dtype, device=s.device)
         if "log_sum_sq_probs" in wanted:
             result["log_sum_sq_probs"] = torch.where(valid, torch.logsumexp(2 * torch.log_softmax(s, -1), -1), zero)
@@ -150,8 +170,10 @@ def linear_token_logprobs(
     outputs=None,
     logit_softcap: Optional[float] = None,
     logit_scale: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
     """``token_logprobs(hidden @ weight.T + bias, labels)``, building the full logits tensor."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return token_logprobs(logits, labels, temperature, ignore_index, return_entropy, outputs, logit_softcap,
-                          logit_scale)
+                          logit_scale, top_k, top_p)
