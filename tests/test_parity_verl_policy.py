@@ -189,3 +189,19 @@ def test_import_fastpo_does_not_import_verl():
     import sys
     code = "import sys, fastpo, fastpo.integrations; assert 'verl' not in sys.modules, 'verl imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "dppo_tv", "dppo_kl"])
+def test_dual_clip_fraction_equals_verl(name):
+    """actor/pg_clipfrac_lower with a dual-clip bound that these ratios cross (nonzero, so the key's value is
+    really compared): verl's dual-clip fraction (vanilla) / ratio > c (DPPO) against fastpo's dual_clip_frac."""
+    for seed in (0, 1):
+        log_prob, old, adv, mask, _ = make_batch(seed, token_adv=seed == 1)
+        config = actor_config(name, {})
+        object.__setattr__(config, "clip_ratio_c", 1.3)
+        want = run(core_algos.get_policy_loss_fn(name), log_prob, old, adv, mask, "token-mean", config, None)
+        with verl_blocked():
+            got = run(core_algos.get_policy_loss_fn(f"fastpo_{name}"), log_prob, old, adv, mask, "token-mean",
+                      config, None)
+        assert want[2]["actor/pg_clipfrac_lower"] > 0
+        compare(got, want)

@@ -111,6 +111,7 @@ def test_nan_padding_changes_nothing():
     dirty = fastpo(bad_l, bad_r, mask, **kw)
     assert all(math.isfinite(v) for v in dirty.values())
     assert dirty == clean
+    compare(dirty, verl(bad_l, bad_r, mask, **kw))  # verl selects padding away too
 
 
 def test_errors():
