@@ -18,18 +18,49 @@
 
 namespace fastpo {
 
+// PPO's clip test −A·clip(r, lo, hi) > −A·r without exp where its outcome does not depend on r's last
+// bits: for d = logp − old strictly inside (log lo, log hi) by a margin of 1e-5, r lies in (lo, hi) for
+// any exp within a few ulps, so clip(r) = r and the test is false; beyond the margin (and for a normal
+// |A|) the gap between r and the bound outlasts the rounding of the products, so the test is A < 0
+// below lo and A > 0 above hi. Everything else (the margins, NaN, 0, huge or subnormal A, lo >= hi)
+// evaluates the expression itself with std::exp.
+template <typename scalar_t>
+struct ClipTest {
+  scalar_t lo, hi, in_lo, in_hi, out_lo, out_hi;
+  bool band;
+  ClipTest(scalar_t lo_, scalar_t hi_) : lo(lo_), hi(hi_) {
+    band = lo > 0 && lo < hi && std::isfinite(static_cast<double>(hi));
+    const double eps = 1e-5, llo = band ? std::log(static_cast<double>(lo)) : 0.0,
+                 lhi = band ? std::log(static_cast<double>(hi)) : 0.0;
+    in_lo = scalar_t(llo + eps), in_hi = scalar_t(lhi - eps), out_lo = scalar_t(llo - eps), out_hi = scalar_t(lhi + eps);
+  }
+  bool exact(scalar_t d, scalar_t a) const {
+    const scalar_t r = std::exp(d);
+    const scalar_t c = std::min(std::max(r, lo), hi);
+    return (-a) * c > (-a) * r;
+  }
+  bool operator()(scalar_t d, scalar_t a) const {
+    if (!band) return exact(d, a);
+    if (d > in_lo && d < in_hi) return false;
+    const scalar_t m = std::fabs(a);
+    if (!(m >= scalar_t(1e-30) && m <= scalar_t(1e30))) return exact(d, a);
+    if (d <= out_lo) return a < 0;
+    if (d >= out_hi) return a > 0;
+    return exact(d, a);
+  }
+};
+
 template <typename scalar_t>
 void clip_cov_candidates(const scalar_t* x, const scalar_t* old, const scalar_t* adv, const uint8_t* mask, int64_t N,
                          scalar_t mean_a, scalar_t mean_x, scalar_t lo, scalar_t hi, scalar_t lb, scalar_t ub,
                          std::vector<int64_t>& out) {
+  const ClipTest<scalar_t> clipped(lo, hi);
   for (int64_t i = 0; i < N; ++i) {
     if (!mask[i]) continue;
     const scalar_t a = adv[i];
-    const scalar_t r = std::exp(scalar_t(x[i] - old[i]));
-    const scalar_t c = std::min(std::max(r, lo), hi);
-    if ((-a) * c > (-a) * r) continue;  // clipped by PPO already
     const scalar_t cov = (a - mean_a) * (x[i] - mean_x);
-    if (cov < ub && cov > lb) out.push_back(i);
+    if (!(cov < ub && cov > lb)) continue;  // most tokens: no clip test needed
+    if (!clipped(scalar_t(x[i] - old[i]), a)) out.push_back(i);
   }
 }
 

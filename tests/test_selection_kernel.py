@@ -138,3 +138,30 @@ def test_non_contiguous_and_mixed_dtypes_take_the_torch_path(monkeypatch):
     assert torch.equal(ts.kl_cov_tokens(x, adv.double(), mask, kl_cov_ratio=0.2),
                        _torch_path(monkeypatch, ts.kl_cov_tokens, x, adv.double(), mask, kl_cov_ratio=0.2))
     assert calls.n == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_test_edges_equal_torch(dtype):
+    """Log-ratios on and around log(1 ± clip) (inside and outside the kernel's no-exp margins), ±inf /
+    NaN log-ratios, and zero, subnormal, huge, infinite and NaN advantages: the same candidates."""
+    lo, hi = 0.8, 1.28
+    ds = []
+    for b in (torch.tensor(lo, dtype=torch.float64).log(), torch.tensor(hi, dtype=torch.float64).log()):
+        for e in (0.0, 1e-7, 3e-6, 1e-5, 2e-5, 1e-3):
+            ds += [b + e, b - e]
+    ds = torch.tensor(ds + [0.0, 1e3, -1e3, float("inf"), -float("inf"), float("nan")], dtype=torch.float64)
+    advs = torch.tensor([1.0, -1.0, 0.0, 1e-40, -1e-40, 1e-31, -1e31, float("inf"), -float("inf"), float("nan"),
+                         0.5, -2.0], dtype=torch.float64)
+    d, a = (t.reshape(-1).to(dtype) for t in torch.meshgrid(ds, advs, indexing="ij"))
+    x = torch.full_like(d, -1.0)
+    old = x - d
+    m = torch.ones_like(d, dtype=torch.bool)
+    ratio = torch.exp(x - old)
+    clipped = (-a * torch.clamp(ratio, ts._as(lo, x), ts._as(hi, x)) > -a * ratio) & m
+    want = torch.nonzero(~clipped, as_tuple=True)[0]
+    # lb/ub wide open and means 0, 0 with x = -1: cov = -a, so only the clip test and NaN / inf cov decide
+    got = torch.from_numpy(_C.clip_cov_candidates(ts._np(x), ts._np(old), ts._np(a), ts._np(m), 0.0, 0.0,
+                                                  ts._as(lo, x), ts._as(hi, x), -float("inf"), float("inf")))
+    cov = -a
+    want = want[((cov[want] < float("inf")) & (cov[want] > -float("inf")))]
+    assert torch.equal(got, want)
