@@ -128,3 +128,47 @@ def test_errors():
         verl_rollout_corr_metrics(logp, rollout, mask, rollout_is="token", rollout_is_threshold=True)
     with pytest.raises(ValueError, match="lower <= upper"):
         verl_rollout_corr_metrics(logp, rollout, mask, rollout_is="token", rollout_is_threshold="3.0_2.0")
+
+
+def _distributed_worker(rank, world, init_file, results):
+    import torch.distributed as dist
+
+    from test_parity_verl_policy import actor_config, run, verl_blocked
+    from verl.trainer.ppo import core_algos
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        logp, rollout, mask = batch(10 + rank, spread=0.4 + 0.3 * rank)  # the ranks' mean weights differ
+        adv = torch.randn(B, 1, generator=torch.Generator().manual_seed(rank)).expand(B, T).clone()
+        for level, loss_type in (("token", "reinforce"), ("sequence", "reinforce"), ("sequence", "ppo_clip")):
+            config = actor_config("bypass_mode", {}, dict(loss_type=loss_type, rollout_is=level,
+                                                           rollout_is_threshold=4.0, rollout_is_batch_normalize=True))
+            want = run(core_algos.get_policy_loss_fn("bypass_mode"), logp, rollout, adv, mask, "token-mean",
+                       config, None)
+            with verl_blocked():
+                got = run(core_algos.get_policy_loss_fn("fastpo_bypass_mode"), logp, rollout, adv, mask,
+                          "token-mean", config, None)
+            torch.testing.assert_close(got[0], want[0], atol=2e-6, rtol=2e-5)
+            torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=2e-5)
+            compare(got[2], want[2])
+            results[f"{rank}:{level}:{loss_type}"] = got[2]["rollout_corr/rollout_is_batch_norm_factor"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_normalize_is_global_under_torch_distributed(tmp_path):
+    """Two gloo ranks with different batches: verl normalises the rollout IS weights by the mean over both
+    ranks (verl_F.distributed_masked_mean); fastpo_bypass_mode's loss, gradient and rollout_corr/* equal
+    verl's on each rank, and the factor is the same global one on both."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    for case in ("token:reinforce", "sequence:reinforce", "sequence:ppo_clip"):
+        level = case.split(":")[0]
+        assert results[f"0:{case}"] == pytest.approx(results[f"1:{case}"], rel=1e-6)
+        local = [verl_rollout_corr_metrics(*batch(10 + r, spread=0.4 + 0.3 * r), rollout_is=level,
+                                           rollout_is_threshold=4.0, rollout_is_batch_normalize=True)
+                 ["rollout_corr/rollout_is_batch_norm_factor"] for r in (0, 1)]
+        assert all(v != pytest.approx(results[f"0:{case}"], rel=1e-3) for v in local), (local, case)

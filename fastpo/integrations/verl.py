@@ -24,7 +24,8 @@ returns the same metric keys as Python floats. The loss and its gradient come fr
 global generator, as verl). ``bypass_mode``'s weights and rejection sampling come from
 ``fastpo.ops.rollout_correction`` and its ``rollout_corr/*`` diagnostics (the same keys and values as verl's
 ``compute_rollout_correction_and_rejection_mask``) from ``fastpo.ops.rollout_metrics``; verl's helper is not
-called. Not covered (NotImplementedError): in ``bypass_mode`` batch-normalised weights under torch.distributed.
+called. Batch-normalised weights are normalised over the default process group when torch.distributed is
+initialised, as verl.
 """
 
 from __future__ import annotations
@@ -208,11 +209,12 @@ def _bypass_weights(log_prob, rollout_log_prob, mask, level, threshold, batch_no
     """verl's rollout IS weights π_current/π_rollout (fastpo.ops.rollout_correction, detached)."""
     if level not in ("token", "sequence"):
         raise ValueError(f"Invalid rollout_is: {level}. Must be one of {{'token', 'sequence'}}.")
+    group = None  # verl normalises over the default process group when one is initialised
     if batch_normalize and torch.distributed.is_available() and torch.distributed.is_initialized():
-        raise NotImplementedError("fastpo_bypass_mode: rollout_is_batch_normalize under torch.distributed")
+        group = torch.distributed.group.WORLD
     upper, lower = parse_is_threshold(threshold)
     return rollout_is_weights(log_prob, rollout_log_prob, mask, level=level, mode="truncate" if lower is None else "mask",
-                              upper=upper, lower=lower, batch_normalize=batch_normalize)
+                              upper=upper, lower=lower, batch_normalize=batch_normalize, group=group)
 
 
 def fastpo_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,

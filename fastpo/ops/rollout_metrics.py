@@ -10,7 +10,8 @@ With Δ_t = logp_t − rollout_logp_t over the counted tokens M (n = |M|; rows b
   upper / below lower = 1/upper by default), std (population, of min(w, upper)), eff_sample_size
   1 / mean((c / (mean c + 1e-8))²) with c = min(w, upper), the row means of w (seq_mean/std/max/min,
   seq_max_deviation = max|·−1|), the share of rows whose raw row mean is out of bounds, IcePop's
-  oob_ratio, and batch_norm_factor (the mean weight, per token or per non-empty row).
+  oob_ratio, and batch_norm_factor (the mean weight, per token or per non-empty row; over every rank of
+  the default process group when torch.distributed is initialised, as verl).
 * Rejection option o with statistic k1 = −Δ, k2 = ½Δ², k3 = e^Δ − 1 − Δ (Δ clamped ±20), per token or
   per row (sum / mean / max over M_b): mean, min, max, fraction_high/low, std of the statistic clamped to
   [lower, upper], the statistics of the row values (seq_*), the share of tokens and of rows it masks;
@@ -130,12 +131,15 @@ def _is_metrics(lr, mm: _Masked, level, threshold, batch_normalize, out):
     out[f"{p}_seq_fraction_low"] = (raw_rows < lo).float().mean()
     if lower is not None:
         out[f"{p}_oob_ratio"] = mm.mean(((raw < lower) | (raw > upper)).to(lr.dtype))
-    if batch_normalize:
-        if level == "token":
-            mean = mm.mean(w)
+    if batch_normalize:  # the mean weight; global over the default process group when one is initialised
+        vf = mm.valid.to(lr.dtype)
+        stats = torch.stack([mm.sum(w), mm.n]) if level == "token" else torch.stack([(mm.mean(w, -1) * vf).sum(),
+                                                                                       vf.sum()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+            mean = stats[0] / stats[1]
         else:
-            vf = mm.valid.to(lr.dtype)
-            mean = (mm.mean(w, -1) * vf).sum() / vf.sum().clamp_min(1e-8)
+            mean = stats[0] / (stats[1] + 1e-8 if level == "token" else stats[1].clamp_min(1e-8))
         out[f"{p}_batch_norm_factor"] = torch.where(mean > 1e-8, mean, 1.0)
 
 
