@@ -60,7 +60,7 @@ def _means_and_count(a: torch.Tensor, x: torch.Tensor, m: torch.Tensor, group):
     """(mean A, mean logp, count) over the counted tokens, of every rank of ``group`` when given."""
     zero = torch.zeros((), dtype=torch.float64, device=a.device)
     sums = torch.stack([torch.where(m, a, zero.to(a.dtype)).sum().double(),
-                        torch.where(m, x, zero.to(x.dtype)).sum().double(), m.sum().double()])
+                        torch.where(m, x, zero.to(x.dtype)).sum().double(), torch.count_nonzero(m).double()])
     if group is not None:
         import torch.distributed as dist
         dist.all_reduce(sums, group=group)
@@ -92,7 +92,7 @@ def clip_cov_weights(logp: torch.Tensor, old_logp: torch.Tensor, advantages: tor
     ``policy_loss``'s ``is_weights``.
     """
     _check(logp, old_logp, advantages, mask, clip_cov_ratio, "clip_cov_ratio")
-    m = mask != 0
+    m = mask if mask.dtype == torch.bool else mask != 0
     x, a = logp.detach(), advantages.detach()
     mean_a, mean_x, count = _means_and_count(a, x, m, group)
     num = max(int(clip_cov_ratio * count), 1)
@@ -126,7 +126,7 @@ def kl_cov_tokens(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tens
     cov_t (``torch.topk``, as verl's ``kl_cov``); none when nothing is counted. With a process ``group``
     the means, the count and the top-k are global (each rank's top-k candidates are all-gathered)."""
     _check(logp, None, advantages, mask, kl_cov_ratio, "kl_cov_ratio")
-    m = mask != 0
+    m = mask if mask.dtype == torch.bool else mask != 0
     selected = torch.zeros_like(m)
     a_all, x_all = advantages.detach(), logp.detach()
     mean_a, mean_x, count = _means_and_count(a_all, x_all, m, group)
