@@ -160,11 +160,20 @@ def _call(cfg: PolicyLossConfig, old_log_prob, log_prob, advantages, response_ma
     out = fastpo.policy_loss(log_prob, old_log_prob.detach(), advantages.detach(), response_mask,
                              is_weights=None if is_weights is None else is_weights.detach(), num_tokens=num_tokens,
                              config=cfg)
-    return _global_scale(out.loss, response_mask, loss_agg_mode, info, local_only=local_only), out.metrics
+    return _global_scale(out.loss, response_mask, loss_agg_mode, info, local_only=local_only), _host(out.metrics)
+
+
+def _host(metrics: dict) -> dict:
+    """The op's 0-d metric tensors as Python floats, in one device-to-host transfer."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(metrics)
+    values = torch.stack([metrics[k].detach().double().reshape(()) for k in keys]).tolist()
+    return {**metrics, **dict(zip(keys, values))}
 
 
 def _f(metrics, key) -> float:
-    return float(metrics[key].item())
+    return float(metrics[key])
 
 
 # verl's metric keys per loss, from fastpo's metrics (see fastpo.policy_loss and the surrogates' flags).
