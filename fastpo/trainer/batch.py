@@ -121,13 +121,16 @@ class TokenScorer(torch.nn.Module):
     """A causal LM as ``batch -> log p(response tokens) [N]`` (and entropies): the decoder runs, the
     hidden states that score response tokens are gathered (``[N, D]``) and
     ``fastpo.linear_token_logprobs`` applies the lm_head chunk by chunk, so the ``[B, L, V]`` logits
-    never exist. Everything happens inside ``forward``, so DDP and FSDP wrap this module as usual."""
+    never exist. Everything happens inside ``forward``, so DDP and FSDP wrap this module as usual.
+    ``top_k`` / ``top_p`` (0 / 1.0: off; ``--score-truncated``) score under the rollout's truncated
+    sampling distribution, as vLLM's processed log-probs are."""
 
     def __init__(self, lm: torch.nn.Module, *, temperature: float = 1.0, chunk_size: Optional[int] = None,
-                 precision: Precision = FULL):
+                 precision: Precision = FULL, top_k: int = 0, top_p: float = 1.0):
         super().__init__()
         self.lm = lm
         self.temperature = temperature
+        self.top_k, self.top_p = top_k, top_p
         self.chunk_size = chunk_size
         self.precision = precision  # --bf16, --cast-lm-head-fp32 (precision.py), --padding-free (packing.py)
 
@@ -138,11 +141,15 @@ class TokenScorer(torch.nn.Module):
         hidden states in three lm_head GEMMs where the config allows."""
         hidden = decoder_states(self.lm.get_decoder(), input_ids, attention_mask, rows, positions, self.precision)
         h, weight, bias = head_operands(hidden, self.lm.get_output_embeddings(), self.precision)
+        truncation = {} if (self.top_k == 0 and self.top_p >= 1.0) else {"top_k": self.top_k, "top_p": self.top_p}
         if policy_loss is not None:
+            if truncation:
+                raise NotImplementedError("--score-truncated with the fused linear_policy_loss: fastpo.linear_policy_loss "
+                                          "has no top_k / top_p yet")
             return fastpo.linear_policy_loss(h, weight, labels, bias=bias, temperature=self.temperature,
                                              chunk_size=self.chunk_size, **policy_loss)
         return fastpo.linear_token_logprobs(h, weight, labels, bias=bias, temperature=self.temperature,
-                                            return_entropy=return_entropy, chunk_size=self.chunk_size)
+                                            return_entropy=return_entropy, chunk_size=self.chunk_size, **truncation)
 
 
 def policy_loss_of(scorer: torch.nn.Module, batch: TokenBatch, old_logp: torch.Tensor, advantages: torch.Tensor,
