@@ -165,3 +165,16 @@ def test_clip_test_edges_equal_torch(dtype):
     cov = -a
     want = want[((cov[want] < float("inf")) & (cov[want] > -float("inf")))]
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_kl_cov_index_is_the_selection(fused, monkeypatch):
+    x, old, adv, mask = _inputs(5, 120, torch.float32, 7)
+    if not fused:
+        monkeypatch.setattr(ts, "_fused", lambda *t: False)
+    index, count = ts.kl_cov_index(x, adv, mask.float(), kl_cov_ratio=0.05)
+    sel = ts.kl_cov_tokens(x, adv, mask, kl_cov_ratio=0.05)
+    assert count == int(mask.sum()) and index.dtype == torch.int64
+    assert index.numel() == max(1, int(count * 0.05)) and torch.equal(index, torch.nonzero(sel.view(-1))[:, 0])
+    empty, n = ts.kl_cov_index(x, adv, torch.zeros_like(mask), kl_cov_ratio=0.05)
+    assert n == 0 and empty.numel() == 0

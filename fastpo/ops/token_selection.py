@@ -20,7 +20,7 @@ try:
 except ImportError:  # no C++ build: the torch path below
     _C = None
 
-__all__ = ["clip_cov_weights", "kl_cov_tokens", "high_entropy_mask", "off_policy_sequence_mask"]
+__all__ = ["clip_cov_weights", "kl_cov_tokens", "kl_cov_index", "high_entropy_mask", "off_policy_sequence_mask"]
 
 
 class _TopK(NamedTuple):
@@ -125,36 +125,44 @@ def kl_cov_tokens(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tens
     """KL-Cov's selected tokens, bool [B, T]: the max(1, ⌊kl_cov_ratio·Σmask⌋) counted tokens of largest
     cov_t (``torch.topk``, as verl's ``kl_cov``); none when nothing is counted. With a process ``group``
     the means, the count and the top-k are global (each rank's top-k candidates are all-gathered)."""
+    index, _ = kl_cov_index(logp, advantages, mask, kl_cov_ratio=kl_cov_ratio, group=group)
+    selected = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device)
+    selected.view(-1)[index] = True
+    return selected
+
+
+@torch.no_grad()
+def kl_cov_index(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                 kl_cov_ratio: float = 2e-4, group=None):
+    """(flat indices into ``logp``'s elements, ascending, int64; count of counted tokens, global with a
+    ``group``) of :func:`kl_cov_tokens`'s selection, without a pass over the batch to find them (this rank's
+    share of the k = max(1, ⌊kl_cov_ratio·count⌋) selected tokens)."""
     _check(logp, None, advantages, mask, kl_cov_ratio, "kl_cov_ratio")
     m = mask if mask.dtype == torch.bool else mask != 0
-    selected = torch.zeros_like(m)
     a_all, x_all = advantages.detach(), logp.detach()
     mean_a, mean_x, count = _means_and_count(a_all, x_all, m, group)
     if count == 0:
-        return selected
+        return torch.zeros(0, dtype=torch.int64, device=logp.device), 0
     k = max(1, int(count * kl_cov_ratio))
     if _fused(x_all, a_all):  # one C++ pass with a size-k heap (selection.h): (values, flat indices), best first
         vals, top = (torch.from_numpy(t) for t in _C.cov_topk(_np(x_all), _np(a_all), _np(m), float(mean_a),
                                                                float(mean_x), min(k, count)))
         if group is None:
-            selected.view(-1)[top] = True
-            return selected
+            return top.sort().values, count
         local = _TopK(vals, top)
         flat = torch.arange(m.numel())
     else:
         flat = torch.nonzero(m.reshape(-1), as_tuple=True)[0]
         cov = (a_all.reshape(-1)[flat] - mean_a) * (x_all.reshape(-1)[flat] - mean_x)
         if group is None:
-            selected.view(-1)[flat[torch.topk(cov, k, largest=True).indices]] = True
-            return selected
+            return flat[torch.topk(cov, k, largest=True).indices].sort().values, count
         local = torch.topk(cov, min(k, cov.numel()), largest=True)
     vals = torch.full((k,), -float("inf"), dtype=local.values.dtype, device=m.device)
     vals[:local.values.numel()] = local.values
     top = torch.topk(torch.cat(_all_gather(vals, group)), k, largest=True).indices
     mine = top[(top // k) == _world(group)[1]] % k
     mine = mine[mine < local.indices.numel()]
-    selected.view(-1)[flat[local.indices[mine]]] = True
-    return selected
+    return flat[local.indices[mine]].sort().values, count
 
 
 @torch.no_grad()
