@@ -143,13 +143,25 @@ class TokenScorer(torch.nn.Module):
         h, weight, bias = head_operands(hidden, self.lm.get_output_embeddings(), self.precision)
         truncation = {} if (self.top_k == 0 and self.top_p >= 1.0) else {"top_k": self.top_k, "top_p": self.top_p}
         if policy_loss is not None:
-            if truncation:
-                raise NotImplementedError("--score-truncated with the fused linear_policy_loss: fastpo.linear_policy_loss "
-                                          "has no top_k / top_p yet")
+            if truncation:  # (linear_policy_loss has no top_k / top_p: scored here, then the loss)
+                return _truncated_policy_loss(h, weight, bias, labels, self.temperature, self.chunk_size,
+                                              truncation, policy_loss)
             return fastpo.linear_policy_loss(h, weight, labels, bias=bias, temperature=self.temperature,
                                              chunk_size=self.chunk_size, **policy_loss)
         return fastpo.linear_token_logprobs(h, weight, labels, bias=bias, temperature=self.temperature,
                                             return_entropy=return_entropy, chunk_size=self.chunk_size, **truncation)
+
+
+_HEAD_ONLY = ("temperature", "bias", "ignore_index", "logit_softcap", "logit_scale", "compute_entropy", "chunk_size")
+
+
+def _truncated_policy_loss(h, weight, bias, labels, temperature, chunk_size, truncation, kwargs):
+    """``fastpo.policy_loss`` of the truncated log-probs (and entropies) of the response tokens: the
+    composition ``linear_token_logprobs(..., top_k=, top_p=)`` then the loss (one extra [N] pair)."""
+    logp, entropy = fastpo.linear_token_logprobs(h, weight, labels, bias=bias, temperature=temperature,
+                                                 return_entropy=True, chunk_size=chunk_size, **truncation)
+    rest = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY}
+    return fastpo.policy_loss(logp, entropy=entropy, **rest)
 
 
 def policy_loss_of(scorer: torch.nn.Module, batch: TokenBatch, old_logp: torch.Tensor, advantages: torch.Tensor,

@@ -80,6 +80,10 @@ class TrainConfig:
     max_new_tokens: int = field(default=8, metadata={"help": "response length cap"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also used to score)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    score_truncated: Optional[bool] = field(default=None, metadata={
+        "help": "score old / new / reference log-probs under the rollout's truncated distribution (top-p "
+                "renormalised, as vLLM's processed log-probs), not the full softmax (default: on when "
+                "--top-p < 1)"})
     dynamic_sampling: Optional[bool] = field(default=None, metadata={
         "help": "group algorithms: replace groups whose responses all got the same reward with groups of "
                 "further sampling rounds, up to --max-sampling-rounds, and mask out any left (DAPO's dynamic "
