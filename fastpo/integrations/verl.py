@@ -8,8 +8,8 @@ and ``fastpo_bypass_mode`` through
 ``verl.trainer.ppo.core_algos.register_policy_loss`` (and, when ``fastpo.integrations.verl_advantages``
 exists, its advantage estimators). It needs verl's ``core_algos`` only: no GPU, Ray workers or trainer.
 With ``FASTPO_VERL_FUSED_HEAD=1`` in the workers' environment the import also swaps verl's fused log-prob +
-entropy head (``use_fused_kernels``) for ``fastpo.linear_token_logprobs`` (``install_fused_head()``, see
-``fastpo.integrations.verl_head``).
+entropy head (``use_fused_kernels``, every ``fused_kernel_options.impl_backend``: torch, liger, triton) for
+``fastpo.linear_token_logprobs`` (``install_fused_head()``, see ``fastpo.integrations.verl_head``).
 
 Each function has verl's signature ``(old_log_prob, log_prob, advantages, response_mask,
 loss_agg_mode="token-mean", config=None, rollout_is_weights=None) -> (loss, metrics)``, reads the same
