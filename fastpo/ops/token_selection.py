@@ -29,9 +29,11 @@ class _TopK(NamedTuple):
 
 
 def _fused(*ts: torch.Tensor) -> bool:
-    """The C++ selection pass applies: contiguous CPU tensors of one dtype, float32 or float64."""
-    return _C is not None and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == ts[0].dtype
-                                  for t in ts) and ts[0].dtype in (torch.float32, torch.float64)
+    """The C++ selection pass applies: contiguous CPU tensors of one dtype, float32 or float64, eager."""
+    if _C is None or torch.compiler.is_compiling():  # traced: the torch path (no NumPy views)
+        return False
+    return all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == ts[0].dtype
+               for t in ts) and ts[0].dtype in (torch.float32, torch.float64)
 
 
 def _np(t: torch.Tensor):
