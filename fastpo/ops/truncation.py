@@ -2,14 +2,14 @@
 
 The sampler's kept set of a row is {x_j >= t} for one threshold t (see
 ``fastpo.reference.truncation``). The threshold pass finds t per row without sorting: top-k takes the
-k-th largest raw logit (``topk``, ties kept); top-p then searches the smallest raw value t (an entry)
+k-th largest raw logit (``topk``, ties kept); top-p then finds the smallest raw value t (an entry)
 whose mass strictly above is < p, with q = softmax(z/τ) over the top-k survivors:
     pred(t) = Σ_{x_l > t} e_l < p · Σ_l e_l,   e_l = e^{s_l − max s}·1[x_l >= t_k]
-(monotone in t; true at the row maximum). The search keeps lo (pred false, −inf at first) and hi
-(pred true, an entry), evaluates pred at the midpoint of the entries strictly between, and snaps to
-the nearest entry on the side it moves: each step removes at least one entry and halves the value
-range, until no entry lies between (then t = hi). Rows are processed in chunks of about 2^22 logits
-(the chunk's float64 e is the only temporary). The row kernels then treat x_j < t as −inf.
+(monotone in t; true at the row maximum), from the row's M largest entries only (``topk(M)``, sorted:
+their cumulative mass gives pred at each of them, a tie group taking the mass above its first entry);
+rows whose boundary is not among them retry with 4M, up to V. A nucleus of a few hundred tokens costs
+one ``topk(64)`` or ``topk(256)`` per row, not a sort of V. Rows are processed in chunks of about 2^22
+logits (the chunk's e is the largest temporary). The row kernels then treat x_j < t as −inf.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fastpo._validation import is_tracing
 from fastpo.reference.logprobs import transform_logits
 
 _CHUNK_ELEMENTS = 1 << 22
-_MAX_STEPS = 4096
+_FIRST_CANDIDATES = 64
 
 
 def check_truncation(top_k, top_p, logit_scale) -> tuple[int, float]:
@@ -45,26 +45,25 @@ def check_truncation(top_k, top_p, logit_scale) -> tuple[int, float]:
 
 
 def _top_p_threshold(x: torch.Tensor, e: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The smallest entry t of each row of ``x`` with Σ_{x > t} e < top_p · Σ e (see the module docstring)."""
-    target = top_p * e.sum(-1)
-    neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
-    hi = x.max(-1).values
-    lo = torch.full_like(hi, float("-inf"))
-    live = e > 0  # only entries of the kept (top-k) set with mass can become the threshold
-    for _ in range(_MAX_STEPS):
-        between = live & (x > lo[:, None]) & (x < hi[:, None])
-        if not bool(between.any()):
-            return hi
-        a = torch.where(between, x, torch.full_like(x, float("inf"))).min(-1).values
-        b = torch.where(between, x, neg_inf).max(-1).values
-        active = between.any(-1)
-        mid = torch.where(active, a / 2 + b / 2, hi)
-        ok = (e * (x > mid[:, None])).sum(-1) < target
-        up = torch.where(live & (x >= mid[:, None]), x, torch.full_like(x, float("inf"))).min(-1).values
-        down = torch.where(live & (x <= mid[:, None]), x, neg_inf).max(-1).values
-        hi = torch.where(active & ok, torch.minimum(up, hi), hi)
-        lo = torch.where(active & ~ok, torch.maximum(down, lo), lo)
-    raise RuntimeError("top_p threshold search did not converge (NaN logits?)")
+    """The smallest entry t of each row of ``x`` with Σ_{x > t} e < top_p · Σ e (see the module docstring),
+    from the row's M largest entries (``topk``, M = 64, x4 for the rows whose boundary lies further down)."""
+    target = top_p * e.sum(-1, dtype=torch.float64)  # e in the accumulation dtype, its sums in float64
+    n, vocab = x.shape
+    thr = torch.empty(n, dtype=x.dtype, device=x.device)
+    todo = torch.arange(n, device=x.device)
+    m = min(vocab, _FIRST_CANDIDATES)
+    while todo.numel():
+        vals, idx = x[todo].topk(m, dim=-1, sorted=True)  # descending
+        es = e[todo].gather(-1, idx).double()
+        before = torch.cumsum(es, dim=-1) - es  # the mass of the entries sorted before each one
+        first = torch.searchsorted(-vals, -vals, side="left")  # the first entry of each tie group
+        ok = before.gather(-1, first) < target[todo, None]  # mass strictly above < p·Z: true, then false
+        n_ok = ok.sum(-1)
+        done = (n_ok < m) | (m == vocab)  # the boundary is among the M (or M is the whole row)
+        thr[todo[done]] = vals[done].gather(-1, (n_ok[done] - 1).clamp(min=0)[:, None])[:, 0]
+        todo = todo[~done]
+        m = min(vocab, 4 * m)
+    return thr
 
 
 def row_thresholds(x: torch.Tensor, inv_t, top_k: int, top_p: float, logit_softcap: float = 0.0,
@@ -74,12 +73,18 @@ def row_thresholds(x: torch.Tensor, inv_t, top_k: int, top_p: float, logit_softc
     xa = transform_logits(x.detach())  # the raw values, widened
     thr = torch.full(xa.shape[:1], float("-inf"), dtype=xa.dtype, device=xa.device)
     vocab = xa.shape[-1]
+    cand = xa_all = xa
     if 0 < top_k < vocab:
-        thr = xa.topk(top_k, dim=-1).values[:, -1]
+        top = xa.topk(top_k, dim=-1).values
+        thr = top[:, -1]
+        if not bool(((xa >= thr[:, None]).sum(-1) > top_k).any()):
+            cand = top  # no tie at the k-th value: the kept set is exactly these k, top-p searches them only
     if top_p < 1.0 and vocab > 1:
-        s = transform_logits(xa, logit_softcap or None, logit_scale).double()
-        s = s * (inv_t[:, None].double() if isinstance(inv_t, torch.Tensor) else inv_t)
-        s = s.masked_fill(xa < thr[:, None], float("-inf"))
+        xa = cand
+        s = transform_logits(xa, logit_softcap or None, logit_scale)
+        s = s * (inv_t[:, None].to(s.dtype) if isinstance(inv_t, torch.Tensor) else inv_t)
+        if cand is xa_all and bool(torch.isfinite(thr).any()):  # (top-k with ties: mask below its threshold)
+            s = s.masked_fill(xa < thr[:, None], float("-inf"))
         m = s.max(-1, keepdim=True).values
         e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
         thr = torch.maximum(thr, _top_p_threshold(xa, e, top_p))
