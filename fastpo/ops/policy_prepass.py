@@ -21,8 +21,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from fastpo._layout import TokenLayout, accumulation_dtype, segment_ids, segment_sum
+from fastpo._validation import is_tracing
 from fastpo.ops.rollout_correction import rejection_mask, rollout_is_metrics, rollout_is_weights
-from fastpo.ops.token_selection import clip_cov_weights, high_entropy_mask, kl_cov_tokens, off_policy_sequence_mask
+from fastpo.ops.token_selection import (
+    clip_cov_weights, high_entropy_mask, kl_cov_index, kl_cov_tokens, off_policy_sequence_mask,
+)
 from fastpo.policy_config import PolicyLossConfig
 
 __all__ = ["Prepass", "needs_prepass", "run_prepass"]
@@ -136,9 +139,14 @@ def run_prepass(config: PolicyLossConfig, layout: TokenLayout, logp, old_logp, a
 
     index = scale = None
     if cfg.kl_cov_ratio is not None:
-        sel = kl_cov_tokens(x, adv, m, kl_cov_ratio=cfg.kl_cov_ratio, group=process_group)
-        metrics["kl_cov_frac"] = _frac(sel, m)
-        index = torch.nonzero(g.flat(sel), as_tuple=True)[0]
+        if g.index is None and process_group is None and not is_tracing():  # padded: flat index = token index
+            index, count = kl_cov_index(x, adv, m, kl_cov_ratio=cfg.kl_cov_ratio)
+            metrics["kl_cov_frac"] = torch.tensor(index.numel() / max(count, 1), dtype=torch.float64,
+                                                  device=logp.device)
+        else:
+            sel = kl_cov_tokens(x, adv, m, kl_cov_ratio=cfg.kl_cov_ratio, group=process_group)
+            metrics["kl_cov_frac"] = _frac(sel, m)
+            index = torch.nonzero(g.flat(sel), as_tuple=True)[0]
         scale = torch.full((index.numel(),), cfg.kl_cov_coef, dtype=dt, device=logp.device)
         if w is not None:
             scale = scale * g.flat(w)[index]
