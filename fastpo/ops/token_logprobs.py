@@ -46,7 +46,10 @@ def _forward(logits, labels, tau, ignore_index, with_entropy, extras, logit_soft
              threshold=None):
     """The forward op's body (also the eager path's): the run-time checks, then the row kernels. ``tau``: a
     float, the 0-d temperature tensor, or the ``[N]`` per-token temperatures."""
-    tau, inv_rows = temperature_args(tau)
+    if type(tau) is float:
+        inv_rows = check.check_temperature_value(tau) and None
+    else:
+        tau, inv_rows = temperature_args(tau)
     check.check_label_range(labels, logits.shape[-1], ignore_index)
     if inv_rows is None and threshold is None:  # the scalar path, as before
         return row_kernels(backend).logprob_forward(logits, labels, tau, ignore_index, with_entropy, extras,
@@ -80,6 +83,10 @@ def _kernel_backward(backend, logits, labels, row_max, log_norm, entropy, grad_l
                      out, logit_softcap, logit_scale, threshold=None):
     """The row kernels' backward for a float / 0-d / per-token ``[N]`` temperature ``tau`` (and the
     forward's truncation ``threshold``, if any)."""
+    if threshold is None and type(tau) is float:  # the scalar path, without the per-row arguments
+        row_kernels(backend).logprob_backward(logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
+                                              tau, ignore_index, out, logit_softcap, logit_scale)
+        return
     tau, inv_rows = temperature_args(tau, checked=False)
     extra = {} if inv_rows is None else {"inv_temperature_rows": inv_rows}
     if threshold is not None:
@@ -282,9 +289,12 @@ def token_logprobs(
     with_entropy = return_entropy if wanted is None else "entropy" in wanted
     extras = extras_mask(wanted)
     rows, flat = as_row_blocks(logits), flat_labels(labels)
-    temp = temperature if isinstance(temperature, torch.Tensor) else check.scalar_tensor(temperature)
-    threshold = truncation_thresholds(rows.detach(), temp, top_k, top_p, softcap, scale) if truncated else None
+    threshold = None
+    if truncated:
+        temp = temperature if isinstance(temperature, torch.Tensor) else check.scalar_tensor(temperature)
+        threshold = truncation_thresholds(rows.detach(), temp, top_k, top_p, softcap, scale)
     if not direct_call_ok(logits, labels):
+        temp = temperature if isinstance(temperature, torch.Tensor) else check.scalar_tensor(temperature)
         trunc = () if threshold is None else (threshold,)
         results = _token_logprobs_fwd(rows, flat, temp, ignore_index, with_entropy,
                                       extras, softcap, scale, inplace_backward, backend, *trunc)
