@@ -21,6 +21,9 @@ from fastpo.reference.logprobs import transform_logits
 
 _CHUNK_ELEMENTS = 1 << 22
 _FIRST_CANDIDATES = 64
+# The step cap of a snapping value bisection (the vocabulary-parallel threshold pass,
+# fastpo.ops.vocab_parallel_truncation, searches sharded rows that way).
+_MAX_STEPS = 4096
 
 
 def check_truncation(top_k, top_p, logit_scale) -> tuple[int, float]:
