@@ -88,3 +88,30 @@ def test_truncated_policy_loss_is_the_loss_of_the_truncated_logprobs(lm):
     want = fastpo.policy_loss(logp, old, adv, cu_seqlens=batch.cu_seqlens, config=config)
     torch.testing.assert_close(loss.loss.detach(), want.loss, atol=1e-5, rtol=1e-5)
     lm.zero_grad()
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_trainer_scores_truncated_and_drops_unscorable_tokens(algo, small_lm, tmp_path):
+    """With --top-p < 1 the trainer's policy and reference scorers truncate; a sampled token the trainer's
+    logits put outside the nucleus (old log-prob −inf) leaves the loss instead of making it NaN."""
+    from test_trainer_microbatch import make_trainer
+
+    trainer = make_trainer(algo, small_lm, tmp_path, "--top-p", "0.7", "--kl-coef", "0.05")
+    for scorer in (trainer.policy_eval, trainer.ref):
+        assert getattr(scorer, "module", scorer).top_p == 0.7
+    real = trainer.algo.old_policy
+
+    def old_policy(batch):  # as if the engine kept a token that the trainer's nucleus drops
+        logp, entropy = real(batch)
+        return logp.index_fill(0, torch.tensor([0, 3]), float("-inf")), entropy
+
+    trainer.algo.old_policy = old_policy
+    exp = trainer.algo.experience(1)
+    mask = exp.tensors["mask"]
+    assert mask[0] == 0 and mask[3] == 0 and int(mask.sum()) == mask.numel() - 2
+    assert exp.metrics["unscorable_frac"] == pytest.approx(2 / mask.numel())
+    assert all(v is None or v == v and abs(v) != float("inf") for v in exp.metrics.values() if isinstance(v, float))
+    loss, metrics = trainer.algo.loss(exp)
+    params = [p for p in trainer.policy.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    assert torch.isfinite(loss) and all(g is None or bool(torch.isfinite(g).all()) for g in grads)

@@ -46,6 +46,7 @@ from .microbatch import accumulate_gradients, split_experience
 from .reporting import Reporter
 from .trackers import parse_report_to
 from .schedule import apply_lr, lr_factor
+from .truncated_scoring import apply_scoring_truncation
 
 
 class NonFiniteLossWarning(RuntimeWarning):
@@ -134,6 +135,7 @@ class Trainer:
         self.critic = self.critic_eval = None
         self.precision = precision_of(cfg, self.device)  # --bf16, --cast-lm-head-fp32, --padding-free
         self.policy_eval = TokenScorer(self.lm, temperature=cfg.temperature, precision=self.precision)
+        apply_scoring_truncation(self.policy_eval, cfg)  # --score-truncated (before any DDP / FSDP wrapping)
         self.trainable_modules = torch.nn.ModuleDict({"policy": self.policy_eval})
         if self.algo.needs_critic:
             self.critic_eval = ValueModel(self.lm, precision=self.precision)

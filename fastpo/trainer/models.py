@@ -85,11 +85,11 @@ def reference_policy(lm: torch.nn.Module, cfg) -> TokenScorer:
     """The reference: a frozen copy of the initial policy, or for a LoRA policy the same network with
     its adapters disabled (the base model, no copy)."""
     from .lora import is_lora, lora_reference
+    from .truncated_scoring import apply_scoring_truncation
 
     precision = precision_of(cfg, next(lm.parameters()).device)
-    if is_lora(lm):
-        return lora_reference(lm, cfg.temperature, precision)
-    return frozen_copy(lm, cfg.temperature, precision)
+    ref = lora_reference(lm, cfg.temperature, precision) if is_lora(lm) else frozen_copy(lm, cfg.temperature, precision)
+    return apply_scoring_truncation(ref, cfg)  # --score-truncated: the rollout's top-p distribution
 
 
 def frozen_copy(lm: torch.nn.Module, temperature: float, precision: Precision = FULL) -> TokenScorer:

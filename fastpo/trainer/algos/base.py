@@ -186,6 +186,7 @@ class Algorithm(ABC):
         """Reward and length statistics, and the train/rollout log-prob gap over sampled tokens
         (``rollout_logp``: the engine's log-probs, packed like ``old_logp``)."""
         gap = (old_logp - rollout_logp).abs()
+        gap = torch.where(torch.isfinite(gap), gap, 0.0)  # a token outside the scored nucleus: see scorable_mask
         n_tok = max(batch.num_response_tokens, 1)
         is_stats = importance_weight_stats(old_logp, rollout_logp, batch, cap=self.cfg.rollout_is_cap,
                                            sequence_level=self.cfg.rollout_is.startswith("sequence"))
@@ -201,6 +202,19 @@ class Algorithm(ABC):
             "rollout_logp_max_abs_diff": float(gap.max()) if gap.numel() else 0.0,
         }
 
+
+
+def scorable_mask(old_logp: torch.Tensor, metrics: Dict[str, Optional[float]]) -> Optional[torch.Tensor]:
+    """Under ``--score-truncated`` a sampled token that the trainer's logits put just outside the
+    nucleus scores −inf (the engine's slightly different logits kept it): such tokens leave the loss,
+    since their ratio and KL have no finite value. Returns the float token mask ``[N]`` of the scorable
+    tokens, or None when every token is; logs the dropped share as ``unscorable_frac`` when there are any."""
+    finite = torch.isfinite(old_logp)
+    dropped = int((~finite).sum())
+    if not dropped:
+        return None
+    metrics["unscorable_frac"] = dropped / old_logp.numel()
+    return finite.float()
 
 
 def importance_weight_stats(old_logp: torch.Tensor, rollout_logp: torch.Tensor, batch: TokenBatch, *,

@@ -26,7 +26,7 @@ import torch
 import fastpo
 
 from ..batch import packed_rollout_logp, policy_loss_of
-from .base import Algorithm, Experience, metrics_of
+from .base import Algorithm, Experience, metrics_of, scorable_mask
 
 _PG_ONLY = fastpo.PolicyLossConfig(clip_low=0.2, clip_high=0.2, kl_coef=0.0, aggregation="token_mean")
 
@@ -94,6 +94,9 @@ class GroupPolicyGradient(Algorithm):
             mask = finished if mask is None else mask & finished
         if mask is not None:
             tensors["mask"] = batch.per_token(mask).float()
+        scorable = scorable_mask(old_logp, metrics)
+        if scorable is not None:
+            tensors["mask"] = scorable if mask is None else tensors["mask"] * scorable
         return Experience(batch, tensors, metrics, generated_tokens)
 
     def sample(self, step: int):

@@ -18,7 +18,7 @@ import fastpo
 
 from ..batch import packed_rollout_logp, policy_loss_of, score_in_chunks
 from ..models import values_of
-from .base import Algorithm, Experience, metrics_of
+from .base import Algorithm, Experience, metrics_of, scorable_mask
 
 DEFAULT_KL_COEF = 0.05
 
@@ -48,6 +48,7 @@ class PPO(Algorithm):
         ref_logp = self.reference_logp(batch)
         if ref_logp is not None:
             kl = old_logp - ref_logp
+            kl = torch.where(torch.isfinite(kl), kl, 0.0)  # tokens outside the scored nucleus: scorable_mask
             token_rewards -= self.kl_coef * kl
             metrics["kl"] = float(kl.mean()) if kl.numel() else 0.0
         last = batch.last_token_index()
@@ -59,12 +60,15 @@ class PPO(Algorithm):
         metrics["value_mean"] = float(old_values.mean()) if old_values.numel() else 0.0
         tensors = {"old_logp": old_logp, "advantages": adv, "returns": returns, "old_values": old_values,
                    "rollout_logp": rollout_logp}
+        scorable = scorable_mask(old_logp, metrics)
+        if scorable is not None:
+            tensors["mask"] = scorable
         return Experience(batch, tensors, metrics, rollout.num_tokens)
 
     def loss(self, exp: Experience) -> Tuple[torch.Tensor, Dict[str, Optional[float]]]:
         t, batch = exp.tensors, exp.batch
         num_tokens, _ = self.policy_loss_scale(exp, self.config.aggregation)  # token mean: factor 1
-        pg = policy_loss_of(self.trainer.policy, batch, t["old_logp"], t["advantages"],
+        pg = policy_loss_of(self.trainer.policy, batch, t["old_logp"], t["advantages"], mask=t.get("mask"),
                             rollout_logp=t["rollout_logp"] if self.config.rollout_is != "none" else None,
                             num_tokens=num_tokens, config=self.config)
         values = values_of(self.trainer.critic, batch)
