@@ -102,3 +102,23 @@ def test_distill_op_checks_every_impl_against_the_float64_reference():
     bad = op.outputs("fastpo", p, inputs)
     bad["grad_weight"] = bad["grad_weight"] * 1.01
     assert not op.compare(ref, bad, p, "cpu")[0]
+
+
+def test_logprob_outputs_bench_checks_every_statistic(monkeypatch):
+    """benchmarks.logprob_outputs: TRL's and fastpo's five statistics agree with eager's on a tiny case before
+    any timing, and a wrong one is refused."""
+    import benchmarks.logprob_outputs as bench
+
+    inputs = bench.make_inputs(12, 8, 50, "cpu")
+    bench.check(inputs)
+    real = bench.compute
+
+    def wrong(impl, hidden, weight, labels):
+        out = real(impl, hidden, weight, labels)
+        if impl == "fastpo-all":
+            out["log_sum_sq_probs"] = out["log_sum_sq_probs"] + 0.1
+        return out
+
+    monkeypatch.setattr(bench, "compute", wrong)
+    with pytest.raises(AssertionError, match="fastpo-all: log_sum_sq_probs"):
+        bench.check(inputs)
