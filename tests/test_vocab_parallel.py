@@ -2,7 +2,8 @@
 one spawn runs every case (tests/vocab_parallel_worker.py): both ops, forward (all five outputs, ties of
 is_top1 across the shard boundary, a shard without mass, ignore_index, softcap / scale / temperature,
 V_r = 1) and backward (the shard's gradient; the linear op's summed ∂hidden, shard ∂weight and ∂bias,
-chunks never above chunk_size), on the C++, Triton-interpreter and reference backends, results equal on
+chunks never above chunk_size), top_k / top_p truncation (top-k 3, top-p 0.9, both; ties at the thresholds across the boundary; dropped
+labels: logp −inf, finite gradients), on the C++, Triton-interpreter and reference backends, results equal on
 both ranks, and the errors (unequal shards, labels beyond the global vocabulary)."""
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from fastpo.ops import vocab_parallel as vp  # noqa: E402
 from fastpo.reference.logprobs import transform_logits  # noqa: E402
 
 ALL = ("logp", "entropy", "log_sum_sq_probs", "is_top1", "mean_logits")
+TRUNC_OUT = ALL[:4]  # mean_logits is refused under truncation
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
@@ -88,7 +89,8 @@ def _token_case(rank, tag, failures, n, vocab, dtype, seed, **kw):
     _close(f"{tag} grad", shard.grad, full.grad[:, cols], tol, failures)
 
 
-def _linear_case(rank, tag, failures, n, vocab, dim, dtype, seed, with_bias=False, chunk_size=None, **kw):
+def _linear_case(rank, tag, failures, n, vocab, dim, dtype, seed, with_bias=False, chunk_size=None, outputs=ALL,
+                 **kw):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, dim, generator=g, dtype=torch.float64)
     w = torch.randn(vocab, dim, generator=g, dtype=torch.float64)
@@ -101,7 +103,7 @@ def _linear_case(rank, tag, failures, n, vocab, dim, dtype, seed, with_bias=Fals
     bf = b.to(dtype).clone().requires_grad_() if with_bias else None
     hs, ws = h.to(dtype).clone().requires_grad_(), w[rows].to(dtype).clone().requires_grad_()
     bs = b[rows].to(dtype).clone().requires_grad_() if with_bias else None
-    want = fastpo.linear_token_logprobs(hf, wf, labels, bias=bf, outputs=ALL, chunk_size=chunk_size, **kw)
+    want = fastpo.linear_token_logprobs(hf, wf, labels, bias=bf, outputs=outputs, chunk_size=chunk_size, **kw)
     seen = []
     real = vp.chunk_logits
 
@@ -111,7 +113,7 @@ def _linear_case(rank, tag, failures, n, vocab, dim, dtype, seed, with_bias=Fals
 
     vp.chunk_logits = counting
     try:
-        got = vp.vocab_parallel_linear_token_logprobs(hs, ws, labels, dist.group.WORLD, bias=bs, outputs=ALL,
+        got = vp.vocab_parallel_linear_token_logprobs(hs, ws, labels, dist.group.WORLD, bias=bs, outputs=outputs,
                                                       chunk_size=chunk_size, **kw)
         wl, we = _grad_weights(n, seed)
         _loss(want, wl, we).backward()
@@ -119,7 +121,7 @@ def _linear_case(rank, tag, failures, n, vocab, dim, dtype, seed, with_bias=Fals
     finally:
         vp.chunk_logits = real
     tol = TOL[dtype]
-    for name in ALL:
+    for name in outputs:
         _close(f"{tag} {name}", getattr(got, name), getattr(want, name), tol, failures)
     _close(f"{tag} grad hidden", hs.grad, hf.grad, tol, failures)
     _close(f"{tag} grad weight", ws.grad, wf.grad[rows], tol, failures)
@@ -153,6 +155,32 @@ def _linear_unreduced_and_frozen(rank, failures):
     _close("frozen shard: grad hidden", hs2.grad, hf.grad, 1e-10, failures)
     if ws.grad is not None:
         failures.append("a frozen shard got a gradient")
+
+
+def _truncation_checks(rank, failures):
+    """Dropped labels: logp −inf on both ranks, finite gradients; mean_logits refused; the same thresholds on both
+    ranks (the forward results gathered)."""
+    x, labels = _logits(9, 14, torch.float32, 18)
+    labels = x.argmin(-1)  # the row minimum: dropped by top-k 3 in every row
+    shard = x[:, rank * 7:(rank + 1) * 7].clone().requires_grad_()
+    logp, ent = vp.vocab_parallel_token_logprobs(shard, labels, dist.group.WORLD, top_k=3, top_p=0.9,
+                                                 return_entropy=True)
+    if not bool((logp == float("-inf")).all()):
+        failures.append(f"dropped labels: logp {logp.tolist()}")
+    (torch.where(torch.isfinite(logp), logp, 0).sum() + ent.sum()).backward()
+    if not bool(torch.isfinite(shard.grad).all()):
+        failures.append("dropped labels: a non-finite gradient")
+    mine = torch.stack([logp, ent]).detach()
+    parts = [torch.empty_like(mine) for _ in range(2)]
+    dist.all_gather(parts, mine)
+    if not torch.equal(parts[0], parts[1]):
+        failures.append("truncated results differ between ranks")
+    try:
+        vp.vocab_parallel_token_logprobs(shard, labels, dist.group.WORLD, top_p=0.9, outputs=ALL)
+        failures.append("mean_logits under top_p did not raise")
+    except ValueError as e:
+        if "mean_logits" not in str(e):
+            failures.append(f"mean_logits: wrong message {e}")
 
 
 def _error_cases(rank, failures):
@@ -198,6 +226,19 @@ def _cases(rank, failures):
             _linear_case(rank, f"{tag} linear default chunk", failures, 6, 6, 3, dtype, 8, logit_scale=0.8)
             _linear_case(rank, f"{tag} linear per-token temperature", failures, 11, 8, 3, dtype, 14, chunk_size=4,
                          temperature=0.3 + torch.rand(11, generator=torch.Generator().manual_seed(14), dtype=dtype))
+            for trunc in ({"top_k": 3}, {"top_p": 0.9}, {"top_k": 3, "top_p": 0.9}):
+                # the special rows: ties across the shard boundary, a shard without mass, dropped labels
+                _token_case(rank, f"{tag} token {trunc}", failures, 9, 14, dtype, 15, outputs=TRUNC_OUT, **trunc)
+                _linear_case(rank, f"{tag} linear {trunc}", failures, 11, 14, 5, dtype, 16, with_bias=True,
+                             chunk_size=4, temperature=0.8, outputs=TRUNC_OUT, **trunc)
+            # ties at the k-th value and at the top-p threshold, across the shard boundary (saturated softcap)
+            # (is_top1 there: the kernels' is the kept set's first argmax; fastpo.reference's single-process op takes
+            # the untruncated row's when a dropped entry ties the maximum after the softcap; reported, not tested)
+            _token_case(rank, f"{tag} token top-k/top-p ties", failures, 9, 14, dtype, 12, logit_softcap=0.02,
+                        top_k=3, top_p=0.5, outputs=TRUNC_OUT if backend != "reference" else TRUNC_OUT[:3],
+                        label_ties=True)
+            _token_case(rank, f"{tag} token top-p per-token temperature", failures, 9, 14, dtype, 17, top_p=0.7,
+                        temperature=temps, logit_softcap=6.0, outputs=TRUNC_OUT)
         if backend == "cpu":
             _token_case(rank, f"[{backend}] token bf16", failures, 9, 14, torch.bfloat16, 9)
             _token_case(rank, f"[{backend}] token fp16", failures, 9, 14, torch.float16, 9, logit_softcap=5.0)
@@ -228,6 +269,7 @@ def _cases(rank, failures):
     if not torch.equal(parts[0], parts[1]):
         failures.append("forward results differ between ranks")
     _linear_unreduced_and_frozen(rank, failures)
+    _truncation_checks(rank, failures)
     _error_cases(rank, failures)
 
 

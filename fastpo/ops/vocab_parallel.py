@@ -48,6 +48,8 @@ from fastpo.ops.row_kernels import (
     EXTRA_MEAN, EXTRA_SUM_SQ, EXTRA_TOP1, as_row_blocks, extras_mask, flat_labels, named_outputs, result_dtype,
     row_kernels, temperature_args, temperature_input,
 )
+from fastpo.ops.truncation import check_truncation, is_active
+from fastpo.ops.vocab_parallel_truncation import shard_thresholds
 from fastpo.reference.logprobs import check_logit_transform, check_outputs, transform_logits
 
 __all__ = ["vocab_parallel_token_logprobs", "vocab_parallel_linear_token_logprobs"]
@@ -110,8 +112,10 @@ def _local_stats(results, extras: int, with_entropy: bool, vocab_local: int) -> 
     """The rows a rank contributes: [K, N] (m_eff, ℓ, logp_local[, H][, log Σp²][, mean·V_r][, top1])."""
     logp, entropy, row_max, log_norm, sum_sq, top1, mean = results
     # a shard whose logits are all −inf has no mass: the kernel reports m = 0 there, which must not win the max
-    m_eff = torch.where(log_norm == float("-inf"), torch.full_like(row_max, float("-inf")), row_max)
-    rows = [m_eff, log_norm, logp]
+    empty = log_norm == float("-inf")
+    m_eff = torch.where(empty, torch.full_like(row_max, float("-inf")), row_max)
+    # ... and a label on it (dropped by truncation) scores −inf, not the kernel's −inf − (−inf)
+    rows = [m_eff, log_norm, torch.where(empty, torch.full_like(logp, float("-inf")), logp)]
     if with_entropy:
         rows.append(entropy)
     if extras & EXTRA_SUM_SQ:
@@ -172,13 +176,17 @@ def _combine(gathered, labels_owner, valid, inv, extras: int, with_entropy: bool
     return (logp, entropy, torch.where(valid, m_ref, zero), torch.where(valid, norm, zero), sum_sq, top1, mean)
 
 
-def _fix_column0(grad2d, x0, off, row_max, log_norm, entropy, grad_logp, grad_entropy, inv, softcap, scale):
-    """Rows whose label another rank holds were run with local label 0: rewrite their column 0 with the
-    off-label gradient −(1/τ)·p_0·(g_l + g_H·(log p_0 + H))·f'(x_0), computed from the [N] values x_0."""
+def _fix_column0(grad2d, x0, off, row_max, log_norm, entropy, grad_logp, grad_entropy, inv, softcap, scale,
+                 col=None, thr=None):
+    """Rows whose label another rank holds were run with local label c (0, or ``col`` under truncation):
+    rewrite their column c with the off-label gradient −(1/τ)·p_c·(g_l + g_H·(log p_c + H))·f'(x_c), from the
+    [N] values x_c (p_c = 0 where x_c is below the truncation threshold ``thr``)."""
     if not bool(off.any()):
         return
     z = transform_logits(x0, softcap or None, scale)
     log_p = (z - row_max) * inv - log_norm
+    if thr is not None:
+        log_p = torch.where(transform_logits(x0) >= thr, log_p, torch.full_like(log_p, float("-inf")))
     p = torch.exp(log_p)
     coef = grad_logp.to(z.dtype) if grad_logp is not None else torch.zeros_like(z)
     if grad_entropy is not None:
@@ -186,7 +194,31 @@ def _fix_column0(grad2d, x0, off, row_max, log_norm, entropy, grad_logp, grad_en
     g = -p * coef * inv * scale
     if softcap:
         g = g * (1 - (z / softcap) ** 2)
-    grad2d[:, 0].copy_(torch.where(off, g.to(grad2d.dtype), grad2d[:, 0]))
+    if col is None:
+        grad2d[:, 0].copy_(torch.where(off, g.to(grad2d.dtype), grad2d[:, 0]))
+        return
+    at = col.clamp_min(0).unsqueeze(1)
+    grad2d.scatter_(1, at, torch.where(off, g.to(grad2d.dtype), grad2d.gather(1, at).squeeze(1)).unsqueeze(1))
+
+
+def _truncate(x2d, ids, off, inv, truncation, softcap, scale, group, world):
+    """Under top-k / top-p: the whole rows' thresholds of this shard's rows ``x2d`` (into the kernels'
+    keywords), and the off rows' local label moved from 0 to the shard's argmax (kept whenever any of the
+    shard is, so the kernels never take the row for a dropped label). {} when off."""
+    top_k, top_p = truncation
+    if not is_active(top_k, top_p):
+        return {}
+    thr, col = shard_thresholds(x2d, inv, top_k, top_p, softcap, scale, x2d.shape[-1] * world, group, world)
+    ids.copy_(torch.where(off, col, ids))
+    return {"threshold_rows": thr}
+
+
+def _dropped_grad(grad_logp, logp, thr):
+    """∂L/∂logp without the rows whose label truncation dropped (logp = −inf, a constant; thr finite), on
+    every rank alike (the owner's kernel drops them itself, the others must too)."""
+    if grad_logp is None or thr is None:
+        return grad_logp
+    return torch.where((logp == float("-inf")) & (thr > float("-inf")), torch.zeros_like(grad_logp), grad_logp)
 
 
 def _forward_stats(results, owner, valid, inv, extras, with_entropy, vocab_local, group, world):
@@ -197,16 +229,19 @@ def _forward_stats(results, owner, valid, inv, extras, with_entropy, vocab_local
 # ----------------------------------------------------------------------------------- token op
 class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, with_entropy, extras, softcap, scale, group, backend):
+    def forward(ctx, logits, labels, temperature, ignore_index, with_entropy, extras, softcap, scale, truncation,
+                group, backend):
         _, rank, world = _group_info(group)
         vocab_local = logits.shape[-1]
         ids, owner, valid, off = _local_labels(labels, rank * vocab_local, vocab_local, ignore_index)
         rows = as_row_blocks(logits) if backend != "reference" else logits.reshape(-1, vocab_local)
         tau, per_row, inv = _temperature(temperature)
+        trunc = _truncate(logits.reshape(-1, vocab_local), ids, off, inv, truncation, softcap, scale, group, world)
         local = _kernels(backend).logprob_forward(rows, ids, tau, _LOCAL_IGNORE, with_entropy, extras, softcap, scale,
-                                                  **per_row)
+                                                  **per_row, **trunc)
         out = _forward_stats(local, owner, valid, inv, extras, with_entropy, vocab_local, group, world)
-        ctx.save_for_backward(logits, ids, off, out[2], out[3], out[1])
+        ctx.save_for_backward(logits, ids, off, out[2], out[3], out[1],
+                              *((trunc["threshold_rows"], out[0]) if trunc else ()))
         ctx.args = (temperature, with_entropy, softcap, scale, backend)
         ctx.mark_non_differentiable(*out[4:])
         ctx.set_materialize_grads(False)
@@ -215,24 +250,29 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy, *_):
-        logits, ids, off, row_max, log_norm, entropy = ctx.saved_tensors
+        logits, ids, off, row_max, log_norm, entropy, *trunc = ctx.saved_tensors
+        thr, logp = trunc if trunc else (None, None)
         temperature, with_entropy, softcap, scale, backend = ctx.args
         tau, per_row, inv = _temperature(temperature)
         grad_entropy = grad_entropy.contiguous() if (with_entropy and grad_entropy is not None) else None
-        grad_logp = grad_logp.contiguous() if grad_logp is not None else None
+        grad_logp = _dropped_grad(grad_logp.contiguous(), logp, thr) if grad_logp is not None else None
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 10
+            return (None,) * 11
         vocab_local = logits.shape[-1]
         rows = as_row_blocks(logits) if backend != "reference" else logits.reshape(-1, vocab_local)
         grad = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
+        extra = {} if thr is None else {"threshold_rows": thr}
         _kernels(backend).logprob_backward(rows, ids, row_max, log_norm, entropy, grad_logp, grad_entropy, tau,
-                                           _LOCAL_IGNORE, grad, softcap, scale, **per_row)
-        _fix_column0(grad.view(-1, vocab_local), logits[..., 0].reshape(-1), off, row_max, log_norm, entropy,
-                     grad_logp, grad_entropy, inv, softcap, scale)
-        return (grad.view(logits.shape),) + (None,) * 9
+                                           _LOCAL_IGNORE, grad, softcap, scale, **per_row, **extra)
+        x2d = logits.reshape(-1, vocab_local)
+        x0 = x2d[:, 0] if thr is None else x2d.gather(1, ids.clamp_min(0).unsqueeze(1)).squeeze(1)
+        _fix_column0(grad.view(-1, vocab_local), x0, off, row_max, log_norm, entropy, grad_logp, grad_entropy, inv,
+                     softcap, scale, None if thr is None else ids, thr)
+        return (grad.view(logits.shape),) + (None,) * 10
 
 
-def _check_common(temperature, labels, dtype, ignore_index, return_entropy, outputs, logit_softcap, logit_scale):
+def _check_common(temperature, labels, dtype, ignore_index, return_entropy, outputs, logit_softcap, logit_scale,
+                  top_k=None, top_p=None):
     temperature = temperature_input(temperature, labels, dtype)  # a float, or a per-token [N] tensor
     temperature_args(temperature)  # the values: finite, > 0
     ignore_index = check.check_int(ignore_index, "ignore_index")
@@ -240,7 +280,10 @@ def _check_common(temperature, labels, dtype, ignore_index, return_entropy, outp
     wanted = check_outputs(outputs, return_entropy)
     softcap, scale = check_logit_transform(logit_softcap, logit_scale)
     with_entropy = return_entropy if wanted is None else "entropy" in wanted
-    return temperature, ignore_index, wanted, softcap, scale, with_entropy
+    truncation = check_truncation(top_k, top_p, scale)
+    if is_active(*truncation) and wanted is not None and "mean_logits" in wanted:
+        raise ValueError("outputs: mean_logits is not defined under top_k / top_p truncation")
+    return temperature, ignore_index, wanted, softcap, scale, with_entropy, truncation
 
 
 def _results(out, labels, wanted, return_entropy):
@@ -255,19 +298,21 @@ def _results(out, labels, wanted, return_entropy):
 def vocab_parallel_token_logprobs(
     logits_shard: torch.Tensor, labels: torch.Tensor, process_group=None, *, temperature: float = 1.0,
     ignore_index: int = -100, return_entropy: bool = False, outputs=None, logit_softcap: Optional[float] = None,
-    logit_scale: Optional[float] = None,
+    logit_scale: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
 ):
-    """:func:`fastpo.token_logprobs` of the full-vocabulary logits (``temperature`` a float or per-token tensor, as
-    there), given this rank's shard
+    """:func:`fastpo.token_logprobs` of the full-vocabulary logits (``temperature`` a float or per-token tensor,
+    ``top_k`` / ``top_p`` truncation, as there), given this rank's shard
     ``logits_shard [..., V/tp]`` (vocabulary ids [rank·V/tp, (rank+1)·V/tp)) and global ``labels [...]``;
     every rank gets the same results. Only the shard's gradient is computed, locally."""
     check.check_logits_labels(logits_shard, labels)
-    tau, ignore_index, wanted, softcap, scale, with_entropy = _check_common(
-        temperature, labels, logits_shard.dtype, ignore_index, return_entropy, outputs, logit_softcap, logit_scale)
+    tau, ignore_index, wanted, softcap, scale, with_entropy, truncation = _check_common(
+        temperature, labels, logits_shard.dtype, ignore_index, return_entropy, outputs, logit_softcap, logit_scale,
+        top_k, top_p)
     group, _, world = _group_info(process_group)
     check.check_label_range(labels, logits_shard.shape[-1] * world, ignore_index)
     out = _VocabParallelTokenLogprobs.apply(logits_shard, flat_labels(labels), tau, ignore_index, with_entropy,
-                                            extras_mask(wanted), softcap, scale, group, select_backend(logits_shard))
+                                            extras_mask(wanted), softcap, scale, truncation, group,
+                                            select_backend(logits_shard))
     return _results(out, labels, wanted, return_entropy)
 
 
@@ -282,23 +327,28 @@ def _chunks(n_tokens: int, chunk_size: Optional[int], vocab_local: int):
 class _VocabParallelLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, with_entropy, extras, softcap, scale,
-                chunk_size, reduce_grad_hidden, group, backend):
+                chunk_size, reduce_grad_hidden, truncation, group, backend):
         _, rank, world = _group_info(group)
         vocab_local = weight.shape[0]
         ids, owner, valid, off = _local_labels(labels, rank * vocab_local, vocab_local, ignore_index)
         kernels = _kernels(backend)
         n = hidden.shape[0]
         local = [hidden.new_empty(n, dtype=result_dtype(hidden.dtype)) for _ in range(7)]
+        thr = hidden.new_empty(n, dtype=result_dtype(hidden.dtype)) if is_active(*truncation) else None
         for rows in _chunks(n, chunk_size, vocab_local):
             logits = chunk_logits(hidden[rows], weight, bias)
-            tau, per_row, _ = _temperature(temperature, rows)
+            tau, per_row, inv = _temperature(temperature, rows)
+            trunc = _truncate(logits, ids[rows], off[rows], inv, truncation, softcap, scale, group, world)
+            if trunc:
+                thr[rows] = trunc["threshold_rows"]
             for buf, part in zip(local, kernels.logprob_forward(logits, ids[rows], tau, _LOCAL_IGNORE, with_entropy,
-                                                                extras, softcap, scale, **per_row)):
+                                                                extras, softcap, scale, **per_row, **trunc)):
                 buf[rows] = part
             del logits
         out = _forward_stats(local, owner, valid, _temperature(temperature)[2], extras, with_entropy, vocab_local,
                              group, world)
-        ctx.save_for_backward(hidden, weight, bias, ids, off, out[2], out[3], out[1])
+        ctx.save_for_backward(hidden, weight, bias, ids, off, out[2], out[3], out[1],
+                              *((thr, out[0]) if thr is not None else ()))
         ctx.args = (temperature, with_entropy, softcap, scale, chunk_size, reduce_grad_hidden, group, backend)
         ctx.mark_non_differentiable(*out[4:])
         ctx.set_materialize_grads(False)
@@ -307,24 +357,28 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy, *_):
-        hidden, weight, bias, ids, off, row_max, log_norm, entropy = ctx.saved_tensors
+        hidden, weight, bias, ids, off, row_max, log_norm, entropy, *trunc = ctx.saved_tensors
+        thr, logp = trunc if trunc else (None, None)
         temperature, with_entropy, softcap, scale, chunk_size, reduce_grad_hidden, group, backend = ctx.args
         grad_entropy = grad_entropy.contiguous() if (with_entropy and grad_entropy is not None) else None
-        grad_logp = grad_logp.contiguous() if grad_logp is not None else None
+        grad_logp = _dropped_grad(grad_logp.contiguous(), logp, thr) if grad_logp is not None else None
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grads = gradient_buffers(hidden, weight, bias, needs_hidden, needs_weight, needs_bias)
         if grad_logp is not None or grad_entropy is not None:
             kernels = _kernels(backend)
             for rows in _chunks(hidden.shape[0], chunk_size, weight.shape[0]):
                 grad_logits = chunk_logits(hidden[rows], weight, bias)
-                x0 = grad_logits[:, 0].clone()  # read before the in-place backward overwrites it
+                col = None if thr is None else ids[rows]
+                # read before the in-place backward overwrites it
+                x0 = (grad_logits[:, 0] if col is None else grad_logits.gather(1, col.clamp_min(0)[:, None])[:, 0]).clone()
                 gl = None if grad_logp is None else grad_logp[rows]
                 ge = None if grad_entropy is None else grad_entropy[rows]
                 tau, per_row, inv = _temperature(temperature, rows)
+                extra = {} if thr is None else {"threshold_rows": thr[rows]}
                 kernels.logprob_backward(grad_logits, ids[rows], row_max[rows], log_norm[rows], entropy[rows], gl, ge,
-                                         tau, _LOCAL_IGNORE, grad_logits, softcap, scale, **per_row)
+                                         tau, _LOCAL_IGNORE, grad_logits, softcap, scale, **per_row, **extra)
                 _fix_column0(grad_logits, x0, off[rows], row_max[rows], log_norm[rows], entropy[rows], gl, ge, inv,
-                             softcap, scale)
+                             softcap, scale, col, None if thr is None else thr[rows])
                 add_chunk_gradients(grad_logits, hidden[rows], weight, rows, *grads)
                 del grad_logits
         elif needs_hidden:
@@ -333,7 +387,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         if needs_hidden and reduce_grad_hidden:
             dist.all_reduce(grad_hidden, group=group)  # hidden is replicated: its gradient sums the shards'
         return (grad_hidden if needs_hidden else None, grad_weight.to(weight.dtype) if needs_weight else None,
-                grad_bias.to(weight.dtype) if (needs_bias and bias is not None) else None) + (None,) * 11
+                grad_bias.to(weight.dtype) if (needs_bias and bias is not None) else None) + (None,) * 12
 
 
 @_eager_only
@@ -342,16 +396,18 @@ def vocab_parallel_linear_token_logprobs(
     bias: Optional[torch.Tensor] = None, temperature: float = 1.0, ignore_index: int = -100,
     return_entropy: bool = False, outputs=None, logit_softcap: Optional[float] = None,
     logit_scale: Optional[float] = None, chunk_size: Optional[int] = None, reduce_grad_hidden: bool = True,
+    top_k: Optional[int] = None, top_p: Optional[float] = None,
 ):
     """:func:`fastpo.linear_token_logprobs` for a vocabulary-parallel lm_head: ``hidden [..., D]`` replicated,
     this rank's ``weight_shard [V/tp, D]`` (and ``bias`` shard), global ``labels``; one chunk of
-    [chunk, V/tp] logits at a time. ∂hidden is all-reduced over ``process_group`` unless
+    [chunk, V/tp] logits at a time (also for the ``top_k`` / ``top_p`` thresholds, found per chunk). ∂hidden is all-reduced over ``process_group`` unless
     ``reduce_grad_hidden=False``; ∂weight_shard and ∂bias are this shard's."""
     check_head_operands(hidden, weight_shard, bias)
     check.check_aligned_labels(labels, hidden, "hidden")
     check.check_same_device(hidden=hidden, weight=weight_shard, labels=labels, bias=bias)
-    tau, ignore_index, wanted, softcap, scale, with_entropy = _check_common(
-        temperature, labels, hidden.dtype, ignore_index, return_entropy, outputs, logit_softcap, logit_scale)
+    tau, ignore_index, wanted, softcap, scale, with_entropy, truncation = _check_common(
+        temperature, labels, hidden.dtype, ignore_index, return_entropy, outputs, logit_softcap, logit_scale,
+        top_k, top_p)
     check.check_bool(reduce_grad_hidden, "reduce_grad_hidden")
     if chunk_size is not None and (check.check_int(chunk_size, "chunk_size") < 1):
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
@@ -360,19 +416,28 @@ def vocab_parallel_linear_token_logprobs(
     rows = hidden if hidden.dim() == 2 else hidden.reshape(labels.numel(), hidden.shape[-1])
     out = _VocabParallelLinearLogprobs.apply(
         rows, weight_shard, bias, flat_labels(labels), tau, ignore_index, with_entropy, extras_mask(wanted), softcap,
-        scale, chunk_size, reduce_grad_hidden, group, select_backend(hidden))
+        scale, chunk_size, reduce_grad_hidden, truncation, group, select_backend(hidden))
     return _results(out, labels, wanted, return_entropy)
 
 
 # ------------------------------------------------------------------------- reference row kernels
 class _TorchRows:
     """The row-kernel contract (``fastpo.kernels.logprobs``) in eager torch, for ``FASTPO_BACKEND=reference``:
-    [N, V] rows, the same statistics (m = max z, ℓ = log Σ e^{(z − m)/τ}) and backward formula."""
+    [N, V] rows, the same statistics (m = max z, ℓ = log Σ e^{(z − m)/τ}) and backward formula; raw logits
+    below ``threshold_rows`` count as −inf (a dropped label: logp = −inf, no g_l)."""
+
+    @staticmethod
+    def _masked(x, softcap, scale, threshold_rows):
+        z = transform_logits(x.detach(), softcap or None, scale)
+        if threshold_rows is None:
+            return z, z
+        kept = transform_logits(x.detach()) >= threshold_rows.unsqueeze(-1)
+        return torch.where(kept, z, torch.full_like(z, float("-inf"))), z
 
     @staticmethod
     def logprob_forward(x, labels, tau, ignore_index, with_entropy, extras=0, softcap=0.0, scale=1.0,
-                        inv_temperature_rows=None):
-        z = transform_logits(x.detach(), softcap or None, scale)
+                        inv_temperature_rows=None, threshold_rows=None):
+        z, _ = _TorchRows._masked(x, softcap, scale, threshold_rows)
         inv = 1.0 / tau if inv_temperature_rows is None else inv_temperature_rows.to(z.dtype)
         valid = labels != ignore_index
         safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
@@ -394,13 +459,16 @@ class _TorchRows:
 
     @staticmethod
     def logprob_backward(x, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, tau, ignore_index, out,
-                         softcap=0.0, scale=1.0, inv_temperature_rows=None):
-        z = transform_logits(x.detach(), softcap or None, scale)
+                         softcap=0.0, scale=1.0, inv_temperature_rows=None, threshold_rows=None):
+        z, z_raw = _TorchRows._masked(x, softcap, scale, threshold_rows)
         inv = 1.0 / tau if inv_temperature_rows is None else inv_temperature_rows.to(z.dtype).unsqueeze(-1)
         valid = labels != ignore_index
         log_p = (z - row_max.unsqueeze(-1)) * inv - log_norm.unsqueeze(-1)
         p = torch.exp(log_p)
         grad = torch.zeros_like(z)
+        if grad_logp is not None and threshold_rows is not None:  # a dropped label's logp is a constant
+            label_x = transform_logits(x.detach()).gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+            grad_logp = torch.where(label_x < threshold_rows, torch.zeros_like(grad_logp), grad_logp)
         if grad_logp is not None:
             onehot = torch.nn.functional.one_hot(torch.where(valid, labels, 0), z.shape[-1]).to(z.dtype)
             grad = grad + grad_logp.unsqueeze(-1).to(z.dtype) * (onehot - p)
@@ -409,5 +477,5 @@ class _TorchRows:
                 p > 0, log_p + entropy.unsqueeze(-1), torch.zeros_like(p))
         grad = grad * inv * scale
         if softcap:
-            grad = grad * (1 - (z / softcap) ** 2)
+            grad = grad * (1 - (z_raw / softcap) ** 2)
         out.copy_(torch.where(valid.unsqueeze(-1), grad, torch.zeros_like(grad)))
