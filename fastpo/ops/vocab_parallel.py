@@ -25,6 +25,11 @@ cross-entropy). ``vocab_parallel_linear_token_logprobs`` returns ∂hidden summe
 (all-reduce; hidden is replicated, each shard contributes G_r·W_r); pass ``reduce_grad_hidden=False``
 when the caller's framework already does it (Megatron's copy_to_tensor_model_parallel_region).
 
+``top_k`` / ``top_p`` (the single-process ops' vLLM truncation): the whole rows' raw-logit thresholds by
+:mod:`fastpo.ops.vocab_parallel_truncation` (collectives of [tp, k, N] / [tp, 3, N] values, never the
+vocabulary), then the kernels' ``threshold_rows``; off-owner rows are scored at the shard's argmax (kept
+whenever any of the shard is) and a dropped label (logp = −inf) loses its g_l on every rank.
+
 These run as plain ``torch.autograd.Function``s with c10d collectives and a data-dependent shard-size
 check, so they are eager only: both entry points are ``torch.compiler.disable``d (a compiled caller gets a
 graph break around them; ``fullgraph=True`` raises), lazily: importing torch._dynamo costs ~2.5 s, and
