@@ -25,7 +25,10 @@ import torch
 from fastpo import _validation as check
 from fastpo._backend import kernel_module, select_backend
 from fastpo.ops.linear_token_logprobs import _chunk_rows
-from fastpo.ops.lm_head import add_chunk_gradients, check_head_operands, chunk_logits, gradient_buffers
+from fastpo.ops.lm_head import (
+    add_chunk_gradients, check_head_operands, chunk_logits, gather_in_backward, gradient_buffers, head_gather,
+    resolve_head_weight,
+)
 from fastpo.ops.row_kernels import no_double_backward, result_dtype
 from fastpo.reference import distill as ref
 from fastpo.reference.logprobs import check_logit_transform
@@ -216,7 +219,7 @@ def linear_distill_loss(
     teacher_bias: Optional[torch.Tensor] = None, student_logit_softcap: Optional[float] = None,
     student_logit_scale: Optional[float] = None, teacher_logit_softcap: Optional[float] = None,
     teacher_logit_scale: Optional[float] = None, ignore_index: int = -100, reduction: str = "batchmean",
-    num_items_in_batch=None, return_entropy: bool = False, chunk_size: Optional[int] = None,
+    num_items_in_batch=None, return_entropy: bool = False, chunk_size: Optional[int] = None, weight_gather=None,
 ):
     """Distillation loss of a student against a teacher from hidden states ``[..., D_s]`` / ``[..., D_t]`` and
     lm_heads ``[V, D_s]`` / ``[V, D_t]`` (one vocabulary; each model in its own dtype), never building ``[N, V]``.
@@ -230,6 +233,26 @@ def linear_distill_loss(
     bias); a double backward raises ``NotImplementedError``. With ``return_entropy``, also the per-token
     student entropy (detached). Returns float32 (float64 for float64 inputs).
     """
+    student_weight = resolve_head_weight(student_weight, student_hidden.dtype)
+    student_bias = resolve_head_weight(student_bias, student_hidden.dtype)
+    teacher_weight = resolve_head_weight(teacher_weight, teacher_hidden.dtype)
+    teacher_bias = resolve_head_weight(teacher_bias, teacher_hidden.dtype)
+    with head_gather(weight_gather, student_weight, student_bias), \
+            head_gather(weight_gather, teacher_weight, teacher_bias):
+        out = _linear_distill_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, mask, beta, temperature,
+            student_bias, teacher_bias, student_logit_softcap, student_logit_scale, teacher_logit_softcap,
+            teacher_logit_scale, ignore_index, reduction, num_items_in_batch, return_entropy, chunk_size)
+    gather_in_backward(out, weight_gather, student_weight, student_bias)  # the recompute / the accumulation
+    if reduction == "none" and num_items_in_batch is None:  # the per-token backward recomputes the teacher too
+        gather_in_backward(out, weight_gather, teacher_weight, teacher_bias)
+    return out
+
+
+def _linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, mask, beta,
+                         temperature, student_bias, teacher_bias, student_logit_softcap, student_logit_scale,
+                         teacher_logit_softcap, teacher_logit_scale, ignore_index, reduction, num_items_in_batch,
+                         return_entropy, chunk_size):
     check_head_operands(student_hidden, student_weight, student_bias)
     check_head_operands(teacher_hidden, teacher_weight, teacher_bias)
     lead = tuple(student_hidden.shape[:-1])

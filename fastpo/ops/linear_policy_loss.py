@@ -42,7 +42,10 @@ from fastpo._backend import select_backend
 from fastpo._layout import check_cu_seqlens_values, check_like_layout, flat_inputs, token_layout
 from fastpo.loss_output import LossOutput
 from fastpo.ops.linear_token_logprobs import _chunk_rows, linear_token_logprobs
-from fastpo.ops.lm_head import add_chunk_gradients, check_head_operands, chunk_logits, gradient_buffers
+from fastpo.ops.lm_head import (
+    add_chunk_gradients, check_head_operands, chunk_logits, gather_in_backward, gradient_buffers, head_gather,
+    resolve_head_weight,
+)
 from fastpo.ops.loss_spec import POLICY_METRICS, STATS, TokenLossSpec, policy_spec_lists
 from fastpo.ops.policy_loss import (
     check_policy_inputs, default_norm_length, loss_kernels, metrics_from, policy_loss, run_forward,
@@ -226,6 +229,7 @@ def linear_policy_loss(
     process_group=None,
     generator: Optional[torch.Generator] = None,
     entropy_threshold=None,
+    weight_gather=None,
 ) -> LossOutput:
     """``policy_loss(linear_token_logprobs(hidden, weight, labels, ...), old_logp, advantages, mask, ...)``
     in one fused op: three lm_head GEMMs for token-local configs, four otherwise, and never ``[N, V]``.
@@ -248,8 +252,25 @@ def linear_policy_loss(
     Peak extra memory is one chunk of logits plus ∂hidden (hidden's dtype) and float32 ∂weight, which
     becomes the weight's gradient (for a float32 weight) without a copy.
 
+    An FSDP2 DTensor ``weight`` / ``bias`` is gathered once per call, and ``weight_gather`` (ZeRO-3) is
+    entered around the forward, as in :func:`fastpo.linear_token_logprobs` (the gradients are formed in the
+    forward; the composed pre-pass path re-gathers for its backward's recompute).
+
     Returns ``LossOutput(loss, metrics)`` with :func:`fastpo.policy_loss`'s metrics.
     """
+    weight, bias = resolve_head_weight(weight, hidden.dtype), resolve_head_weight(bias, hidden.dtype)
+    with head_gather(weight_gather, weight, bias):
+        out = _linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask, cu_seqlens, ref_logp,
+                                   rollout_logp, is_weights, num_tokens, config, temperature, bias, ignore_index,
+                                   logit_softcap, logit_scale, compute_entropy, chunk_size, process_group, generator,
+                                   entropy_threshold, weight_gather)
+    gather_in_backward(out.loss, weight_gather, weight, bias)  # for the accumulation (gradients formed in the forward)
+    return out
+
+
+def _linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask, cu_seqlens, ref_logp, rollout_logp,
+                        is_weights, num_tokens, config, temperature, bias, ignore_index, logit_softcap, logit_scale,
+                        compute_entropy, chunk_size, process_group, generator, entropy_threshold, weight_gather):
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a fastpo.PolicyLossConfig, got {type(config).__name__}")
     check_head_operands(hidden, weight, bias)
@@ -276,7 +297,7 @@ def linear_policy_loss(
 
     if needs_prepass(config):
         return _composed(hidden, weight, labels, old_logp, advantages, mask, bias, temperature, ignore_index,
-                         logit_softcap, logit_scale, with_entropy, chunk_size,
+                         logit_softcap, logit_scale, with_entropy, chunk_size, weight_gather,
                          dict(cu_seqlens=cu_seqlens, ref_logp=ref_logp, rollout_logp=rollout_logp,
                               is_weights=is_weights, num_tokens=num_tokens, config=config,
                               process_group=process_group, generator=generator,
@@ -311,10 +332,11 @@ def linear_policy_loss(
 
 
 def _composed(hidden, weight, labels, old_logp, advantages, mask, bias, temperature, ignore_index, logit_softcap,
-              logit_scale, with_entropy, chunk_size, loss_kwargs) -> LossOutput:
+              logit_scale, with_entropy, chunk_size, weight_gather, loss_kwargs) -> LossOutput:
     """The two public ops in turn (the pre-pass configs; see the module docstring)."""
     scored = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                    ignore_index=ignore_index, return_entropy=with_entropy,
-                                   logit_softcap=logit_softcap, logit_scale=logit_scale, chunk_size=chunk_size)
+                                   logit_softcap=logit_softcap, logit_scale=logit_scale, chunk_size=chunk_size,
+                                   weight_gather=weight_gather)
     logp, entropy = scored if with_entropy else (scored, None)
     return policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **loss_kwargs)

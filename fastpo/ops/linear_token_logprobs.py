@@ -19,7 +19,10 @@ import torch
 from fastpo import _validation as check
 from fastpo import reference
 from fastpo._backend import select_backend
-from fastpo.ops.lm_head import add_chunk_gradients, check_head_operands, chunk_logits, gradient_buffers
+from fastpo.ops.lm_head import (
+    add_chunk_gradients, check_head_operands, chunk_logits, gather_in_backward, gradient_buffers, head_gather,
+    resolve_head_weight,
+)
 from fastpo.ops.row_kernels import (
     empty_row_outputs, extras_mask, flat_labels, named_outputs, no_double_backward, row_kernels, temperature_args,
     temperature_input,
@@ -182,6 +185,8 @@ def linear_token_logprobs(
     chunk_size: Optional[int] = None,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
+    process_group=None,
+    weight_gather=None,
 ):
     """``token_logprobs(hidden @ weight.T + bias, labels)`` without building ``[N, V]`` logits.
 
@@ -203,7 +208,33 @@ def linear_token_logprobs(
     Under ``torch.compile`` (fullgraph, dynamic shapes) a changing ``temperature`` or number of
     tokens does not recompile; ``ignore_index``, ``return_entropy``, ``outputs`` and an explicit
     ``chunk_size`` are specialised.
+
+    Sharded heads: ``process_group`` (a vocabulary-parallel lm_head, Megatron layout: ``weight [V/tp, D]``
+    is this rank's shard of rows [rank·V/tp, (rank+1)·V/tp), ``labels`` global ids; every rank gets the
+    same results, ∂hidden is summed over the group; see ``fastpo.ops.vocab_parallel``, eager only). An
+    FSDP2 DTensor ``weight`` / ``bias`` is gathered once per call (cast to hidden's dtype first; its
+    gradient is reduce-scattered onto the shards, averaged over the mesh). ``weight_gather`` (a callable
+    ``(weight, bias) -> context manager``, e.g. ``lambda w, b: deepspeed.zero.GatheredParameters([w, b])``
+    for ZeRO-3) is entered around the forward and again around the backward's recompute (eager only).
     """
+    weight, bias = resolve_head_weight(weight, hidden.dtype), resolve_head_weight(bias, hidden.dtype)
+    if process_group is not None:
+        from fastpo.ops.vocab_parallel import vocab_parallel_linear_token_logprobs
+        with head_gather(weight_gather, weight, bias):
+            out = vocab_parallel_linear_token_logprobs(
+                hidden, weight, labels, process_group, bias=bias, temperature=temperature, ignore_index=ignore_index,
+                return_entropy=return_entropy, outputs=outputs, logit_softcap=logit_softcap, logit_scale=logit_scale,
+                chunk_size=chunk_size, top_k=top_k, top_p=top_p)
+    else:
+        with head_gather(weight_gather, weight, bias):
+            out = _linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index, return_entropy,
+                                         outputs, logit_softcap, logit_scale, chunk_size, top_k, top_p)
+    gather_in_backward(out, weight_gather, weight, bias)
+    return out
+
+
+def _linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index, return_entropy, outputs,
+                           logit_softcap, logit_scale, chunk_size, top_k, top_p):
     check_head_operands(hidden, weight, bias)
     check.check_aligned_labels(labels, hidden, "hidden")
     check.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)

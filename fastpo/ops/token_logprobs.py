@@ -211,6 +211,7 @@ def token_logprobs(
     inplace_backward: bool = False,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
+    process_group=None,
 ):
     """Log-probabilities of ``labels`` under ``softmax(logits / temperature)``, one per token.
 
@@ -264,7 +265,20 @@ def token_logprobs(
     Under ``torch.compile`` (fullgraph, dynamic shapes) a changing ``temperature`` does not
     recompile; ``ignore_index``, ``return_entropy``, ``outputs``, ``logit_softcap``, ``logit_scale`` and
     ``inplace_backward`` are specialised.
+
+    ``process_group``: ``logits [..., V/tp]`` is this rank's shard of a vocabulary-parallel output (Megatron
+    layout: vocabulary ids [rank·V/tp, (rank+1)·V/tp)), ``labels`` are global ids; the ranks exchange
+    per-row statistics only, every rank gets the same results, and each rank's backward is local to its
+    shard (see ``fastpo.ops.vocab_parallel``; eager only, no ``inplace_backward``).
     """
+    if process_group is not None:
+        from fastpo.ops.vocab_parallel import vocab_parallel_token_logprobs
+        if inplace_backward:
+            raise ValueError("inplace_backward=True is not supported with process_group (vocab-parallel logits)")
+        return vocab_parallel_token_logprobs(
+            logits, labels, process_group, temperature=temperature, ignore_index=ignore_index,
+            return_entropy=return_entropy, outputs=outputs, logit_softcap=logit_softcap, logit_scale=logit_scale,
+            top_k=top_k, top_p=top_p)
     check.check_logits_labels(logits, labels)
     temperature = temperature_input(temperature, labels, logits.dtype)
     ignore_index = check.check_int(ignore_index, "ignore_index")

@@ -148,7 +148,11 @@ def _named_outputs(logits, labels, temperature, ignore_index, wanted, logit_soft
         if top_k > 0 or top_p < 1.0:
             if "mean_logits" in wanted:
                 raise ValueError("outputs: mean_logits is not defined under top_k / top_p truncation")
-            s = s.masked_fill(~keep_mask(transform_logits(logits.detach()), s, top_k, top_p), float("-inf"))
+            keep = keep_mask(transform_logits(logits.detach()), s, top_k, top_p)
+            s = s.masked_fill(~keep, float("-inf"))
+            # is_top1: the first argmax of the kept set, as the kernels (a saturated softcap can tie a dropped
+            # raw entry with the row's maximum)
+            z = z.masked_fill(~keep, float("-inf"))
         zero = torch.zeros((), dtype=s.dtype, device=s.device)
         if "log_sum_sq_probs" in wanted:
             result["log_sum_sq_probs"] = torch.where(valid, torch.logsumexp(2 * torch.log_softmax(s, -1), -1), zero)
