@@ -107,6 +107,7 @@ def test_resume_with_vllm_repeats_an_uninterrupted_run(tiny_cache, tiny_dir, tmp
 @needs_vllm
 @pytest.mark.parametrize("algo,extra", [("ppo", ["--rollout-is", "token_truncate"]),
                                         ("remax", ["--rollout-is", "sequence_mask", "--top-p", "0.9"]),
+                                        ("grpo", ["--top-p", "0.9", "--no-score-truncated"]),
                                         ("online_dpo", [])])
 def test_other_algorithms_and_rollout_is_modes(algo, extra, tiny_cache, tiny_dir, tmp_path):
     records = train(["--algo", algo, "--max-steps", "3", "--prompts-per-step", "4", "--group-size", "4", *extra],
@@ -114,8 +115,10 @@ def test_other_algorithms_and_rollout_is_modes(algo, extra, tiny_cache, tiny_dir
     assert len(records) == 3 and all(r["loss"] is not None and not r["skipped"] for r in records)
     if algo != "online_dpo":
         assert all(r["rollout_is_seq_mean"] is not None for r in records)
-    if "--top-p" in extra:  # nucleus sampling: vLLM's log-probs are renormalised, the gap is visible
+    if "--no-score-truncated" in extra:  # nucleus sampling: vLLM's log-probs are renormalised, the gap is visible
         assert records[0]["rollout_logp_abs_diff"] > 1e-3
+    elif "--top-p" in extra:  # --score-truncated (on by default with --top-p < 1) scores the same distribution
+        assert all(r["rollout_logp_abs_diff"] < 1e-4 for r in records)
 
 
 def test_missing_vllm_is_a_clear_user_error(tmp_path, tiny_cache, tiny_dir, monkeypatch, capsys):
