@@ -29,6 +29,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_two_gloo_ranks(target, timeout: float) -> None:
+    """Spawns ``target(rank, port, queue)`` on ranks 0 and 1 (each puts ``(rank, [failure messages])`` on the
+    queue) and fails the test with every rank's messages."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=timeout) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    failures = [f"rank {r}: {msg}" for r in sorted(results) for msg in results[r]]
+    assert not failures, "\n".join(failures)
+
+
 def make_labels(shape, vocab, *, ignore_index=-100, ignore_fraction=0.25, generator=None, device="cpu"):
     labels = torch.randint(0, vocab, shape, generator=generator)
     drop = torch.rand(shape, generator=generator) < ignore_fraction

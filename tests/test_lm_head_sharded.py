@@ -9,14 +9,13 @@ gathered once per call whose gradient reaches the DTensor parameter, averaged ov
 from __future__ import annotations
 
 import importlib
-import multiprocessing as mp
-import socket
 from contextlib import contextmanager
 
 import pytest
 import torch
 
 import fastpo
+from helpers import run_two_gloo_ranks
 from fastpo.ops.lm_head import gather_in_backward, head_gather, resolve_head_weight
 
 ltl = importlib.import_module("fastpo.ops.linear_token_logprobs")  # the module (fastpo.ops re-exports the function)
@@ -134,12 +133,6 @@ def test_weight_gather_must_be_callable_and_plain_weights_pass_through():
 
 
 # --------------------------------------------------------------------------------------------- FSDP2
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_data(rank, n, d, vocab):
     g = torch.Generator().manual_seed(10 + rank)
     h = torch.randn(n, d, generator=g)
@@ -207,18 +200,4 @@ def _fsdp_rank(rank, port, queue):
 
 
 def test_fsdp2_dtensor_weight_two_ranks():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_fsdp_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=300) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    failures = [f"rank {r}: {msg}" for r in sorted(results) for msg in results[r]]
-    assert not failures, "\n".join(failures)
+    run_two_gloo_ranks(_fsdp_rank, timeout=300)

@@ -8,40 +8,19 @@ both ranks, and the errors (unequal shards, labels beyond the global vocabulary)
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import socket
 
 import pytest
 import torch
 
 import fastpo
+from helpers import run_two_gloo_ranks
 from fastpo.ops import vocab_parallel as vp
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_ranks_match_one_process():
     import vocab_parallel_worker
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=vocab_parallel_worker.run, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(queue.get(timeout=600) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    failures = [f"rank {r}: {msg}" for r in sorted(results) for msg in results[r]]
-    assert not failures, "\n".join(failures)
+    run_two_gloo_ranks(vocab_parallel_worker.run, timeout=600)
 
 
 def test_single_rank_group_is_the_plain_op(tmp_path):
