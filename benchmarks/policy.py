@@ -71,8 +71,10 @@ def verl_loss_config(name: str):
 
 
 def verl_surrogate_loss(logp, old_logp, advantages, mask, fn, name: str):
-    """One of verl's registered policy losses (``fn``: verl's, fastpo's, or a torch.compile of verl's)."""
-    return fn(old_log_prob=old_logp, log_prob=logp, advantages=advantages, response_mask=mask.to(logp.dtype),
+    """One of verl's registered policy losses (``fn``: verl's, fastpo's, or a torch.compile of verl's), handed
+    the bool ``response_mask`` that verl 0.9's ``ppo_loss`` passes (``data["response_mask"].to(bool)``, made
+    once per micro-batch before the loss, so outside the timed step)."""
+    return fn(old_log_prob=old_logp, log_prob=logp, advantages=advantages, response_mask=mask,
               loss_agg_mode="token-mean", config=verl_loss_config(name))
 _VERL_AGG = {"token_mean": "token-mean", "seq_mean_token_mean": "seq-mean-token-mean",
              "token_sum_norm": "seq-mean-token-sum-norm"}

@@ -94,6 +94,7 @@ fastpo::TokenLossSpec parse_loss_spec(const py::dict& d) {
   s.kl_st = get("kl_st").cast<bool>();
   s.kl_bias = get("kl_bias").cast<bool>();
   s.count_empty = get("count_empty").cast<bool>();
+  s.metric_level = get("metric_level").cast<int>();
   const std::string agg = get("aggregation").cast<std::string>();
   if (agg == "token_mean") s.aggregation = fastpo::Aggregation::kTokenMean;
   else if (agg == "seq_mean_token_mean") s.aggregation = fastpo::Aggregation::kSeqMeanTokenMean;
@@ -104,6 +105,8 @@ fastpo::TokenLossSpec parse_loss_spec(const py::dict& d) {
   if (s.kl < 0 || s.kl > 4) throw py::value_error("spec: kl must be 0, 1, 2, 3 or 4, got " + std::to_string(s.kl));
   if (s.surrogate < 0 || s.surrogate >= fastpo::kNumSurrogates)
     throw py::value_error("spec: unknown surrogate code " + std::to_string(s.surrogate));
+  if (s.metric_level < 0 || s.metric_level >= fastpo::kNumMetricLevels)
+    throw py::value_error("spec: metric_level must be 0, 1, 2 or 3, got " + std::to_string(s.metric_level));
   if (s.rollout_given && !s.rollout) throw py::value_error("spec: rollout_given needs rollout != 0");
   if (read != d.size())
     throw py::value_error("spec: " + std::to_string(d.size() - read) + " unknown key(s); the extension is older "

@@ -73,6 +73,25 @@ struct TokenLossSpec {
   double dro_beta = 0.0;
   double vespo_k_pos = 2.0, vespo_l_pos = 3.0, vespo_k_neg = 3.0, vespo_l_neg = 2.0;
   bool kl_st = false, kl_bias = false, count_empty = false;
+  int metric_level = 0;           // MetricLevel: the sums the token loop forms (0: all)
+};
+
+// Which of the metric sums the token loop forms (fastpo.ops.loss_spec.METRIC_LEVELS); the rest stay 0.
+// Skipping a sum drops its store, its read and, where nothing else needs it, its arithmetic (without the
+// ratio statistics the reinforce-type surrogates need no exp). The lean levels are built for the
+// configs without ref_logp and entropy only (the caller asks for level 0 otherwise).
+enum MetricLevel { kAllMetrics = 0, kClipKlMetrics = 1, kKlMetrics = 2, kNoMetrics = 3, kNumMetricLevels = 4 };
+
+// The surrogates whose SurOut flags can be non-zero (the others' clip fractions are 0: no sum needed).
+template <int SURR>
+constexpr bool kHasClipFlags = SURR == kClip || SURR == kCispo || SURR == kDppoTv || SURR == kDppoKl || SURR == kGeoMean;
+
+// The sums of the metric level MET for surrogate SURR.
+template <int SURR, int MET>
+struct MetricSums {
+  static constexpr bool flags = MET <= kClipKlMetrics && kHasClipFlags<SURR>;
+  static constexpr bool neg_delta = MET <= kKlMetrics;
+  static constexpr bool ratio = MET == kAllMetrics;
 };
 
 // The stats vector, in fastpo.ops.loss_spec.STATS order (value loss: kClipFrac holds vf_clip_frac).
@@ -156,9 +175,11 @@ struct TokenTerms {
 //     weight, 1 when there is none; 1: per-token weights from rollout log-probs; 2: the caller's
 //     per-token weights) and ENT (entropy); the surrogate SURR is one too.
 // Masked tokens are computed too and dropped by the selects, so whatever they hold reaches nothing.
-template <class T, int SURR, bool REF, int IS, bool ENT>
+// MET (MetricLevel) drops the terms of the sums it does not form (MetricSums).
+template <class T, int SURR, bool REF, int IS, bool ENT, int MET>
 FASTPO_NO_SINK void policy_tokens(const TokenConsts<T>& consts, const TokenLossArgs<T>& a, int64_t begin, int64_t n,
                    TokenTerms<T>& out) {
+  using Sums = MetricSums<SURR, MET>;
   const TokenConsts<T> k = consts;  // a local copy: no store below can alias it, so its reads are hoisted
   const uint8_t* __restrict m = a.mask + begin;
   const T* __restrict xs = a.x + begin;
@@ -237,20 +258,24 @@ FASTPO_NO_SINK void policy_tokens(const TokenConsts<T>& consts, const TokenLossA
     }
     unit[t] = counted ? d_loss * weight : T(0);
     o_loss[t] = counted ? loss : T(0);
-    o_low[t] = counted ? sur.low : T(0);
-    o_high[t] = counted ? sur.high : T(0);
-    o_dual[t] = counted ? sur.dual : T(0);
-    o_neg_delta[t] = counted ? -delta : T(0);
-    o_kl[t] = counted ? kl : T(0);
-    o_ratio[t] = counted ? ratio : T(0);
-    o_min[t] = counted ? ratio : inf;
-    o_max[t] = counted ? ratio : -inf;
-    o_ent[t] = counted ? entropy : T(0);
+    if constexpr (Sums::flags) {
+      o_low[t] = counted ? sur.low : T(0);
+      o_high[t] = counted ? sur.high : T(0);
+      o_dual[t] = counted ? sur.dual : T(0);
+    }
+    if constexpr (Sums::neg_delta) o_neg_delta[t] = counted ? -delta : T(0);
+    if constexpr (REF) o_kl[t] = counted ? kl : T(0);
+    if constexpr (Sums::ratio) {
+      o_ratio[t] = counted ? ratio : T(0);
+      o_min[t] = counted ? ratio : inf;
+      o_max[t] = counted ? ratio : -inf;
+    }
+    if constexpr (ENT) o_ent[t] = counted ? entropy : T(0);
   }
 }
 
-// Adds a block's terms to a sequence's sums (in double).
-template <class T>
+// Adds a block's terms to a sequence's sums (in double): the sums the token loop formed (see MetricSums).
+template <class T, class Sums, bool REF, bool ENT>
 void add_terms(const TokenTerms<T>& b, int64_t n, SeqSums& out) {
   T loss = 0, low = 0, high = 0, dual = 0, neg_delta = 0, kl = 0, ratio = 0, entropy = 0;
   T rmin = std::numeric_limits<T>::infinity(), rmax = -std::numeric_limits<T>::infinity();
@@ -259,22 +284,25 @@ void add_terms(const TokenTerms<T>& b, int64_t n, SeqSums& out) {
     reduction(max : rmax)
 #endif
   for (int64_t t = 0; t < n; ++t) {
-    loss += b.loss[t], low += b.low[t], high += b.high[t], dual += b.dual[t], neg_delta += b.neg_delta[t];
-    kl += b.kl[t], ratio += b.ratio[t], entropy += b.entropy[t];
-    rmin = std::min(rmin, b.ratio_min[t]), rmax = std::max(rmax, b.ratio_max[t]);
+    loss += b.loss[t];
+    if constexpr (Sums::flags) low += b.low[t], high += b.high[t], dual += b.dual[t];
+    if constexpr (Sums::neg_delta) neg_delta += b.neg_delta[t];
+    if constexpr (REF) kl += b.kl[t];
+    if constexpr (Sums::ratio) ratio += b.ratio[t], rmin = std::min(rmin, b.ratio_min[t]), rmax = std::max(rmax, b.ratio_max[t]);
+    if constexpr (ENT) entropy += b.entropy[t];
   }
   out.loss += loss, out.clip_low += low, out.clip_high += high, out.dual += dual, out.neg_delta += neg_delta;
   out.kl += kl, out.ratio += ratio, out.entropy += entropy;
   out.ratio_min = std::min<double>(out.ratio_min, rmin), out.ratio_max = std::max<double>(out.ratio_max, rmax);
 }
 
-template <class T, int SURR, bool REF, int IS, bool ENT>
+template <class T, int SURR, bool REF, int IS, bool ENT, int MET>
 void policy_blocks(const TokenConsts<T>& k, const TokenLossArgs<T>& a, int64_t begin, int64_t end, SeqSums& out) {
   TokenTerms<T> terms;
   for (int64_t b = begin; b < end; b += kLossBlock) {
     const int64_t n = std::min(kLossBlock, end - b);
-    policy_tokens<T, SURR, REF, IS, ENT>(k, a, b, n, terms);
-    add_terms(terms, n, out);
+    policy_tokens<T, SURR, REF, IS, ENT, MET>(k, a, b, n, terms);
+    add_terms<T, MetricSums<SURR, MET>, REF, ENT>(terms, n, out);
   }
 }
 
@@ -324,23 +352,39 @@ double masked_log_weight_sum(const T* __restrict w, const uint8_t* __restrict m,
   return sum;
 }
 
-// The token loops of one surrogate, by [REF][IS][ENT].
+// The token loops of one surrogate: every metric by [REF][IS][ENT]; the lean metric levels (1, 2, 3)
+// without ref_logp and entropy by [level - 1][IS].
 template <class T, int SURR>
 struct SurrogateLoops {
   using Fn = void (*)(const TokenConsts<T>&, const TokenLossArgs<T>&, int64_t, int64_t, SeqSums&);
   static constexpr Fn kLoops[2][3][2] = {
-      {{policy_blocks<T, SURR, false, 0, false>, policy_blocks<T, SURR, false, 0, true>},
-       {policy_blocks<T, SURR, false, 1, false>, policy_blocks<T, SURR, false, 1, true>},
-       {policy_blocks<T, SURR, false, 2, false>, policy_blocks<T, SURR, false, 2, true>}},
-      {{policy_blocks<T, SURR, true, 0, false>, policy_blocks<T, SURR, true, 0, true>},
-       {policy_blocks<T, SURR, true, 1, false>, policy_blocks<T, SURR, true, 1, true>},
-       {policy_blocks<T, SURR, true, 2, false>, policy_blocks<T, SURR, true, 2, true>}}};
+      {{policy_blocks<T, SURR, false, 0, false, 0>, policy_blocks<T, SURR, false, 0, true, 0>},
+       {policy_blocks<T, SURR, false, 1, false, 0>, policy_blocks<T, SURR, false, 1, true, 0>},
+       {policy_blocks<T, SURR, false, 2, false, 0>, policy_blocks<T, SURR, false, 2, true, 0>}},
+      {{policy_blocks<T, SURR, true, 0, false, 0>, policy_blocks<T, SURR, true, 0, true, 0>},
+       {policy_blocks<T, SURR, true, 1, false, 0>, policy_blocks<T, SURR, true, 1, true, 0>},
+       {policy_blocks<T, SURR, true, 2, false, 0>, policy_blocks<T, SURR, true, 2, true, 0>}}};
+  // kClipKlMetrics equals kKlMetrics for a surrogate without clip flags: one instantiation serves both
+  static constexpr int kLevel1 = kHasClipFlags<SURR> ? kClipKlMetrics : kKlMetrics;
+  static constexpr Fn kLean[3][3] = {
+      {policy_blocks<T, SURR, false, 0, false, kLevel1>, policy_blocks<T, SURR, false, 1, false, kLevel1>,
+       policy_blocks<T, SURR, false, 2, false, kLevel1>},
+      {policy_blocks<T, SURR, false, 0, false, kKlMetrics>, policy_blocks<T, SURR, false, 1, false, kKlMetrics>,
+       policy_blocks<T, SURR, false, 2, false, kKlMetrics>},
+      {policy_blocks<T, SURR, false, 0, false, kNoMetrics>, policy_blocks<T, SURR, false, 1, false, kNoMetrics>,
+       policy_blocks<T, SURR, false, 2, false, kNoMetrics>}};
 };
 
 template <class T, int... S>
 constexpr auto surrogate_table(std::integer_sequence<int, S...>) {
   using Fn = typename SurrogateLoops<T, 0>::Fn;
   return std::array<const Fn (*)[3][2], sizeof...(S)>{SurrogateLoops<T, S>::kLoops...};
+}
+
+template <class T, int... S>
+constexpr auto lean_surrogate_table(std::integer_sequence<int, S...>) {
+  using Fn = typename SurrogateLoops<T, 0>::Fn;
+  return std::array<const Fn (*)[3], sizeof...(S)>{SurrogateLoops<T, S>::kLean...};
 }
 
 // One sequence: pass 1 counts its tokens and forms the sequence statistics (GSPO ratio, sequence IS
@@ -385,9 +429,14 @@ void policy_sequence(const TokenLossSpec& s, const TokenLossArgs<T>& a, int64_t 
   }
 
   static constexpr auto kTable = surrogate_table<T>(std::make_integer_sequence<int, kNumSurrogates>{});
+  static constexpr auto kLeanTable = lean_surrogate_table<T>(std::make_integer_sequence<int, kNumSurrogates>{});
   // IS 0: a per-sequence constant weight (seq_w); 1: per-token weights from rollout log-probs; 2: given weights
   const int is = !s.rollout || s.rollout_seq || geo ? 0 : s.rollout_given ? 2 : 1;
-  kTable[s.surrogate][s.kl != 0][is][s.has_entropy](k, a, begin, end, out);  // kTable[i] -> its kLoops[REF]
+  const bool lean = s.metric_level > 0 && s.kl == 0 && !s.has_entropy;
+  if (lean)
+    kLeanTable[s.surrogate][s.metric_level - 1][is](k, a, begin, end, out);
+  else
+    kTable[s.surrogate][s.kl != 0][is][s.has_entropy](k, a, begin, end, out);  // kTable[i] -> its kLoops[REF]
   out.count = n;
   out.loss *= static_cast<double>(k.weight);
 }
@@ -487,8 +536,9 @@ void token_loss_forward(const TokenLossSpec& s, const TokenLossArgs<T>& args, T*
     st[kPpoKl] = total.neg_delta * inv_total;
     st[kRefKl] = total.kl * inv_total;
     st[kRatioMean] = total.ratio * inv_total;
-    st[kRatioMin] = total.count > 0 ? total.ratio_min : 0.0;
-    st[kRatioMax] = total.count > 0 ? total.ratio_max : 0.0;
+    const bool ratio_range = total.count > 0 && (s.metric_level == kAllMetrics || s.kl != 0 || s.has_entropy);
+    st[kRatioMin] = ratio_range ? total.ratio_min : 0.0;  // 0 where the metric level forms no ratio statistics
+    st[kRatioMax] = ratio_range ? total.ratio_max : 0.0;
     st[kEntropy] = total.entropy * inv_total;
   }
   for (int k = 0; k < kNumStats; ++k) stats[k] = static_cast<T>(st[k]);

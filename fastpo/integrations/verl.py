@@ -147,8 +147,9 @@ _NO_INFO: dict = {}
 
 
 def _call(cfg: PolicyLossConfig, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-          is_weights=None, *, local_only=False):
-    """One fused fastpo.policy_loss over verl's padded [bs, T] micro-batch, scaled as verl's agg_loss."""
+          is_weights=None, *, local_only=False, metrics=None):
+    """One fused fastpo.policy_loss over verl's padded [bs, T] micro-batch, scaled as verl's agg_loss;
+    ``metrics``: the fastpo metrics the verl keys need (the CPU kernel skips the others)."""
     info = getattr(config, "global_batch_info", None) or _NO_INFO
     num_tokens = None
     if cfg.aggregation == "token_mean" and not local_only:
@@ -159,7 +160,7 @@ def _call(cfg: PolicyLossConfig, old_log_prob, log_prob, advantages, response_ma
     # the kernels read a bool or float mask as it is (non-zero = counted): no conversion pass here
     out = fastpo.policy_loss(log_prob, old_log_prob.detach(), advantages.detach(), response_mask,
                              is_weights=None if is_weights is None else is_weights.detach(), num_tokens=num_tokens,
-                             config=cfg)
+                             config=cfg, metrics=metrics)
     return _global_scale(out.loss, response_mask, loss_agg_mode, info, local_only=local_only), _host(out.metrics)
 
 
@@ -195,6 +196,13 @@ _METRICS: Dict[str, Callable[[dict], dict]] = {
                            "actor/pg_clipfrac_lower": _f(m, "clip_frac_low")},
     "dro": lambda m: {"actor/ppo_kl": _f(m, "ppo_kl")},
 }
+# The fastpo metrics each loss's verl keys are made of (what _call asks the op for).
+_CLIP_KL = ("clip_frac", "ppo_kl")
+_METRIC_NAMES: Dict[str, Tuple[str, ...]] = {
+    "vanilla": _CLIP_KL + ("dual_clip_frac",), "dppo_tv": _CLIP_KL + ("dual_clip_frac",),
+    "dppo_kl": _CLIP_KL + ("dual_clip_frac",), "gspo": _CLIP_KL, "cispo": _CLIP_KL, "sapo": ("ppo_kl",), "gpg": (),
+    "geo_mean": ("clip_frac_low", "clip_frac_high", "ppo_kl"), "dro": ("ppo_kl",),
+}
 
 
 def _make_loss(name: str):
@@ -206,7 +214,7 @@ def _make_loss(name: str):
         cfg = fastpo_config(name, config, loss_agg_mode, info.get("global_batch_size") is not None)
         agg_mode = "seq-mean-token-mean" if name == "sapo" else loss_agg_mode
         loss, metrics = _call(cfg, old_log_prob, log_prob, advantages, response_mask, agg_mode, config,
-                              rollout_is_weights, local_only=name == "geo_mean")
+                              rollout_is_weights, local_only=name == "geo_mean", metrics=_METRIC_NAMES[name])
         return loss, _METRICS[name](metrics)
 
     loss_fn.__name__ = loss_fn.__qualname__ = f"fastpo_{name}"
@@ -254,7 +262,8 @@ def fastpo_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advan
         if level is not None and threshold is not None:
             w = _bypass_weights(log_prob, old_log_prob, response, level, threshold, batch_normalize)
         cfg = PolicyLossConfig(surrogate="reinforce", kl_coef=0.0, aggregation=_AGG[_check_mode(loss_agg_mode)])
-        loss, metrics = _call(cfg, old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, w)
+        loss, metrics = _call(cfg, old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, w,
+                              metrics=("ppo_kl",))
         pg_metrics = {"actor/ppo_kl": _f(metrics, "ppo_kl")}
     elif loss_type == "ppo_clip":
         loss, pg_metrics = LOSSES["vanilla"](old_log_prob, log_prob, advantages, mask, loss_agg_mode, config, None)
@@ -280,7 +289,7 @@ def fastpo_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantag
                            clip_cov_ratio=float(ratio), clip_cov_lower=float(get(pl.clip_cov_lb, 1.0)),
                            clip_cov_upper=float(get(pl.clip_cov_ub, 5.0)))
     loss, metrics = _call(cfg, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                          rollout_is_weights)
+                          rollout_is_weights, metrics=("ppo_kl",))
     return loss, {"actor/pg_clipfrac": _f(metrics, "clip_cov_frac"), "actor/ppo_kl": _f(metrics, "ppo_kl")}
 
 
@@ -298,7 +307,7 @@ def fastpo_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages
     cfg = PolicyLossConfig(surrogate="ratio", kl_coef=0.0, aggregation=_AGG[_check_mode(loss_agg_mode)],
                            kl_cov_ratio=float(ratio), kl_cov_coef=float(coef))
     loss, _ = _call(cfg, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                    rollout_is_weights)
+                    rollout_is_weights, metrics=())
     mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
     abs_kl = torch.where(mask, (log_prob.detach() - old_log_prob).abs_(), 0.0).sum()  # a select: NaN padding
     return loss, {"actor/ppo_kl": float((abs_kl / mask.sum().clamp(min=1)).item())}

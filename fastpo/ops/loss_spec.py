@@ -9,19 +9,26 @@ Their forward returns ``(loss, stats [len(STATS)], unit [N], unit_entropy [N or 
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Tuple
+from typing import Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from fastpo.policy_config import AGGREGATIONS, ROLLOUT_IS_MODES, SURROGATES, PolicyLossConfig
 
 __all__ = ["TokenLossSpec", "STATS", "POLICY_METRICS", "policy_spec", "policy_spec_lists", "value_spec", "SURROGATE_CODES",
-           "ROLLOUT_CODES"]
+           "ROLLOUT_CODES", "METRIC_LEVELS", "metric_level", "check_metric_names"]
 
 # stats layout; for value_loss, slot 2 (clip_frac) holds vf_clip_frac
 STATS = ("loss", "scale", "clip_frac", "clip_frac_low", "clip_frac_high", "dual_clip_frac", "ppo_kl", "ref_kl",
          "ratio_mean", "ratio_min", "ratio_max", "entropy")
 POLICY_METRICS = STATS[2:]
+# The fused pass's metric levels (TokenLossSpec.metric_level): level i forms the sums of METRIC_LEVELS[i]
+# only (the CPU kernel skips the rest; the other backends form every sum). The lean levels apply without
+# ref_logp and entropy, whose metrics are then 0 in every level.
+_CLIP = ("clip_frac", "clip_frac_low", "clip_frac_high", "dual_clip_frac")
+_ZERO_WITHOUT_INPUTS = ("ref_kl", "entropy")
+METRIC_LEVELS = (frozenset(POLICY_METRICS), frozenset(_CLIP + ("ppo_kl",) + _ZERO_WITHOUT_INPUTS),
+                 frozenset(("ppo_kl",) + _ZERO_WITHOUT_INPUTS), frozenset(_ZERO_WITHOUT_INPUTS))
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4}
 # One kernel per surrogate family: "cispo_upper" is "cispo" with the lower bound 0 (clip_low = 1).
 SURROGATE_CODES = {"clip": 0, "cispo": 1, "cispo_upper": 1, "sapo": 2, "reinforce": 3, "dppo_tv": 4, "dppo_kl": 5,
@@ -62,6 +69,7 @@ class TokenLossSpec(NamedTuple):
     kl_st: bool = False          # kX+: the value of kX, the gradient of k2
     kl_bias: bool = False        # KL·r (TRL's use_bias_correction_kl)
     count_empty: bool = False    # sequence means over all sequences
+    metric_level: int = 0        # METRIC_LEVELS index: the metric sums the fused pass forms
 
     @property
     def rollout_seq(self) -> bool:
@@ -118,16 +126,39 @@ def _bounded_put(cache: dict, key, value):
     return value
 
 
+def check_metric_names(metrics) -> Optional[Tuple[str, ...]]:
+    """``metrics`` (None: all) as the requested fused-pass metric names, in :data:`POLICY_METRICS` order."""
+    if metrics is None:
+        return None
+    if isinstance(metrics, str) or not isinstance(metrics, Iterable):
+        raise TypeError(f"metrics must be None or a collection of metric names, got {type(metrics).__name__}")
+    names = tuple(metrics)
+    unknown = [n for n in names if n not in POLICY_METRICS]
+    if unknown:
+        raise ValueError(f"metrics: unknown name(s) {unknown}; the fused pass's metrics are {list(POLICY_METRICS)}")
+    return tuple(n for n in POLICY_METRICS if n in names)
+
+
+def metric_level(metrics: Optional[Tuple[str, ...]], *, has_ref: bool, has_entropy: bool) -> int:
+    """The leanest :data:`METRIC_LEVELS` index that forms every name of ``metrics`` (None: all, level 0)."""
+    if metrics is None or has_ref or has_entropy:
+        return 0
+    wanted = set(metrics)
+    return max(i for i, level in enumerate(METRIC_LEVELS) if wanted <= level)
+
+
 def policy_spec_lists(config: PolicyLossConfig, *, has_ref: bool, has_entropy: bool, norm_length: int,
-                      has_is_weights: bool = False) -> Tuple[List[float], List[int]]:
+                      has_is_weights: bool = False, metrics: Optional[Tuple[str, ...]] = None
+                      ) -> Tuple[List[float], List[int]]:
     """``(spec.floats(), spec.ints())`` of :func:`policy_spec` (``num_tokens`` = -1), cached per config and
     flags outside ``torch.compile`` (which traces the construction instead). The lists are shared: read only."""
-    key = (config, has_ref, has_entropy, norm_length, has_is_weights)
+    key = (config, has_ref, has_entropy, norm_length, has_is_weights, metrics)
     compiling = torch.compiler.is_compiling()
     hit = None if compiling else _POLICY_LISTS.get(key)
     if hit is None:
         spec = policy_spec(config, has_ref=has_ref, has_entropy=has_entropy, norm_length=norm_length,
                            num_tokens=-1.0, has_is_weights=has_is_weights)
+        spec = spec._replace(metric_level=metric_level(metrics, has_ref=has_ref, has_entropy=has_entropy))
         hit = (spec.floats(), spec.ints())
         if not compiling:
             _bounded_put(_POLICY_LISTS, key, hit)

@@ -24,7 +24,7 @@ from fastpo._layout import (
     TokenLayout, accumulation_dtype, check_cu_seqlens_values, check_like_layout, flat_inputs, token_layout,
 )
 from fastpo.loss_output import LossOutput
-from fastpo.ops.loss_spec import POLICY_METRICS, STATS, TokenLossSpec, policy_spec_lists
+from fastpo.ops.loss_spec import POLICY_METRICS, STATS, TokenLossSpec, check_metric_names, policy_spec_lists
 from fastpo.ops.policy_prepass import needs_prepass, run_prepass
 from fastpo.ops.row_kernels import direct_call_ok
 from fastpo.policy_config import GRPO, PolicyLossConfig
@@ -230,6 +230,7 @@ def policy_loss(
     process_group=None,
     generator: Optional[torch.Generator] = None,
     entropy_threshold=None,
+    metrics=None,
 ) -> LossOutput:
     """Clipped policy-gradient loss (+ KL, entropy bonus, rollout IS correction), fused, with metrics.
 
@@ -311,9 +312,15 @@ def policy_loss(
     ``dual_clip_frac`` (A < 0 capped at −c·A), ``ppo_kl`` (mean of −Δ, as verl), ``ref_kl`` (mean of the
     clamped KL estimate; 0 without ``ref_logp``), ``ratio_mean`` / ``ratio_min`` / ``ratio_max`` (of r),
     ``entropy`` (mean entropy; 0 without ``entropy``).
+
+    ``metrics`` (None: all of the above) names the ones to return, e.g. ``("ppo_kl",)`` or ``()``; the
+    pre-pass metrics are returned whenever the config runs one. Without ``ref_logp`` and ``entropy`` the CPU
+    kernel then skips the sums nobody asked for (``fastpo.ops.loss_spec.METRIC_LEVELS``): the clip flags,
+    ppo_kl and the ratio statistics, and with them the exp of the ratio for surrogates that need none.
     """
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a fastpo.PolicyLossConfig, got {type(config).__name__}")
+    metric_names = check_metric_names(metrics)
     layout = token_layout(logp, "logp", mask, cu_seqlens)
     check_like_layout(layout, old_logp, "old_logp", "logp")
     if entropy is not None:
@@ -329,10 +336,14 @@ def policy_loss(
             check_cu_seqlens_values(layout.cu_seqlens, layout.num_tokens)
         if isinstance(num_tokens, torch.Tensor):
             check_num_tokens_value(num_tokens)
-        return reference.policy_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
-                                     entropy=entropy, rollout_logp=rollout_logp, is_weights=is_weights,
-                                     num_tokens=num_tokens, config=config, process_group=process_group,
-                                     generator=generator, entropy_threshold=entropy_threshold)
+        out = reference.policy_loss(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp,
+                                    entropy=entropy, rollout_logp=rollout_logp, is_weights=is_weights,
+                                    num_tokens=num_tokens, config=config, process_group=process_group,
+                                    generator=generator, entropy_threshold=entropy_threshold)
+        if metric_names is not None:
+            dropped = set(POLICY_METRICS).difference(metric_names)
+            out = LossOutput(out.loss, {k: v for k, v in out.metrics.items() if k not in dropped})
+        return out
     pre = None
     if needs_prepass(config):
         pre = run_prepass(config, layout, logp, old_logp, advantages, entropy=entropy, rollout_logp=rollout_logp,
@@ -344,7 +355,7 @@ def policy_loss(
 
     floats, ints = policy_spec_lists(config, has_ref=ref_logp is not None, has_entropy=entropy is not None,
                                      norm_length=default_norm_length(layout, config.norm_length),
-                                     has_is_weights=is_weights is not None)
+                                     has_is_weights=is_weights is not None, metrics=metric_names)
     roll = rollout_logp if is_weights is None else is_weights  # the kernels' rollout slot (see loss_spec)
     old, adv, ref, roll, m = flat_inputs(layout, old_logp, advantages, ref_logp, roll, layout.mask)
     tensor_count = isinstance(num_tokens, torch.Tensor)
@@ -357,7 +368,7 @@ def policy_loss(
         loss, stats = _EagerPolicyLoss.apply(*args)
     else:
         loss, stats, _, _ = _run_op_args(*args)
-    metrics = metrics_from(stats, POLICY_METRICS)
+    metrics = metrics_from(stats, POLICY_METRICS if metric_names is None else metric_names)
     if pre is not None:
         if pre.kl_cov_index is not None:  # KL-Cov's few tokens, aggregated like the rest (scale = stats[1])
             x = layout.flat(logp).index_select(0, pre.kl_cov_index).to(pre.kl_cov_scale.dtype)
