@@ -25,7 +25,8 @@ Implementations compared
     epilogue and one backward kernel; CPU: one fused C++ pass per sequence).
 
 Surrogate rows (``preset`` = ``verl:<name>``, one per verl 0.9 built-in policy loss): ``verl`` is
-``core_algos.get_policy_loss_fn(<name>)`` (token-mean, default ``ActorConfig``; ``dro_beta`` 0.3),
+``core_algos.get_policy_loss_fn(<name>)`` (token-mean, default ``ActorConfig``; ``dro_beta`` 0.3;
+``bypass_mode``: REINFORCE with token IS weights truncated at 2, ``BYPASS_CORRECTION``),
 ``torch.compile`` is ``torch.compile`` of that same function, and ``fastpo`` is ``fastpo_<name>``
 from ``fastpo.integrations.verl`` through the same registry (same signature and metrics, as a verl
 run calls it). The guard compares the loss and the gradient with verl's function in float64
@@ -46,7 +47,9 @@ from .peers import COMPILE, Skip, compiled, require
 
 PRESETS = ("PPO", "GRPO", "DAPO", "DR_GRPO", "GSPO")
 VERL_LOSSES = ("vanilla", "dppo_tv", "dppo_kl", "gspo", "sapo", "gpg", "clip_cov", "kl_cov", "geo_mean", "dro",
-               "cispo")
+               "cispo", "bypass_mode")
+# bypass_mode's row: REINFORCE with token-level IS weights truncated at 2 (verl's rollout_correction defaults)
+BYPASS_CORRECTION = dict(loss_type="reinforce", rollout_is="token", rollout_is_threshold=2.0)
 VERL_PREFIX = "verl:"
 
 
@@ -64,8 +67,13 @@ def verl_loss_config(name: str):
         from verl.workers.config import ActorConfig
         from verl.workers.config.actor import PolicyLossConfig as VerlPolicyLossConfig
 
+        kw = {"dro_beta": 0.3} if name == "dro" else {}
+        if name == "bypass_mode":
+            from verl.trainer.config.algorithm import RolloutCorrectionConfig
+
+            kw["rollout_correction"] = RolloutCorrectionConfig(**BYPASS_CORRECTION)
         cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
-                          policy_loss=VerlPolicyLossConfig(**({"dro_beta": 0.3} if name == "dro" else {})))
+                          policy_loss=VerlPolicyLossConfig(**kw))
         _verl_loss_configs[name] = cfg
     return cfg
 

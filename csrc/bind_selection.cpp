@@ -96,9 +96,27 @@ py::tuple cov_topk(const py::object& x, const py::object& adv, const py::object&
   return topk_result(heap);
 }
 
+py::tuple masked_sums(const py::object& x, const py::object& adv, const py::object& mask) {
+  const Inputs in = check_inputs({{&x, "logp"}, {&adv, "advantages"}}, mask);
+  double sa = 0, sx = 0;
+  int64_t n = 0;
+  {
+    py::gil_scoped_release nogil;
+    if (in.dbl)
+      fastpo::masked_sums<double>(static_cast<const double*>(in.bufs[0].ptr), static_cast<const double*>(in.bufs[1].ptr),
+                                  in.mask, in.N, &sa, &sx, &n);
+    else
+      fastpo::masked_sums<float>(static_cast<const float*>(in.bufs[0].ptr), static_cast<const float*>(in.bufs[1].ptr),
+                                 in.mask, in.N, &sa, &sx, &n);
+  }
+  return py::make_tuple(sa, sx, n);
+}
+
 }  // namespace
 
 void bind_selection(py::module_& m) {
+  m.def("masked_sums", &masked_sums, py::arg("logp"), py::arg("advantages"), py::arg("mask"),
+        "(Σ advantages, Σ logp, count) over the counted tokens, the sums in float64.");
   m.def("clip_cov_candidates", &clip_cov_candidates, py::arg("logp"), py::arg("old_logp"), py::arg("advantages"),
         py::arg("mask"), py::arg("mean_a"), py::arg("mean_x"), py::arg("ratio_low"), py::arg("ratio_high"),
         py::arg("lb"), py::arg("ub"),

@@ -95,4 +95,23 @@ void cov_topk(const scalar_t* x, const scalar_t* adv, const uint8_t* mask, int64
   std::sort_heap(heap.begin(), heap.end(), cmp);  // ascending under cmp = best first
 }
 
+// The batch statistics the selection starts from: Σ A, Σ logp (in double) and the count over the counted
+// tokens, in one pass (selects, so NaN / inf padding never reaches the sums).
+template <typename scalar_t>
+void masked_sums(const scalar_t* __restrict x, const scalar_t* __restrict adv, const uint8_t* __restrict mask,
+                 int64_t N, double* sum_a, double* sum_x, int64_t* count) {
+  double sa = 0, sx = 0;
+  int64_t n = 0;
+#ifdef _OPENMP
+#pragma omp simd reduction(+ : sa, sx, n)
+#endif
+  for (int64_t i = 0; i < N; ++i) {
+    const bool c = mask[i] != 0;
+    sa += c ? static_cast<double>(adv[i]) : 0.0;
+    sx += c ? static_cast<double>(x[i]) : 0.0;
+    n += c;
+  }
+  *sum_a = sa, *sum_x = sx, *count = n;
+}
+
 }  // namespace fastpo

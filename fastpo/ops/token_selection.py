@@ -59,10 +59,15 @@ def _all_gather(x: torch.Tensor, group) -> list:
 
 
 def _means_and_count(a: torch.Tensor, x: torch.Tensor, m: torch.Tensor, group):
-    """(mean A, mean logp, count) over the counted tokens, of every rank of ``group`` when given."""
-    zero = torch.zeros((), dtype=torch.float64, device=a.device)
-    sums = torch.stack([torch.where(m, a, zero.to(a.dtype)).sum().double(),
-                        torch.where(m, x, zero.to(x.dtype)).sum().double(), torch.count_nonzero(m).double()])
+    """(mean A, mean logp, count) over the counted tokens, of every rank of ``group`` when given; the sums in
+    float64 on either path (one C++ pass when it applies), so both paths give the same means."""
+    if _fused(x, a) and m.is_contiguous() and m.dtype in (torch.bool, torch.uint8):
+        sums = torch.tensor(_C.masked_sums(_np(x), _np(a), _np(m)), dtype=torch.float64)
+    else:
+        zero = torch.zeros((), dtype=a.dtype, device=a.device)
+        sums = torch.stack([torch.where(m, a, zero).sum(dtype=torch.float64),
+                            torch.where(m, x, zero.to(x.dtype)).sum(dtype=torch.float64),
+                            torch.count_nonzero(m).double()])
     if group is not None:
         import torch.distributed as dist
         dist.all_reduce(sums, group=group)
