@@ -271,8 +271,10 @@ def test_custom_op_registration():
     ops = torch.ops.fastpo
     args = (flat["logp"].clone().requires_grad_(), flat["old_logp"], flat["advantages"], flat["ref_logp"],
             flat["entropy"].clone().requires_grad_(), flat["rollout_logp"], mask.reshape(-1), cu, None, -1,
-            spec.floats(), spec.ints(), True, "cpu")
+            None, None, spec.floats(), spec.ints(), True, "cpu")
     torch.library.opcheck(ops.policy_loss_fwd.default, args)
+    kl_cov = (torch.tensor([1, 5, 20]), torch.tensor([0.5, 1.0, 2.0]))  # KL-Cov's selected tokens and constants
+    torch.library.opcheck(ops.policy_loss_fwd.default, args[:10] + kl_cov + args[12:])
     loss, stats, unit, unit_ent = ops.policy_loss_fwd.default(*[a.detach() if isinstance(a, torch.Tensor) else a
                                                                   for a in args])
     torch.library.opcheck(ops.policy_loss_bwd.default,

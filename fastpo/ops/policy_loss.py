@@ -44,7 +44,7 @@ def _fake_outputs(x: torch.Tensor, with_entropy: bool):
 
 
 def run_forward(x, old, adv, ref, ent, roll, mask, cu_seqlens, num_tokens, floats, ints, packed, backend,
-                num_tokens_int: int = -1):
+                num_tokens_int: int = -1, kl_cov_index=None, kl_cov_scale=None):
     if packed:
         check_cu_seqlens_values(cu_seqlens, x.numel())
     spec = TokenLossSpec.from_lists(floats, ints)
@@ -52,25 +52,39 @@ def run_forward(x, old, adv, ref, ent, roll, mask, cu_seqlens, num_tokens, float
         check_num_tokens_value(num_tokens)
     if num_tokens_int > 0:  # an int num_tokens travels as a SymInt: no recompile per value under torch.compile
         spec = spec._replace(num_tokens=float(num_tokens_int))
-    return loss_kernels(backend).token_loss_forward(x, old, adv, ref, ent, roll, mask, cu_seqlens, num_tokens, spec)
+    out = loss_kernels(backend).token_loss_forward(x, old, adv, ref, ent, roll, mask, cu_seqlens, num_tokens, spec)
+    return out if kl_cov_index is None else add_kl_cov_terms(out, x, old, kl_cov_index, kl_cov_scale)
+
+
+def add_kl_cov_terms(out, x, old, index, scale):
+    """KL-Cov's term on its few selected tokens, inside the fused op: with d_k = x_k − old_k at the flat
+    ``index`` and c_k = ``scale``, loss += stats[1]·Σ_k c_k·|d_k| (aggregated like the rest: stats[1] is the
+    global scale) and unit[index] += c_k·sgn(d_k) (sgn 0 = 0, as autograd's abs), so the one backward
+    multiply covers it: no dense [N] gradient of its own to add."""
+    loss, stats, unit, unit_ent = out
+    d = x.detach().index_select(0, index).to(scale.dtype) - old.index_select(0, index).to(scale.dtype)
+    unit.index_add_(0, index, (scale * torch.sign(d)).to(unit.dtype))
+    return loss + (stats[1] * (scale * d.abs()).sum()).to(loss.dtype), stats, unit, unit_ent
 
 
 @torch.library.custom_op("fastpo::policy_loss_fwd", mutates_args=())
 def _policy_loss_fwd(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, ref_logp: Optional[torch.Tensor],
     entropy: Optional[torch.Tensor], rollout_logp: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-    cu_seqlens: torch.Tensor, num_tokens: Optional[torch.Tensor], num_tokens_int: int, floats: List[float],
+    cu_seqlens: torch.Tensor, num_tokens: Optional[torch.Tensor], num_tokens_int: int,
+    kl_cov_index: Optional[torch.Tensor], kl_cov_scale: Optional[torch.Tensor], floats: List[float],
     ints: List[int], packed: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, stats, unit, unit_entropy) for flat ``[N]`` inputs (see ``fastpo.ops.loss_spec``);
-    ``num_tokens`` (a tensor) or ``num_tokens_int`` (> 0; -1: none) is token_mean's denominator."""
+    ``num_tokens`` (a tensor) or ``num_tokens_int`` (> 0; -1: none) is token_mean's denominator;
+    ``kl_cov_index`` / ``kl_cov_scale``: KL-Cov's selected tokens and their constants (see add_kl_cov_terms)."""
     return _run_op_args(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens,
-                        num_tokens_int, floats, ints, packed, backend)
+                        num_tokens_int, kl_cov_index, kl_cov_scale, floats, ints, packed, backend)
 
 
 @_policy_loss_fwd.register_fake
 def _(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens, num_tokens_int,
-      floats, ints, packed, backend):
+      kl_cov_index, kl_cov_scale, floats, ints, packed, backend):
     return _fake_outputs(logp, entropy is not None)
 
 
@@ -134,17 +148,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _stats, _unit, _unit_ent):
     grad_x, grad_ent = backward_grads(ctx, grad_loss)
-    return grad_x, None, None, None, grad_ent, None, None, None, None, None, None, None, None, None
+    return grad_x, None, None, None, grad_ent, None, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastpo::policy_loss_fwd", _backward, setup_context=_setup_context)
 
 
 def _run_op_args(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens,
-                 num_tokens_int, floats, ints, packed, backend):
+                 num_tokens_int, kl_cov_index, kl_cov_scale, floats, ints, packed, backend):
     """:func:`run_forward` of ``fastpo::policy_loss_fwd``'s arguments (in the op's order)."""
     return run_forward(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens,
-                       floats, ints, packed, backend, num_tokens_int)
+                       floats, ints, packed, backend, num_tokens_int, kl_cov_index, kl_cov_scale)
 
 
 class _EagerPolicyLoss(torch.autograd.Function):
@@ -153,9 +167,9 @@ class _EagerPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens, num_tokens,
-                num_tokens_int, floats, ints, packed, backend):
+                num_tokens_int, kl_cov_index, kl_cov_scale, floats, ints, packed, backend):
         output = _run_op_args(logp, old_logp, advantages, ref_logp, entropy, rollout_logp, mask, cu_seqlens,
-                              num_tokens, num_tokens_int, floats, ints, packed, backend)
+                              num_tokens, num_tokens_int, kl_cov_index, kl_cov_scale, floats, ints, packed, backend)
         save_for_backward(ctx, logp, entropy, output, backend)
         # stats stays a differentiable output (metrics detach it): under create_graph=True the saved stats then
         # carry a graph into fastpo::policy_loss_bwd, whose formula raises on the double backward
@@ -359,10 +373,13 @@ def policy_loss(
     roll = rollout_logp if is_weights is None else is_weights  # the kernels' rollout slot (see loss_spec)
     old, adv, ref, roll, m = flat_inputs(layout, old_logp, advantages, ref_logp, roll, layout.mask)
     tensor_count = isinstance(num_tokens, torch.Tensor)
+    kl_index = kl_scale = None
+    if pre is not None and pre.kl_cov_index is not None:  # KL-Cov's few tokens: folded into the fused op
+        kl_index, kl_scale = pre.kl_cov_index, pre.kl_cov_scale
     args = (layout.flat(logp), old, adv, ref, layout.flat(entropy), roll, m, layout.cu_seqlens,
             num_tokens if tensor_count else None, -1 if num_tokens is None or tensor_count else num_tokens,
-            floats, ints, not layout.is_padded, backend)
-    if not direct_call_ok(logp, old, adv, ref, entropy, roll, m, args[8]):
+            kl_index, kl_scale, floats, ints, not layout.is_padded, backend)
+    if not direct_call_ok(logp, old, adv, ref, entropy, roll, m, args[8], kl_index, kl_scale):
         loss, stats, _, _ = _policy_loss_fwd(*args)
     elif torch.is_grad_enabled() and (logp.requires_grad or (entropy is not None and entropy.requires_grad)):
         loss, stats = _EagerPolicyLoss.apply(*args)
@@ -370,10 +387,6 @@ def policy_loss(
         loss, stats, _, _ = _run_op_args(*args)
     metrics = metrics_from(stats, POLICY_METRICS if metric_names is None else metric_names)
     if pre is not None:
-        if pre.kl_cov_index is not None:  # KL-Cov's few tokens, aggregated like the rest (scale = stats[1])
-            x = layout.flat(logp).index_select(0, pre.kl_cov_index).to(pre.kl_cov_scale.dtype)
-            o = old.index_select(0, pre.kl_cov_index).to(x.dtype)
-            loss = loss + stats[1].detach() * (pre.kl_cov_scale * (x - o).abs()).sum()
         metrics.update(pre.metrics)
     return LossOutput(loss, metrics)
 

@@ -39,7 +39,7 @@ def _log_ratio(old_logp, rollout_logp, mask):
                          f"{tuple(rollout_logp.shape)} and {tuple(mask.shape)}")
     m = mask != 0
     lr = torch.nan_to_num(old_logp.detach().float() - rollout_logp.detach().float(), nan=0.0)
-    return torch.where(m, lr, torch.zeros_like(lr)), m
+    return torch.where(m, lr, 0.0), m
 
 
 def _all_reduce(x, group):
@@ -81,13 +81,13 @@ def rollout_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
         lr = lr.sum(-1, keepdim=True).expand_as(lr)
     if log_clamp is not None:
         lr = lr.clamp(-log_clamp, log_clamp)
-    w = torch.where(m, torch.exp(lr), torch.zeros_like(lr))
+    w = torch.where(m, torch.exp(lr), 0.0)
     lo = -math.inf if lower is None else lower
     hi = math.inf if upper is None else upper
     if mode == "truncate":
         w = torch.where(m, w.clamp(min=lo, max=hi), w)
     else:
-        w = torch.where((w >= lo) & (w <= hi) & m, w, torch.zeros_like(w))
+        w = torch.where((w >= lo) & (w <= hi) & m, w, 0.0)
     if batch_normalize:
         mf = m.to(w.dtype)
         if level == "token":

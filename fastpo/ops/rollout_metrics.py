@@ -67,17 +67,19 @@ class _Masked:
         self.n_valid = self.valid.sum()
 
     def sum(self, v, axis=None):
-        v = torch.where(self.m, v, torch.zeros_like(v))
+        # a product, not a select: every v here is formed from inputs already selected to 0 at padding
+        # (verl_rollout_corr_metrics), so it is finite there and v·0 = 0
+        v = v * self.mf
         return v.sum() if axis is None else v.sum(axis)
 
     def mean(self, v, axis=None):
         return self.sum(v, axis) / ((self.n if axis is None else self.n_row) + 1e-8)
 
     def max(self, v):
-        return torch.where(self.m, v, torch.full_like(v, -math.inf)).amax()
+        return torch.where(self.m, v, -math.inf).amax()
 
     def min(self, v):
-        return torch.where(self.m, v, torch.full_like(v, math.inf)).amin()
+        return torch.where(self.m, v, math.inf).amin()
 
     def row_stats(self, s, prefix, out):
         """mean, std (unbiased; 0 for one row), max, min of the per-row values ``s`` over non-empty rows."""
