@@ -122,3 +122,15 @@ def test_logprob_outputs_bench_checks_every_statistic(monkeypatch):
     monkeypatch.setattr(bench, "compute", wrong)
     with pytest.raises(AssertionError, match="fastpo-all: log_sum_sq_probs"):
         bench.check(inputs)
+
+
+def test_verl_surrogates_bench_prints_a_row_per_loss(capsys):
+    """The issue-14 bar table's script runs verl's and fastpo's functions through verl's registry."""
+    pytest.importorskip("verl.trainer.ppo.core_algos")
+    from benchmarks.verl_surrogates import main
+
+    assert main(["--B", "2", "--T", "64", "--repeats", "1", "--losses", "gpg,kl_cov,bypass_mode", "--float-mask"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and ln.endswith("x |")]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["gpg", "kl_cov", "bypass_mode"]
+    with pytest.raises(SystemExit):
+        main(["--losses", "nope"])

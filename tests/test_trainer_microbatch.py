@@ -109,8 +109,12 @@ def test_micro_batched_run_matches_the_unsplit_run(tiny_dir, tmp_path):
         trainer.train()
         weights.append([p.detach().clone() for p in trainer.lm.parameters()])
     assert any(not torch.equal(a, b) for a, b in zip(initial, weights[0]))
+    # Adam's step m/(sqrt(v) + eps) is about ±lr (2e-4) for any gradient far above eps, so an element whose
+    # gradient is near 0 moves by a share of lr that the micro-batches' other summation order can shift:
+    # seen 1.1e-5 on 1 of 16384 elements on an Intel Xeon (MKL's GEMMs round differently there). atol is a
+    # quarter of one step; a wrong micro-batch split moves whole tensors by about lr.
     for a, b in zip(*weights):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b, a, atol=5e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("flags, message", [
