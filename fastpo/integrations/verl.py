@@ -147,9 +147,10 @@ _NO_INFO: dict = {}
 
 
 def _call(cfg: PolicyLossConfig, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-          is_weights=None, *, local_only=False, metrics=None):
+          is_weights=None, *, local_only=False, metrics=None, rollout_logp=None):
     """One fused fastpo.policy_loss over verl's padded [bs, T] micro-batch, scaled as verl's agg_loss;
-    ``metrics``: the fastpo metrics the verl keys need (the CPU kernel skips the others)."""
+    ``metrics``: the fastpo metrics the verl keys need (the CPU kernel skips the others); ``rollout_logp``: for a
+    ``cfg.rollout_is`` mode (the kernel forms the IS weights)."""
     info = getattr(config, "global_batch_info", None) or _NO_INFO
     num_tokens = None
     if cfg.aggregation == "token_mean" and not local_only:
@@ -160,7 +161,8 @@ def _call(cfg: PolicyLossConfig, old_log_prob, log_prob, advantages, response_ma
     # the kernels read a bool or float mask as it is (non-zero = counted): no conversion pass here
     out = fastpo.policy_loss(log_prob, old_log_prob.detach(), advantages.detach(), response_mask,
                              is_weights=None if is_weights is None else is_weights.detach(), num_tokens=num_tokens,
-                             config=cfg, metrics=metrics)
+                             rollout_logp=None if rollout_logp is None else rollout_logp.detach(), config=cfg,
+                             metrics=metrics)
     return _global_scale(out.loss, response_mask, loss_agg_mode, info, local_only=local_only), _host(out.metrics)
 
 
@@ -257,7 +259,16 @@ def fastpo_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advan
     response = response_mask if response_mask.dtype == torch.bool else response_mask != 0
     # verl's rejection sampling: the kept tokens are the loss mask (the weights use the whole response)
     mask = response if rs is None else rejection_mask(log_prob, old_log_prob, response, rs, rs_threshold)
-    if loss_type == "reinforce":
+    if loss_type == "reinforce" and _kernel_weights(level, threshold, batch_normalize, rs):
+        # TIS at token level: the fused kernel forms min(π/π_rollout, upper) itself (rollout_is="token_truncate"
+        # with old = log_prob.detach(), rollout = old_log_prob), so no weights pass before it; verl's ppo_kl is
+        # the response's mean(rollout − logp), which rollout_corr/kl already is (the same sum, as verl)
+        cfg = PolicyLossConfig(surrogate="reinforce", kl_coef=0.0, aggregation=_AGG[_check_mode(loss_agg_mode)],
+                               rollout_is="token_truncate", rollout_is_cap=parse_is_threshold(threshold)[0])
+        loss, _ = _call(cfg, log_prob.detach(), log_prob, advantages, mask, loss_agg_mode, config, metrics=(),
+                        rollout_logp=old_log_prob)
+        pg_metrics = {"actor/ppo_kl": rollout_metrics["rollout_corr/kl"]}
+    elif loss_type == "reinforce":
         w = None
         if level is not None and threshold is not None:
             w = _bypass_weights(log_prob, old_log_prob, response, level, threshold, batch_normalize)
@@ -271,6 +282,14 @@ def fastpo_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advan
         raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
     pg_metrics.update(rollout_metrics)
     return loss, pg_metrics
+
+
+def _kernel_weights(level, threshold, batch_normalize, rs) -> bool:
+    """Whether bypass REINFORCE's IS weights are the fused kernel's token_truncate mode: token level, an upper
+    bound only, no batch normalisation, and no rejection (whose kept tokens would then differ from the
+    response that ppo_kl averages over)."""
+    return level == "token" and threshold is not None and not batch_normalize and rs is None \
+        and parse_is_threshold(threshold)[1] is None
 
 
 def fastpo_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
