@@ -94,6 +94,12 @@ struct MetricSums {
   static constexpr bool ratio = MET == kAllMetrics;
 };
 
+// The metric level the token loop runs: the spec's, or every sum with ref_logp or entropy (the lean levels
+// are built without them).
+inline int effective_metric_level(const TokenLossSpec& s) {
+  return s.kl == 0 && !s.has_entropy ? s.metric_level : kAllMetrics;
+}
+
 // The stats vector, in fastpo.ops.loss_spec.STATS order (value loss: kClipFrac holds vf_clip_frac).
 enum Stat { kLoss, kScale, kClipFrac, kClipLow, kClipHigh, kDualClip, kPpoKl, kRefKl, kRatioMean, kRatioMin,
             kRatioMax, kEntropy, kNumStats };
@@ -432,9 +438,9 @@ void policy_sequence(const TokenLossSpec& s, const TokenLossArgs<T>& a, int64_t 
   static constexpr auto kLeanTable = lean_surrogate_table<T>(std::make_integer_sequence<int, kNumSurrogates>{});
   // IS 0: a per-sequence constant weight (seq_w); 1: per-token weights from rollout log-probs; 2: given weights
   const int is = !s.rollout || s.rollout_seq || geo ? 0 : s.rollout_given ? 2 : 1;
-  const bool lean = s.metric_level > 0 && s.kl == 0 && !s.has_entropy;
-  if (lean)
-    kLeanTable[s.surrogate][s.metric_level - 1][is](k, a, begin, end, out);
+  const int level = effective_metric_level(s);
+  if (level != kAllMetrics)
+    kLeanTable[s.surrogate][level - 1][is](k, a, begin, end, out);
   else
     kTable[s.surrogate][s.kl != 0][is][s.has_entropy](k, a, begin, end, out);  // kTable[i] -> its kLoops[REF]
   out.count = n;
@@ -536,7 +542,7 @@ void token_loss_forward(const TokenLossSpec& s, const TokenLossArgs<T>& args, T*
     st[kPpoKl] = total.neg_delta * inv_total;
     st[kRefKl] = total.kl * inv_total;
     st[kRatioMean] = total.ratio * inv_total;
-    const bool ratio_range = total.count > 0 && (s.metric_level == kAllMetrics || s.kl != 0 || s.has_entropy);
+    const bool ratio_range = total.count > 0 && effective_metric_level(s) == kAllMetrics;
     st[kRatioMin] = ratio_range ? total.ratio_min : 0.0;  // 0 where the metric level forms no ratio statistics
     st[kRatioMax] = ratio_range ? total.ratio_max : 0.0;
     st[kEntropy] = total.entropy * inv_total;

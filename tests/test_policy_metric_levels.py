@@ -115,3 +115,17 @@ def test_cpu_kernel_rejects_unknown_level():
     with pytest.raises(ValueError, match="metric_level"):
         cpu_policy.token_loss_forward(x, x, x, None, None, None, None, torch.tensor([0, 4]), None,
                                       spec._replace(metric_level=4))
+
+
+def test_cpu_kernel_runs_every_sum_with_ref_logp():
+    """A lean level asked for with ref_logp (the Python side never asks for one) runs level 0: the lean
+    kernels are built without ref_logp and entropy."""
+    ins, mask = probability_batch([13, 9, 5], seed=8)
+    flat = {k: v.reshape(-1) for k, v in ins.items()}
+    cu = torch.tensor([0, 13, 26, 39])
+    spec = policy_spec(R(kl_coef=0.1), has_ref=True, has_entropy=False, norm_length=0, num_tokens=-1.0)
+    outs = [cpu_policy.token_loss_forward(flat["logp"], flat["old_logp"], flat["advantages"], flat["ref_logp"], None,
+                                          None, mask.reshape(-1), cu, None, spec._replace(metric_level=level))
+            for level in (0, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][:3], outs[1][:3]))
+    assert outs[1][1][STATS.index("ratio_max")] > 0
