@@ -9,6 +9,7 @@ namespace py = pybind11;
 namespace fastpo_bind {
 void bind_logprobs(py::module_& m);
 void bind_rl(py::module_& m);
+void bind_rollout(py::module_& m);
 void bind_selection(py::module_& m);
 }  // namespace fastpo_bind
 
@@ -16,5 +17,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastpo C++ CPU kernels (pybind11; arrays through the buffer protocol)";
   fastpo_bind::bind_logprobs(m);
   fastpo_bind::bind_rl(m);
+  fastpo_bind::bind_rollout(m);
   fastpo_bind::bind_selection(m);
 }

@@ -16,6 +16,16 @@
 #include <cstring>
 #include <limits>
 
+// gcc's code sinking moves the loads and arithmetic that only feed `counted ? v : 0` into a branch, which
+// if-conversion cannot undo (a conditional load): a token loop then stays scalar (policy_loss.h's
+// reinforce, dro, sapo and geo_mean did, and rollout_stats.h's sums). Off for such a loop's function, it
+// vectorises.
+#if defined(__GNUC__) && !defined(__clang__)
+#define FASTPO_NO_SINK __attribute__((optimize("no-tree-sink")))
+#else
+#define FASTPO_NO_SINK
+#endif
+
 namespace fastpo {
 
 inline float bits_to_float(uint32_t u) {

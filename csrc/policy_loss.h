@@ -153,15 +153,6 @@ constexpr int64_t kLossParallelMinTokens = int64_t(1) << 18;
 // and a second loop sums them.
 constexpr int64_t kLossBlock = 256;
 
-// gcc's code sinking moves the loads and arithmetic that only feed `counted ? v : 0` into a branch, which
-// if-conversion cannot undo (a conditional load): the token loop then stays scalar (reinforce, dro, sapo,
-// geo_mean did). Off for that one function, the loop vectorises for every surrogate (DPPO's KL: log_fast).
-#if defined(__GNUC__) && !defined(__clang__)
-#define FASTPO_NO_SINK __attribute__((optimize("no-tree-sink")))
-#else
-#define FASTPO_NO_SINK
-#endif
-
 template <class T>
 struct TokenTerms {
   alignas(64) T loss[kLossBlock], low[kLossBlock], high[kLossBlock], dual[kLossBlock], neg_delta[kLossBlock];

@@ -33,11 +33,14 @@ def verl(logp, rollout, mask, **kw):
 
 
 def fastpo(logp, rollout, mask, **kw):
+    """fastpo's metrics with verl's helper blocked, from the C++ row pass, checked against the torch one."""
     with pytest.MonkeyPatch.context() as mp:
         for attr in dir(rollout_corr_helper):
             if attr.startswith("compute_"):
                 mp.setattr(rollout_corr_helper, attr, _raise)
-        return verl_rollout_corr_metrics(logp, rollout, mask, **kw)
+        got = verl_rollout_corr_metrics(logp, rollout, mask, backend="cpp", **kw)
+        compare(got, verl_rollout_corr_metrics(logp, rollout, mask, backend="torch", **kw), rtol=1e-5, atol=1e-7)
+        return got
 
 
 def _raise(*args, **kwargs):
@@ -101,7 +104,8 @@ def test_single_token_and_extreme_ratios_equal_verl():
 
 
 def test_nan_padding_changes_nothing():
-    """vLLM can leave NaN / inf where no token was scored: selected away, the metrics are the clean ones."""
+    """vLLM can leave NaN / inf where no token was scored: selected away, the metrics are the clean ones
+    (on both row-pass backends: fastpo() runs the two)."""
     logp, rollout, mask = batch(7)
     kw = dict(rollout_is="sequence", rollout_is_threshold="0.5_2.0", rollout_rs="seq_max_k3,token_k2",
               rollout_rs_threshold="0.3,0.1")
