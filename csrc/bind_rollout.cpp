@@ -15,7 +15,7 @@ namespace {
 using Option = std::tuple<int, double, double, bool, bool>;  // kind, lo, hi, two_sided, token_level
 
 py::array_t<double> rollout_row_stats(const py::object& logp, const py::object& rollout, const py::object& mask,
-                                      int64_t B, int64_t T, double upper, double lower, double lo, bool icepop,
+                                      int64_t B, int64_t T, double upper, double lower, double lo, bool icepop, double log_bound,
                                       const std::vector<Option>& options) {
   if (B < 0 || T < 0) throw py::value_error("B, T: must be >= 0, got " + std::to_string(B) + ", " + std::to_string(T));
   const int64_t N = B * T;
@@ -35,7 +35,7 @@ py::array_t<double> rollout_row_stats(const py::object& logp, const py::object& 
   const int64_t F = fastpo::rollout_col::kBase + fastpo::rollout_col::kPerOption * static_cast<int64_t>(opts.size());
   py::array_t<double> table({B, F});
   double* out = table.mutable_data();
-  const fastpo::RolloutISBounds is{upper, lower, lo, icepop};
+  const fastpo::RolloutISBounds is{upper, lower, lo, icepop, log_bound};
   {
     py::gil_scoped_release nogil;
     if (is_f64(lb))
@@ -52,7 +52,7 @@ py::array_t<double> rollout_row_stats(const py::object& logp, const py::object& 
 
 void bind_rollout(py::module_& m) {
   m.def("rollout_row_stats", &rollout_row_stats, py::arg("logp"), py::arg("rollout_logp"), py::arg("mask"),
-        py::arg("B"), py::arg("T"), py::arg("upper"), py::arg("lower"), py::arg("lo"), py::arg("icepop"),
+        py::arg("B"), py::arg("T"), py::arg("upper"), py::arg("lower"), py::arg("lo"), py::arg("icepop"), py::arg("log_bound"),
         py::arg("options"),
         "The [B, F] float64 table of per-row sums behind verl's rollout_corr/* metrics (rollout_stats.h); "
         "options: [(kind 1..3, lo, hi, two_sided, token_level)] per rejection option.");

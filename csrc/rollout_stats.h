@@ -4,7 +4,7 @@
 //
 // Over the counted tokens t of row b (mask != 0; padding is selected to logp = rollout = 0 before any
 // arithmetic, so NaN / inf there reach no sum), with d = logp − rollout (in the input dtype, as torch's lr) and
-// dc = clamp(d, ±20):
+// dc = clamp(d, ±log_bound) (verl's 20):
 //   raw = e^dc, w = min(raw, upper) (TIS) or raw·1[lower <= raw <= upper] (IcePop);
 //   columns: n, Σ logp, Σ rollout, Σ d, Σ (e^d − d − 1), Σ raw², Σ w, Σ w², max w, min w,
 //            #(raw > upper), #(raw < lo), Σ raw, #(raw outside [lower, upper]), #(rejected by any
@@ -12,7 +12,8 @@
 // A rejection option has a statistic s of dc: k1 = −dc, k2 = ½dc², k3 = e^dc − 1 − dc, and bounds
 // [lo, hi] (k1: keep lo <= s <= hi; k2 / k3: keep s <= hi, lo = 0 only clamps):
 //   Σ s, Σ c, Σ c² with c = clamp(s, lo, hi), max s, min s, #(s > hi), #(s < lo), #(rejected).
-// Every sum is in double; max / min of an empty row are −inf / +inf. Nothing here has a gradient.
+// Sums run in the input dtype within blocks of 256 tokens and in double across them; max / min of an
+// empty row are −inf / +inf. Nothing here has a gradient.
 #pragma once
 
 #include <algorithm>
@@ -37,6 +38,7 @@ constexpr int kPerOption = 8, kSumS = 0, kSumC = 1, kSumC2 = 2, kMaxS = 3, kMinS
 struct RolloutISBounds {
   double upper, lower, lo;  // lo: the "low" fraction's bound (1/upper for TIS, lower for IcePop)
   bool icepop;
+  double log_bound;  // the log-ratio clamp (verl's SAFETY_BOUND, 20)
 };
 
 struct RejectionOption {
@@ -46,10 +48,11 @@ struct RejectionOption {
   bool token_level;  // its rejections count per token (seq-level options are finished per row)
 };
 
+// clamp(d, ±bound). The bound is a runtime value on purpose: with a literal 20, gcc threads the clamp's
+// branches into the exp that follows (a constant e^±20 on each side) and the loop stays scalar.
 template <typename scalar_t>
-inline scalar_t clamp_log_ratio(scalar_t d) {
-  const scalar_t b = scalar_t(20);
-  return std::min(std::max(d, -b), b);
+inline scalar_t clamp_log_ratio(scalar_t d, scalar_t bound) {
+  return std::min(std::max(d, -bound), bound);
 }
 
 // 1 when a <= x <= b, else 0, as nested selects on one comparison each (gcc if-converts those; a select
@@ -116,7 +119,7 @@ void reduce_block(const BlockTerms<S, K>& b, int64_t n, int kmax, int kmin, doub
 // = (−inf, +inf, upper) for TIS and (lower, upper, +inf) for IcePop.
 template <typename S>
 FASTPO_NO_SINK void base_terms(const S* __restrict x, const S* __restrict r, const S* __restrict m, int64_t n,
-                               S up, S lower, S lo, S wlo, S whi, S cap, BlockTerms<S, rollout_col::kOob + 1>& out) {
+                               S bound, S up, S lower, S lo, S wlo, S whi, S cap, BlockTerms<S, rollout_col::kOob + 1>& out) {
   using namespace rollout_col;
   const S inf = std::numeric_limits<S>::infinity();
   S *__restrict cnt = out.v[kCount], *__restrict sx = out.v[kSumLogp], *__restrict sr = out.v[kSumRollout],
@@ -126,7 +129,7 @@ FASTPO_NO_SINK void base_terms(const S* __restrict x, const S* __restrict r, con
     *__restrict raw_ = out.v[kSumRaw], *__restrict oob = out.v[kOob];
   for (int64_t t = 0; t < n; ++t) {
     const S c = m[t], d = x[t] - r[t];
-    const S raw = exp_fast(clamp_log_ratio(d));
+    const S raw = exp_fast(clamp_log_ratio(d, bound));
     const S w = raw >= wlo ? (raw <= whi ? std::min(raw, cap) : S(0)) : S(0);
     cnt[t] = c, sx[t] = x[t], sr[t] = r[t], sd[t] = d;
     k3[t] = c * ((exp_fast(d) - d) - S(1));
@@ -152,7 +155,7 @@ void rollout_base_row(const scalar_t* x, const scalar_t* r, const scalar_t* m, i
   row[kMaxW] = -static_cast<double>(inf), row[kMinW] = static_cast<double>(inf);
   for (int64_t t0 = 0; t0 < T; t0 += kStatBlock) {
     const int64_t n = std::min(kStatBlock, T - t0);
-    base_terms(x + t0, r + t0, m + t0, n, up, lower, lo, wlo, whi, cap, terms);
+    base_terms(x + t0, r + t0, m + t0, n, S(is.log_bound), up, lower, lo, wlo, whi, cap, terms);
     reduce_block(terms, n, kMaxW, kMinW, row);
   }
 }
@@ -170,21 +173,17 @@ inline scalar_t rejection_stat(scalar_t dc, scalar_t e_dc) {
 // their keep test's floor keep_lo is −inf (a sentinel).
 template <int KIND, typename S>
 FASTPO_NO_SINK void rejection_terms(const S* __restrict x, const S* __restrict r, const S* __restrict m, int64_t n,
-                                    S lo, S hi, S keep_lo, S mark, S* __restrict rejected,
+                                    S bound, S lo, S hi, S keep_lo, S mark, S* __restrict rejected,
                                     BlockTerms<S, rollout_col::kPerOption>& out) {
   using namespace rollout_col;
   const S inf = std::numeric_limits<S>::infinity();
   S *__restrict ss = out.v[kSumS], *__restrict sc = out.v[kSumC], *__restrict sc2 = out.v[kSumC2],
     *__restrict mx = out.v[kMaxS], *__restrict mn = out.v[kMinS], *__restrict above = out.v[kAbove],
     *__restrict below = out.v[kBelow], *__restrict rej = out.v[kRejected];
-  // k3's exponentials in a loop of their own: with them inline, gcc leaves the loop below scalar
-  alignas(64) S e[kStatBlock];
-  if constexpr (KIND == 3)
-    for (int64_t t = 0; t < n; ++t) e[t] = exp_fast(clamp_log_ratio(S(x[t] - r[t])));
   for (int64_t t = 0; t < n; ++t) {
     const S c = m[t];
-    const S dc = clamp_log_ratio(S(x[t] - r[t]));
-    const S s = rejection_stat<KIND>(dc, KIND == 3 ? e[t] : S(0));
+    const S dc = clamp_log_ratio(S(x[t] - r[t]), bound);
+    const S s = rejection_stat<KIND>(dc, KIND == 3 ? exp_fast(dc) : S(0));
     const S cl = std::min(std::max(s, lo), hi);
     const S drop = c * (S(1) - within(s, keep_lo, hi));
     ss[t] = c * s, sc[t] = c * cl, sc2[t] = c * (cl * cl);
@@ -199,7 +198,8 @@ FASTPO_NO_SINK void rejection_terms(const S* __restrict x, const S* __restrict r
 
 // One rejection option's 8 columns of one row.
 template <int KIND, typename scalar_t>
-void rejection_row(const scalar_t* x, const scalar_t* r, const scalar_t* m, int64_t T, const RejectionOption& opt,
+void rejection_row(const scalar_t* x, const scalar_t* r, const scalar_t* m, int64_t T, double log_bound,
+                   const RejectionOption& opt,
                    scalar_t* rejected, BlockTerms<scalar_t, rollout_col::kPerOption>& terms, double* out) {
   using namespace rollout_col;
   using S = scalar_t;
@@ -209,7 +209,7 @@ void rejection_row(const scalar_t* x, const scalar_t* r, const scalar_t* m, int6
   out[kMaxS] = -static_cast<double>(inf), out[kMinS] = static_cast<double>(inf);
   for (int64_t t0 = 0; t0 < T; t0 += kStatBlock) {
     const int64_t n = std::min(kStatBlock, T - t0);
-    rejection_terms<KIND>(x + t0, r + t0, m + t0, n, lo, hi, keep_lo, mark, rejected + t0, terms);
+    rejection_terms<KIND>(x + t0, r + t0, m + t0, n, S(log_bound), lo, hi, keep_lo, mark, rejected + t0, terms);
     reduce_block(terms, n, kMaxS, kMinS, out);
   }
 }
@@ -257,9 +257,9 @@ void rollout_row_stats(const scalar_t* logp, const scalar_t* rollout, const uint
     for (size_t j = 0; j < options.size(); ++j) {
       double* out = row + kBase + kPerOption * static_cast<int64_t>(j);
       const RejectionOption& o = options[j];
-      if (o.kind == 1) rejection_row<1>(x.data(), r.data(), m.data(), T, o, rejected.data(), *opt_terms, out);
-      else if (o.kind == 2) rejection_row<2>(x.data(), r.data(), m.data(), T, o, rejected.data(), *opt_terms, out);
-      else rejection_row<3>(x.data(), r.data(), m.data(), T, o, rejected.data(), *opt_terms, out);
+      if (o.kind == 1) rejection_row<1>(x.data(), r.data(), m.data(), T, is.log_bound, o, rejected.data(), *opt_terms, out);
+      else if (o.kind == 2) rejection_row<2>(x.data(), r.data(), m.data(), T, is.log_bound, o, rejected.data(), *opt_terms, out);
+      else rejection_row<3>(x.data(), r.data(), m.data(), T, is.log_bound, o, rejected.data(), *opt_terms, out);
     }
     double any = 0;
     for (size_t t = 0; t < rejected.size(); ++t) any += static_cast<double>(rejected[t]);

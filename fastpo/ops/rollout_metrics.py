@@ -20,8 +20,9 @@ With Δ_t = logp_t − rollout_logp_t over the counted tokens M (n = |M|; rows b
   logp-mean 0, as verl), kl = mean(rollout_logp − logp), k3_kl, log_ppl_diff (mean, |mean|, max, min),
   ppl_ratio, chi2_token = mean e^{2 clamp Δ} − 1, chi2_seq = mean_b e^{2 clamp ΣΔ} − 1.
 
-Everything is one set of torch reductions over [B, T] / [B] and one host transfer at the end; masked
-entries are selected away (``torch.where``), so NaN or inf in padding changes nothing.
+One pass over [B, T] forms a table of per-row sums (``fastpo.ops.rollout_row_stats``: C++ for CPU tensors,
+torch otherwise); every metric is finished from it over [B] in float64, with one host transfer at the end.
+Padding is selected away before any arithmetic, so NaN or inf there changes nothing.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
+from fastpo.ops.rollout_correction import SAFETY_BOUND  # verl's log-ratio clamp (20)
+
 try:
     from fastpo import _C
 except ImportError:  # no C++ build: the torch path
@@ -27,7 +29,6 @@ __all__ = ["COLUMNS", "OPTION_COLUMNS", "ISBounds", "RejectionStat", "row_table"
 COLUMNS = ("n", "sum_logp", "sum_rollout", "sum_delta", "sum_k3", "sum_ratio2", "sum_w", "sum_w2", "max_w", "min_w",
            "high", "low", "sum_raw", "oob", "any_rejected")
 OPTION_COLUMNS = ("sum_s", "sum_c", "sum_c2", "max_s", "min_s", "above", "below", "rejected")
-SAFETY_BOUND = 20.0
 
 
 class ISBounds(NamedTuple):
@@ -71,7 +72,7 @@ def row_table(logp: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor, bou
             raise ValueError("backend='cpp' needs the C++ extension and CPU float32/float64 tensors of one dtype")
         B, T = logp.shape
         table = _C.rollout_row_stats(_flat(logp), _flat(rollout), _flat(mask.to(torch.bool)), B, T, *bounds,
-                                     [tuple(o) for o in options])
+                                     SAFETY_BOUND, [tuple(o) for o in options])
         return torch.from_numpy(table)
     return _torch_table(logp, rollout, mask.to(torch.bool), bounds, options)
 
