@@ -11,6 +11,7 @@
 // environment beyond the default round-to-nearest-even mode.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -126,6 +127,11 @@ inline uint16_t float_to_f16(float f) { return float_to_f16_portable(f); }
 // ---------------------------------------------------------------------------------------------
 // exp
 // ---------------------------------------------------------------------------------------------
+// clamp(v, ±bound). Kernels pass the bound as a runtime value: with a literal one gcc may thread the
+// clamp's branches into an exp that follows (a constant on each side) and leave the loop scalar.
+template <class T>
+inline T clamp_abs(T v, T bound) { return std::min(std::max(v, -bound), bound); }
+
 // Vectorisable expf. e^x = 2^k * e^r with k = round(x / ln 2) and r = x - k ln 2, |r| <= ln2 / 2.
 //   * k is rounded with the 1.5 * 2^23 trick: t = x log2(e) + 1.5 * 2^23 rounds x log2(e) to an
 //     integer in the FPU's round-to-nearest-even, kf = t - 1.5 * 2^23 is that integer as a float,

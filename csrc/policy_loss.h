@@ -142,9 +142,6 @@ struct SeqSums {
   double ratio_min = std::numeric_limits<double>::infinity(), ratio_max = -std::numeric_limits<double>::infinity();
 };
 
-template <class T>
-inline T clamp_abs(T v, T bound) { return std::min(std::max(v, -bound), bound); }
-
 // Tokens from which the OpenMP team is woken (below, waking it costs more than the second core saves).
 constexpr int64_t kLossParallelMinTokens = int64_t(1) << 18;
 

@@ -38,7 +38,7 @@ constexpr int kPerOption = 8, kSumS = 0, kSumC = 1, kSumC2 = 2, kMaxS = 3, kMinS
 struct RolloutISBounds {
   double upper, lower, lo;  // lo: the "low" fraction's bound (1/upper for TIS, lower for IcePop)
   bool icepop;
-  double log_bound;  // the log-ratio clamp (verl's SAFETY_BOUND, 20)
+  double log_bound;  // the log-ratio clamp (verl's SAFETY_BOUND, 20); a runtime value (see clamp_abs)
 };
 
 struct RejectionOption {
@@ -47,13 +47,6 @@ struct RejectionOption {
   bool two_sided;    // k1: lo <= s <= hi is kept
   bool token_level;  // its rejections count per token (seq-level options are finished per row)
 };
-
-// clamp(d, ±bound). The bound is a runtime value on purpose: with a literal 20, gcc threads the clamp's
-// branches into the exp that follows (a constant e^±20 on each side) and the loop stays scalar.
-template <typename scalar_t>
-inline scalar_t clamp_log_ratio(scalar_t d, scalar_t bound) {
-  return std::min(std::max(d, -bound), bound);
-}
 
 // 1 when a <= x <= b, else 0, as nested selects on one comparison each (gcc if-converts those; a select
 // on `p & q` or on a loop-invariant flag leaves control flow, and the loop scalar: see policy_loss.h).
@@ -129,7 +122,7 @@ FASTPO_NO_SINK void base_terms(const S* __restrict x, const S* __restrict r, con
     *__restrict raw_ = out.v[kSumRaw], *__restrict oob = out.v[kOob];
   for (int64_t t = 0; t < n; ++t) {
     const S c = m[t], d = x[t] - r[t];
-    const S raw = exp_fast(clamp_log_ratio(d, bound));
+    const S raw = exp_fast(clamp_abs(d, bound));
     const S w = raw >= wlo ? (raw <= whi ? std::min(raw, cap) : S(0)) : S(0);
     cnt[t] = c, sx[t] = x[t], sr[t] = r[t], sd[t] = d;
     k3[t] = c * ((exp_fast(d) - d) - S(1));
@@ -182,7 +175,7 @@ FASTPO_NO_SINK void rejection_terms(const S* __restrict x, const S* __restrict r
     *__restrict below = out.v[kBelow], *__restrict rej = out.v[kRejected];
   for (int64_t t = 0; t < n; ++t) {
     const S c = m[t];
-    const S dc = clamp_log_ratio(S(x[t] - r[t]), bound);
+    const S dc = clamp_abs(S(x[t] - r[t]), bound);
     const S s = rejection_stat<KIND>(dc, KIND == 3 ? exp_fast(dc) : S(0));
     const S cl = std::min(std::max(s, lo), hi);
     const S drop = c * (S(1) - within(s, keep_lo, hi));
